@@ -1,0 +1,216 @@
+"""The ``edgevoice`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from edgevoice import __version__
+from edgevoice.audio import AudioError, StreamEncoder, decode, format_for_path
+from edgevoice.config import (
+    ConfigError,
+    Settings,
+    config_source,
+    effective_config_toml,
+    load_config,
+    validate_engines,
+)
+from edgevoice.daemon import Daemon, setup_logging
+from edgevoice.engines.base import (
+    EngineError,
+    EngineKind,
+    EngineRequestError,
+    SynthesizeOptions,
+    TranscribeOptions,
+)
+from edgevoice.engines.registry import default_registry
+from edgevoice.formats import TRANSCRIPT_FORMATS, format_transcript
+from edgevoice.hub import EngineHub, HubStartError, UnknownModelError
+
+_LOGGER = logging.getLogger(__name__)
+
+# Errors a user can act on: printed as one line, no traceback.
+_USER_ERRORS = (
+    ConfigError,
+    AudioError,
+    HubStartError,
+    UnknownModelError,
+    EngineRequestError,
+    EngineError,
+    OSError,
+)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="edgevoice", description="Voice appliance daemon: ASR, TTS, wake word and VAD."
+    )
+    parser.add_argument("--version", action="version", version=f"edgevoice {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_config(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--config", type=Path, help="config file (TOML)")
+        p.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+    serve = sub.add_parser("serve", help="run the daemon")
+    with_config(serve)
+
+    tr = sub.add_parser("transcribe", help="transcribe an audio file to stdout")
+    with_config(tr)
+    tr.add_argument("file", type=Path)
+    tr.add_argument("--model", help="configured ASR model name (default: the default one)")
+    tr.add_argument("--language", help="ISO 639-1 code; detected when omitted")
+    tr.add_argument("--task", choices=["transcribe", "translate"], default="transcribe")
+    tr.add_argument("--format", choices=TRANSCRIPT_FORMATS, default="text")
+    tr.add_argument("--prompt", help="initial prompt: vocabulary or preceding text")
+    tr.add_argument("--hotwords", help="words to favour (faster-whisper hotwords)")
+    tr.add_argument("--beam-size", type=int)
+    tr.add_argument("--word-timestamps", action="store_true")
+
+    sp = sub.add_parser("speak", help="synthesize text to an audio file")
+    with_config(sp)
+    sp.add_argument("text", help="text to speak ('-' reads stdin)")
+    sp.add_argument("--voice", help="configured voice name (default: the default one)")
+    sp.add_argument("--speaker", help="speaker of a multi-speaker voice")
+    sp.add_argument("--speed", type=float, default=1.0)
+    sp.add_argument(
+        "-o", "--output", type=Path, required=True,
+        help="output file; format from extension: wav flac mp3 opus/ogg aac pcm",
+    )
+
+    eng = sub.add_parser("engines", help="list engine plugins")
+    eng.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+    check = sub.add_parser("check-config", help="validate a config and print the effective one")
+    check.add_argument("path", nargs="?", type=Path)
+    check.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return parser
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    settings = load_config(getattr(args, "config", None))
+    level = args.log_level or settings.log_level
+    setup_logging(level)
+    return settings
+
+
+def _model_name(settings: Settings, kind: EngineKind, requested: str | None) -> list[str] | None:
+    if requested:
+        return [requested]
+    entries = settings.models(kind)
+    if not entries:
+        raise ConfigError(f"no {kind.value} model is configured")
+    default = next((e for e in entries if e.default), entries[0])
+    return [default.name]
+
+
+async def _transcribe(args: argparse.Namespace, settings: Settings) -> None:
+    if args.beam_size is not None and args.beam_size < 1:
+        raise ConfigError("--beam-size must be at least 1")
+    audio = await asyncio.to_thread(decode, args.file)
+    only: dict[EngineKind, list[str] | None] = {
+        EngineKind.ASR: _model_name(settings, EngineKind.ASR, args.model)
+    }
+    async with EngineHub(settings, only=only) as hub:
+        options = TranscribeOptions(
+            language=args.language,
+            task=args.task,
+            prompt=args.prompt,
+            hotwords=args.hotwords,
+            beam_size=args.beam_size,
+            word_timestamps=args.word_timestamps or args.format == "verbose_json",
+        )
+        transcript = await hub.transcribe(audio, options, model=args.model)
+    out = format_transcript(transcript, args.format, args.task)
+    sys.stdout.write(out if out.endswith("\n") else out + "\n")
+
+
+async def _speak(args: argparse.Namespace, settings: Settings) -> None:
+    text = sys.stdin.read() if args.text == "-" else args.text
+    if not text.strip():
+        raise EngineRequestError("nothing to say: the text is empty")
+    fmt = format_for_path(args.output)
+    only: dict[EngineKind, list[str] | None] = {
+        EngineKind.TTS: _model_name(settings, EngineKind.TTS, args.voice)
+    }
+    async with EngineHub(settings, only=only) as hub:
+        options = SynthesizeOptions(voice=args.voice, speaker=args.speaker, speed=args.speed)
+        _model, rate, chunks = await hub.synthesize(text, options)
+        encoder = StreamEncoder(fmt, rate, streaming=False)
+        partial = args.output.with_name(args.output.name + ".partial")
+        try:
+            with partial.open("wb") as out:
+                async for chunk in chunks:
+                    out.write(encoder.write(chunk))
+                out.write(encoder.close())
+            partial.replace(args.output)
+        finally:
+            partial.unlink(missing_ok=True)
+    _LOGGER.info("Wrote %s", args.output)
+
+
+def _engines() -> None:
+    registry = default_registry()
+    rows = []
+    for status in registry.statuses():
+        plugin = status.plugin
+        if plugin is None:
+            rows.append((status.entry_point, "?", "broken", "-", status.source, status.error or ""))
+            continue
+        state = "installed" if status.available else "missing: " + ", ".join(status.missing)
+        rows.append(
+            (
+                plugin.name,
+                plugin.kind.value,
+                state,
+                ",".join(plugin.devices),
+                plugin.install_hint(),
+                plugin.description,
+            )
+        )
+    header = ("ENGINE", "KIND", "STATUS", "DEVICES", "INSTALL", "DESCRIPTION")
+    widths = [max(len(str(r[i])) for r in (header, *rows)) for i in range(5)]
+    for row in (header, *rows):
+        cells = [str(c).ljust(widths[i]) for i, c in enumerate(row[:5])]
+        print("  ".join([*cells, row[5]]).rstrip())
+
+
+def _check_config(args: argparse.Namespace) -> None:
+    settings = load_config(args.path)
+    validate_engines(settings)
+    source = config_source(settings)
+    print(f"# effective configuration (source: {source or 'built-in defaults'}; secrets redacted)")
+    print(effective_config_toml(settings), end="")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "engines":
+            setup_logging(args.log_level or "WARNING")
+            _engines()
+        elif args.command == "check-config":
+            setup_logging(args.log_level or "WARNING")
+            _check_config(args)
+        else:
+            settings = _settings(args)
+            if args.command == "serve":
+                asyncio.run(Daemon(settings).run())
+            elif args.command == "transcribe":
+                asyncio.run(_transcribe(args, settings))
+            elif args.command == "speak":
+                asyncio.run(_speak(args, settings))
+    except _USER_ERRORS as exc:
+        print(f"edgevoice: error: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, ConfigError) else 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

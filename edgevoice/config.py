@@ -1,0 +1,397 @@
+"""One typed configuration root: TOML file + ``EDGEVOICE_`` environment overrides.
+
+Precedence, highest first: environment (``EDGEVOICE_HTTP__PORT=9000``), the
+TOML file, built-in defaults. Unknown keys are errors everywhere; each engine
+validates its own ``options`` table with its options model before anything
+starts (:func:`validate_engines`).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import os
+import re
+import socket
+import tomllib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from edgevoice.engines.base import EngineKind
+
+ENV_PREFIX = "EDGEVOICE_"
+SYSTEM_CONFIG = Path("/etc/edgevoice/config.toml")
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message names the offending key(s)."""
+
+
+def _xdg_dir(systemd_var: str, xdg_var: str, fallback: str) -> Path:
+    # systemd's CacheDirectory=/StateDirectory= export these; prefer them.
+    if value := os.environ.get(systemd_var):
+        return Path(value.split(":")[0])
+    base = os.environ.get(xdg_var)
+    return (Path(base) if base else Path.home() / fallback) / "edgevoice"
+
+
+def default_cache_dir() -> Path:
+    return _xdg_dir("CACHE_DIRECTORY", "XDG_CACHE_HOME", ".cache")
+
+
+def default_state_dir() -> Path:
+    return _xdg_dir("STATE_DIRECTORY", "XDG_DATA_HOME", ".local/share")
+
+
+def default_node_id() -> str:
+    """The hostname, reduced to what is safe in an MQTT topic and an HA id."""
+    node = re.sub(r"[^a-z0-9_-]+", "_", socket.gethostname().lower()).strip("_")
+    return node or "edgevoice"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelConfig(_Strict):
+    """One named model entry: ``[[asr]]``, ``[[tts]]``, ``[[wake]]`` or ``[[vad]]``."""
+
+    name: str = Field(pattern=NAME_PATTERN)
+    """Public name clients use (Wyoming program/voice name, OpenAI ``model``)."""
+    engine: str
+    """Engine plugin name, e.g. ``faster-whisper``, ``piper``."""
+    model: str
+    """Local path, short name (``tiny.en``), ``org/repo`` id or packaged model."""
+    device: str | None = None
+    """Overrides the global ``device`` for this model."""
+    default: bool = False
+    """The model used when a request names none (first entry otherwise)."""
+    max_concurrency: int = Field(default=1, ge=1, le=64)
+    """Requests this model serves at once; further ones queue."""
+    aliases: list[str] = Field(default_factory=list)
+    """Extra public names (e.g. ``whisper-1``, ``tts-1``)."""
+    options: dict[str, Any] = Field(default_factory=dict)
+    """Engine-specific options, validated by the engine's options model."""
+
+
+class WyomingConfig(_Strict):
+    enabled: bool = True
+    uri: str = "tcp://0.0.0.0:10300"
+    """``tcp://HOST:PORT``, ``unix:///path`` or ``stdio://``."""
+    zeroconf: bool = True
+    """Advertise ``_wyoming._tcp.local.`` so Home Assistant discovers us (tcp only)."""
+    zeroconf_name: str | None = None
+    """Service name; default ``edgevoice-<node_id>``."""
+    max_audio_s: float = Field(default=300.0, gt=0)
+    """Longest audio accepted in one transcribe/detect request."""
+
+
+class HttpConfig(_Strict):
+    enabled: bool = True
+    host: str = "0.0.0.0"
+    port: int = Field(default=8000, ge=0, le=65535)
+    api_key: SecretStr | None = None
+    """When set, requests need ``Authorization: Bearer <api_key>``."""
+    api_key_file: Path | None = None
+    """Read the key from a file (systemd ``LoadCredential=``)."""
+    max_upload_mb: float = Field(default=25.0, gt=0)
+    max_input_chars: int = Field(default=4096, ge=1)
+    cors_origins: list[str] = Field(default_factory=list)
+    """Allowed CORS origins; empty disables CORS."""
+
+
+class MqttConfig(_Strict):
+    enabled: bool = False
+    url: str = "mqtt://localhost:1883"
+    """``mqtt://host:port`` or ``mqtts://host:port``."""
+    username: str | None = None
+    password: SecretStr | None = None
+    password_file: Path | None = None
+    """Read the password from a file (systemd ``LoadCredential=``)."""
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    tls_insecure: bool = False
+    node_id: str = Field(default_factory=default_node_id, pattern=r"^[a-z0-9_-]+$")
+    topic_prefix: str = "edgevoice"
+    discovery_prefix: str = "homeassistant"
+    discovery: bool = True
+    hermes: bool = False
+    hermes_site_id: str = "default"
+    pool: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_-]+$")
+    """Join a node pool: requests on shared subscriptions are spread over its nodes."""
+    keepalive_s: int = Field(default=60, ge=5)
+    reconnect_min_s: float = Field(default=1.0, gt=0)
+    reconnect_max_s: float = Field(default=30.0, gt=0)
+
+
+def _default_asr() -> list[ModelConfig]:
+    return [
+        ModelConfig(
+            name="tiny-en",
+            engine="faster-whisper",
+            model="tiny.en",
+            default=True,
+            aliases=["whisper-1"],
+        )
+    ]
+
+
+def _default_tts() -> list[ModelConfig]:
+    return [
+        ModelConfig(
+            name="joe",
+            engine="piper",
+            model="en_US-joe-medium",
+            default=True,
+            aliases=["tts-1", "tts-1-hd", "gpt-4o-mini-tts"],
+        )
+    ]
+
+
+_TOML_FILE: contextvars.ContextVar[Path | None] = contextvars.ContextVar(
+    "edgevoice_toml_file", default=None
+)
+
+
+class Settings(BaseSettings):
+    """The whole daemon configuration."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        extra="forbid",
+        validate_default=True,
+    )
+
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    device: str = "auto"
+    """``auto`` | ``cpu`` | ``cuda`` | ``cuda:N`` | ``mlx`` for every engine."""
+    offline: bool = False
+    """Forbid model downloads; only local and packaged models load."""
+    cache_dir: Path = Field(default_factory=default_cache_dir)
+    """Downloaded and assembled models."""
+    state_dir: Path = Field(default_factory=default_state_dir)
+    """Persistent state (voice library)."""
+    shutdown_timeout_s: float = Field(default=10.0, ge=0)
+    """How long in-flight requests may finish after SIGTERM."""
+
+    asr: list[ModelConfig] = Field(default_factory=_default_asr)
+    tts: list[ModelConfig] = Field(default_factory=_default_tts)
+    wake: list[ModelConfig] = Field(default_factory=list)
+    vad: list[ModelConfig] = Field(default_factory=list)
+
+    wyoming: WyomingConfig = Field(default_factory=WyomingConfig)
+    http: HttpConfig = Field(default_factory=HttpConfig)
+    mqtt: MqttConfig = Field(default_factory=MqttConfig)
+
+    @model_validator(mode="after")
+    def _check_models(self) -> Settings:
+        for kind in EngineKind:
+            entries: list[ModelConfig] = getattr(self, kind.value)
+            seen: set[str] = set()
+            for i, entry in enumerate(entries):
+                for public in (entry.name, *entry.aliases):
+                    if public in seen:
+                        raise ValueError(f"{kind.value}[{i}]: duplicate name {public!r}")
+                    seen.add(public)
+            if sum(e.default for e in entries) > 1:
+                raise ValueError(f"{kind.value}: more than one entry has default = true")
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        toml_file = _TOML_FILE.get()
+        if toml_file is not None:
+            # Naming toml_file in model_config alone is silently ignored: the
+            # source has to be in this list.
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
+        return tuple(sources)
+
+    def models(self, kind: EngineKind) -> list[ModelConfig]:
+        entries: list[ModelConfig] = getattr(self, kind.value)
+        return entries
+
+    def device_for(self, entry: ModelConfig) -> str:
+        return entry.device or self.device
+
+
+@contextmanager
+def _toml_source(path: Path | None) -> Iterator[None]:
+    token = _TOML_FILE.set(path)
+    try:
+        yield
+    finally:
+        _TOML_FILE.reset(token)
+
+
+def find_config_file(explicit: Path | None = None) -> Path | None:
+    """The config file to read, or ``None`` for built-in defaults.
+
+    An explicitly named file (argument or ``$EDGEVOICE_CONFIG``) must exist.
+    """
+    if explicit is None and (env := os.environ.get("EDGEVOICE_CONFIG")):
+        explicit = Path(env)
+    if explicit is not None:
+        if not explicit.is_file():
+            raise ConfigError(f"config file not found: {explicit}")
+        return explicit
+    for candidate in (SYSTEM_CONFIG, Path.home() / ".config" / "edgevoice" / "config.toml"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _format_validation_error(exc: ValidationError, source: Path | None) -> str:
+    where = f" in {source}" if source else ""
+    lines = [f"invalid configuration{where}:"]
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(root)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"  {key}: {msg}")
+    return "\n".join(lines)
+
+
+def load_config(path: Path | None = None, **overrides: Any) -> Settings:
+    """Read the configuration (see :func:`find_config_file`) and validate it.
+
+    Raises :class:`ConfigError` naming the offending key.
+    """
+    toml_file = find_config_file(path)
+    if toml_file is not None:
+        try:
+            tomllib.loads(toml_file.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read config file {toml_file}: {exc}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{toml_file}: not valid TOML: {exc}") from exc
+    try:
+        with _toml_source(toml_file):
+            settings = Settings(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, toml_file)) from None
+    settings._source = toml_file  # type: ignore[attr-defined]
+    return settings
+
+
+def config_source(settings: Settings) -> Path | None:
+    source: Path | None = getattr(settings, "_source", None)
+    return source
+
+
+def validate_engines(settings: Settings, registry: Any = None) -> dict[tuple[EngineKind, str], Any]:
+    """Check every entry names a known engine and validate its options.
+
+    Returns the validated options models keyed by (kind, entry name). Raises
+    :class:`ConfigError` naming every offending key.
+    """
+    from edgevoice.engines.registry import UnknownEngineError, default_registry
+
+    registry = registry or default_registry()
+    validated: dict[tuple[EngineKind, str], Any] = {}
+    problems: list[str] = []
+    for kind in EngineKind:
+        for i, entry in enumerate(settings.models(kind)):
+            try:
+                plugin = registry.lookup(entry.engine, kind)
+            except UnknownEngineError as exc:
+                problems.append(f"  {kind.value}.{i}.engine: {exc}")
+                continue
+            try:
+                validated[(kind, entry.name)] = plugin.options_model.model_validate(entry.options)
+            except ValidationError as exc:
+                for err in exc.errors():
+                    key = ".".join(str(p) for p in err["loc"])
+                    msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+                    problems.append(f"  {kind.value}.{i}.options.{key}: {msg}")
+    if problems:
+        raise ConfigError("invalid configuration:\n" + "\n".join(problems))
+    return validated
+
+
+def _redact(value: Any) -> Any:
+    if isinstance(value, SecretStr):
+        return "**********" if value.get_secret_value() else ""
+    if isinstance(value, dict):
+        return {k: _redact(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_redact(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def _drop_none(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _drop_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_drop_none(v) for v in value]
+    return value
+
+
+def effective_config_toml(settings: Settings) -> str:
+    """The effective configuration as TOML, secrets redacted."""
+    data = _drop_none(_redact(settings.model_dump(mode="python")))
+    return _dump_toml(data)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+        return f'"{escaped}"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        if not value:
+            return "{}"
+        return "{ " + ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items()) + " }"
+    return _toml_value(str(value))
+
+
+def _toml_key(key: str) -> str:
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else _toml_value(key)
+
+
+def _dump_toml(data: dict[str, Any]) -> str:
+    out: list[str] = []
+    tables: list[tuple[str, dict[str, Any]]] = []
+    arrays: list[tuple[str, list[dict[str, Any]]]] = []
+    for key, value in data.items():
+        if isinstance(value, dict):
+            tables.append((key, value))
+        elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            arrays.append((key, value))
+        else:
+            out.append(f"{_toml_key(key)} = {_toml_value(value)}")
+    for key, items in arrays:
+        for item in items:
+            out.append(f"\n[[{key}]]")
+            out.extend(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in item.items())
+    for key, table in tables:
+        out.append(f"\n[{key}]")
+        out.extend(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in table.items())
+    return "\n".join(out) + "\n"

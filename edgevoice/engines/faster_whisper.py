@@ -1,0 +1,244 @@
+"""ASR with faster-whisper (CTranslate2 Whisper). Extra: ``edgevoice[faster-whisper]``.
+
+Devices: CPU (int8 by default) and CUDA (float16 by default). The heavy
+libraries are imported in :meth:`FasterWhisperAsrEngine.load`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+
+from edgevoice.engines.base import (
+    AsrCapabilities,
+    EngineContext,
+    EngineKind,
+    EngineOptions,
+    EnginePlugin,
+    EngineRequestError,
+    FloatAudio,
+    Segment,
+    TranscribeOptions,
+    TranscriptInfo,
+    Word,
+)
+from edgevoice.models import ModelNotFoundError, as_local_path, hf_snapshot, packaged_model
+
+_LOGGER = logging.getLogger(__name__)
+
+ENGINE_NAME = "faster-whisper"
+
+# Short names faster-whisper itself knows (faster_whisper.utils._MODELS).
+SHORT_NAMES: dict[str, str] = {
+    "tiny.en": "Systran/faster-whisper-tiny.en",
+    "tiny": "Systran/faster-whisper-tiny",
+    "base.en": "Systran/faster-whisper-base.en",
+    "base": "Systran/faster-whisper-base",
+    "small.en": "Systran/faster-whisper-small.en",
+    "small": "Systran/faster-whisper-small",
+    "medium.en": "Systran/faster-whisper-medium.en",
+    "medium": "Systran/faster-whisper-medium",
+    "large-v1": "Systran/faster-whisper-large-v1",
+    "large-v2": "Systran/faster-whisper-large-v2",
+    "large-v3": "Systran/faster-whisper-large-v3",
+    "large": "Systran/faster-whisper-large-v3",
+    "distil-large-v2": "Systran/faster-distil-whisper-large-v2",
+    "distil-medium.en": "Systran/faster-distil-whisper-medium.en",
+    "distil-small.en": "Systran/faster-distil-whisper-small.en",
+    "distil-large-v3": "Systran/faster-distil-whisper-large-v3",
+    "large-v3-turbo": "mobiuslabsgmbh/faster-whisper-large-v3-turbo",
+    "turbo": "mobiuslabsgmbh/faster-whisper-large-v3-turbo",
+}
+_CT2_FILES = ["config.json", "preprocessor_config.json", "model.bin", "tokenizer.json", "vocabulary.*"]
+
+
+class FasterWhisperOptions(EngineOptions):
+    compute_type: str = "auto"
+    """CTranslate2 compute type; ``auto`` = int8 on CPU, float16 on CUDA."""
+    beam_size: int = Field(default=1, ge=1, le=20)
+    """Default beam size (1 = greedy, fastest)."""
+    cpu_threads: int = Field(default=0, ge=0)
+    """0 lets CTranslate2 decide."""
+    language: str | None = None
+    """Default language when a request names none (None: detect)."""
+    initial_prompt: str | None = None
+    hotwords: str | None = None
+    vad_filter: bool = False
+    """Skip non-speech with faster-whisper's Silero VAD."""
+    condition_on_previous_text: bool = True
+    temperature: list[float] = Field(default_factory=lambda: [0.0, 0.2, 0.4, 0.6, 0.8, 1.0])
+    """Fallback temperatures."""
+
+
+def resolve_model(model: str, cache_dir: Path, offline: bool) -> Path:
+    """Where the CTranslate2 model directory for ``model`` is (blocking)."""
+    if (local := as_local_path(model)) is not None:
+        return local
+    packaged = packaged_model(ENGINE_NAME, model)
+    if packaged is not None and packaged.installed():
+        return packaged.locate(cache_dir)
+    repo_id = SHORT_NAMES.get(model, model)
+    if "/" not in repo_id:
+        raise ModelNotFoundError(
+            f"unknown faster-whisper model {model!r}: use a local path, one of "
+            f"{', '.join(SHORT_NAMES)} or an org/repo id"
+        )
+    hint = (
+        f"pip install {packaged.pip}"
+        if packaged is not None
+        else f"put a CTranslate2 Whisper model directory somewhere and set model = \"/path\""
+    )
+    return hf_snapshot(
+        repo_id, cache_dir=cache_dir, offline=offline, allow_patterns=_CT2_FILES, install_hint=hint
+    )
+
+
+class FasterWhisperAsrEngine:
+    """Whisper via faster-whisper; one loaded model serves all requests."""
+
+    def __init__(self, context: EngineContext, options: FasterWhisperOptions) -> None:
+        self._context = context
+        self._options = options
+        self._model: Any = None
+        english_only = context.model.model.endswith(".en")
+        self._capabilities = self._make_capabilities(multilingual=not english_only)
+
+    @staticmethod
+    def _make_capabilities(*, multilingual: bool) -> AsrCapabilities:
+        if multilingual:
+            try:
+                from faster_whisper.tokenizer import _LANGUAGE_CODES
+
+                languages = tuple(_LANGUAGE_CODES)
+            except ImportError:
+                languages = ("en",)
+        else:
+            languages = ("en",)
+        return AsrCapabilities(
+            languages=languages,
+            sample_rate_hz=16000,
+            translate=multilingual,
+            word_timestamps=True,
+            streaming=True,
+            prompt=True,
+        )
+
+    @property
+    def capabilities(self) -> AsrCapabilities:
+        return self._capabilities
+
+    def load(self) -> None:
+        from faster_whisper import WhisperModel
+
+        path = resolve_model(self._context.model.model, self._context.cache_dir, self._context.offline)
+        family, _, index = self._context.device.partition(":")
+        compute_type = self._options.compute_type
+        if compute_type == "auto":
+            compute_type = "float16" if family == "cuda" else "int8"
+        started = time.monotonic()
+        self._model = WhisperModel(
+            str(path),
+            device=family,
+            device_index=int(index or 0),
+            compute_type=compute_type,
+            cpu_threads=self._options.cpu_threads,
+            local_files_only=True,
+        )
+        self._capabilities = self._make_capabilities(
+            multilingual=bool(self._model.model.is_multilingual)
+        )
+        _LOGGER.info(
+            "faster-whisper %s loaded from %s on %s (%s) in %.2f s",
+            self._context.model.model,
+            path,
+            self._context.device,
+            compute_type,
+            time.monotonic() - started,
+        )
+
+    def transcribe(
+        self, audio: FloatAudio, options: TranscribeOptions
+    ) -> tuple[TranscriptInfo, Iterator[Segment]]:
+        if self._model is None:
+            raise RuntimeError("engine not loaded")
+        caps = self._capabilities
+        if options.task == "translate" and not caps.translate:
+            raise EngineRequestError(
+                f"model {self._context.model.name!r} is English-only and cannot translate; "
+                "use a multilingual model such as 'base'"
+            )
+        language = options.language or self._options.language
+        if language is not None:
+            language = language.split("-")[0].split("_")[0].lower()
+            if language not in caps.languages:
+                raise EngineRequestError(
+                    f"model {self._context.model.name!r} does not support language {language!r}"
+                )
+        temperature: float | list[float] = (
+            options.temperature if options.temperature is not None else self._options.temperature
+        )
+        segments, info = self._model.transcribe(
+            audio,
+            language=language,
+            task=options.task,
+            beam_size=options.beam_size or self._options.beam_size,
+            temperature=temperature,
+            initial_prompt=options.prompt or self._options.initial_prompt,
+            hotwords=options.hotwords or self._options.hotwords,
+            word_timestamps=options.word_timestamps,
+            vad_filter=(
+                options.vad_filter if options.vad_filter is not None else self._options.vad_filter
+            ),
+            condition_on_previous_text=self._options.condition_on_previous_text,
+        )
+        transcript_info = TranscriptInfo(
+            language=info.language,
+            language_probability=float(info.language_probability),
+            duration_s=float(info.duration),
+        )
+        return transcript_info, self._convert(segments)
+
+    @staticmethod
+    def _convert(segments: Iterator[Any]) -> Iterator[Segment]:
+        for seg in segments:
+            words = tuple(
+                Word(w.word, float(w.start), float(w.end), float(w.probability))
+                for w in (seg.words or ())
+            )
+            yield Segment(
+                id=int(seg.id),
+                start_s=float(seg.start),
+                end_s=float(seg.end),
+                text=seg.text,
+                words=words,
+                avg_logprob=float(seg.avg_logprob),
+                no_speech_prob=float(seg.no_speech_prob),
+                temperature=float(seg.temperature or 0.0),
+                compression_ratio=float(seg.compression_ratio),
+                tokens=tuple(seg.tokens),
+            )
+
+    def close(self) -> None:
+        self._model = None
+
+
+def _factory(context: EngineContext, options: Any) -> FasterWhisperAsrEngine:
+    return FasterWhisperAsrEngine(context, options)
+
+
+PLUGIN = EnginePlugin(
+    name=ENGINE_NAME,
+    kind=EngineKind.ASR,
+    description="Whisper speech-to-text on CTranslate2 (int8 CPU, float16 CUDA)",
+    factory=_factory,
+    options_model=FasterWhisperOptions,
+    requires=("faster_whisper", "ctranslate2"),
+    devices=("cpu", "cuda"),
+    runtime="ctranslate2",
+    extra=ENGINE_NAME,
+)

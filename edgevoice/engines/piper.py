@@ -1,0 +1,214 @@
+"""TTS with Piper (VITS voices on onnxruntime). Extra: ``edgevoice[piper]``.
+
+``model`` is a Piper voice name (``en_US-joe-medium``), a path to a voice's
+``.onnx`` file (its ``.onnx.json`` beside it) or a voice a package provides.
+Audio streams sentence by sentence; a long first sentence is split at its
+first clause so the first chunk is ready sooner.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import Field
+
+from edgevoice.engines.base import (
+    EngineContext,
+    EngineKind,
+    EngineOptions,
+    EnginePlugin,
+    EngineRequestError,
+    FloatAudio,
+    SynthesizeOptions,
+    TtsCapabilities,
+    VoiceInfo,
+)
+from edgevoice.models import ModelNotFoundError, as_local_path, hf_snapshot, packaged_model
+from edgevoice.text import split_for_streaming
+
+_LOGGER = logging.getLogger(__name__)
+
+ENGINE_NAME = "piper"
+_VOICE_RE = re.compile(r"^(?P<lang>[a-z]{2,3})_(?P<region>[A-Za-z]{2,3})-(?P<name>[^-]+)-(?P<quality>x_low|low|medium|high)$")
+
+
+class PiperOptions(EngineOptions):
+    speaker: str | None = None
+    """Default speaker of a multi-speaker voice (name or numeric id)."""
+    length_scale: float | None = Field(default=None, gt=0)
+    """Phoneme length; None uses the voice's own. Request ``speed`` divides it."""
+    noise_scale: float | None = Field(default=None, ge=0)
+    noise_w_scale: float | None = Field(default=None, ge=0)
+    volume: float = Field(default=1.0, gt=0, le=4)
+    normalize_audio: bool = True
+    sentence_silence_s: float = Field(default=0.0, ge=0, le=5)
+    """Silence appended after each sentence."""
+
+
+def resolve_voice(model: str, cache_dir: Path, offline: bool) -> Path:
+    """Path of the voice's ``.onnx`` file (blocking)."""
+    if (local := as_local_path(model)) is not None:
+        if local.is_dir():
+            candidates = sorted(local.glob("*.onnx"))
+            if not candidates:
+                raise ModelNotFoundError(f"no .onnx voice in {local}")
+            return candidates[0]
+        return local
+    packaged = packaged_model(ENGINE_NAME, model)
+    if packaged is not None and packaged.installed():
+        return packaged.locate(cache_dir)
+    match = _VOICE_RE.match(model)
+    if not match:
+        raise ModelNotFoundError(
+            f"unknown Piper voice {model!r}: use a voice name like en_US-lessac-medium "
+            "or a path to a .onnx voice file"
+        )
+    lang = match["lang"]
+    subdir = f"{lang}/{lang}_{match['region']}/{match['name']}/{match['quality']}"
+    hint = (
+        f"pip install {packaged.pip}"
+        if packaged is not None
+        else f"download {model}.onnx and {model}.onnx.json and set model = \"/path/{model}.onnx\""
+    )
+    root = hf_snapshot(
+        "rhasspy/piper-voices",
+        cache_dir=cache_dir,
+        offline=offline,
+        allow_patterns=[f"{subdir}/{model}.onnx", f"{subdir}/{model}.onnx.json"],
+        install_hint=hint,
+    )
+    path = root / subdir / f"{model}.onnx"
+    if not path.is_file():
+        raise ModelNotFoundError(f"Piper voice {model!r} not found in rhasspy/piper-voices")
+    return path
+
+
+class PiperTtsEngine:
+    """One Piper voice (possibly multi-speaker)."""
+
+    def __init__(self, context: EngineContext, options: PiperOptions) -> None:
+        self._context = context
+        self._options = options
+        self._voice: Any = None
+        self._speakers: dict[str, int] = {}
+        self._capabilities = TtsCapabilities(
+            voices=(VoiceInfo(context.model.name, ("en",)),), sample_rate_hz=22050
+        )
+
+    @property
+    def capabilities(self) -> TtsCapabilities:
+        return self._capabilities
+
+    def load(self) -> None:
+        from piper import PiperVoice
+
+        path = resolve_voice(self._context.model.model, self._context.cache_dir, self._context.offline)
+        config_path = Path(f"{path}.json")
+        if not config_path.is_file():
+            raise ModelNotFoundError(f"Piper voice config {config_path} is missing")
+        started = time.monotonic()
+        self._voice = PiperVoice.load(
+            path, config_path=config_path, use_cuda=self._context.device.startswith("cuda")
+        )
+        raw = json.loads(config_path.read_text(encoding="utf-8"))
+        language = raw.get("language", {}).get("code") or raw.get("espeak", {}).get("voice", "en")
+        self._speakers = dict(self._voice.config.speaker_id_map)
+        self._capabilities = TtsCapabilities(
+            voices=(
+                VoiceInfo(
+                    self._context.model.name,
+                    (language,),
+                    speakers=tuple(self._speakers),
+                    description=f"Piper {path.stem}",
+                ),
+            ),
+            sample_rate_hz=int(self._voice.config.sample_rate),
+            streaming=True,
+        )
+        if self._options.speaker is not None:
+            self._speaker_id(self._options.speaker)  # fail at startup, not per request
+        # One tiny synthesis so the first real request is as fast as later ones
+        # (onnxruntime allocates its arenas on the first run).
+        for _ in self._voice.synthesize("Ready."):
+            pass
+        _LOGGER.info(
+            "Piper voice %s loaded from %s on %s in %.2f s",
+            self._context.model.name,
+            path,
+            self._context.device,
+            time.monotonic() - started,
+        )
+
+    def _speaker_id(self, speaker: str | None) -> int | None:
+        if speaker is None or speaker == "":
+            return None
+        if speaker in self._speakers:
+            return self._speakers[speaker]
+        if speaker.isdigit() and int(speaker) in self._speakers.values():
+            return int(speaker)
+        if not self._speakers and speaker == "0":
+            return None
+        known = ", ".join(self._speakers) or "none (single-speaker voice)"
+        raise EngineRequestError(
+            f"unknown speaker {speaker!r} for voice {self._context.model.name!r}; speakers: {known}"
+        )
+
+    def synthesize(self, text: str, options: SynthesizeOptions) -> Iterator[FloatAudio]:
+        if self._voice is None:
+            raise RuntimeError("engine not loaded")
+        from piper import SynthesisConfig
+
+        if not text.strip():
+            raise EngineRequestError("text is empty")
+        if not 0.1 <= options.speed <= 10:
+            raise EngineRequestError(f"speed {options.speed} is out of range")
+        base_scale = self._options.length_scale or self._voice.config.length_scale
+        config = SynthesisConfig(
+            speaker_id=self._speaker_id(options.speaker or self._options.speaker),
+            length_scale=base_scale / options.speed,
+            noise_scale=self._options.noise_scale,
+            noise_w_scale=self._options.noise_w_scale,
+            normalize_audio=self._options.normalize_audio,
+            volume=self._options.volume,
+        )
+        pause = np.zeros(
+            round(self._options.sentence_silence_s * self._capabilities.sample_rate_hz),
+            dtype=np.float32,
+        )
+        produced = False
+        for piece in split_for_streaming(text):
+            for chunk in self._voice.synthesize(piece, syn_config=config):
+                audio: FloatAudio = chunk.audio_float_array
+                if len(audio) == 0:
+                    continue
+                produced = True
+                yield np.concatenate([audio, pause]) if len(pause) else audio
+        if not produced:
+            raise EngineRequestError("text produced no speech")
+
+    def close(self) -> None:
+        self._voice = None
+
+
+def _factory(context: EngineContext, options: Any) -> PiperTtsEngine:
+    return PiperTtsEngine(context, options)
+
+
+PLUGIN = EnginePlugin(
+    name=ENGINE_NAME,
+    kind=EngineKind.TTS,
+    description="Piper neural text-to-speech (VITS voices on onnxruntime)",
+    factory=_factory,
+    options_model=PiperOptions,
+    requires=("piper", "onnxruntime"),
+    devices=("cpu", "cuda"),
+    runtime="onnxruntime",
+    extra=ENGINE_NAME,
+)

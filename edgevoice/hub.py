@@ -1,0 +1,448 @@
+"""EngineHub: engine lifecycle, name mapping and the thread boundary.
+
+The hub loads every configured engine at startup (before the daemon reports
+ready), maps public model/voice names to engines, runs every blocking engine
+call in a per-engine worker pool sized by ``max_concurrency`` (so one busy
+model never starves another, and the event loop never waits on inference),
+shares one engine between entries that configure the same model identically,
+and exposes the capabilities protocols advertise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar, cast
+
+from edgevoice.audio import Audio
+from edgevoice.config import ConfigError, ModelConfig, Settings, validate_engines
+from edgevoice.devices import DeviceChoice, probe_machine, select_device
+from edgevoice.engines.base import (
+    AsrCapabilities,
+    AsrEngine,
+    Engine,
+    EngineContext,
+    EngineKind,
+    EnginePlugin,
+    FloatAudio,
+    Segment,
+    SynthesizeOptions,
+    TranscribeOptions,
+    Transcript,
+    TranscriptInfo,
+    TtsCapabilities,
+    TtsEngine,
+    VadCapabilities,
+    VadEngine,
+    VoiceInfo,
+    WakeCapabilities,
+    WakeEngine,
+)
+from edgevoice.engines.registry import EngineRegistry, default_registry
+
+_LOGGER = logging.getLogger(__name__)
+
+T = TypeVar("T")
+E = TypeVar("E")
+
+
+class HubStartError(RuntimeError):
+    """An engine the config selects could not be loaded; the message says why."""
+
+
+class UnknownModelError(LookupError):
+    """A request named a model or voice that is not configured."""
+
+    def __init__(self, kind: EngineKind, name: str, known: Sequence[str]) -> None:
+        what = "voice" if kind is EngineKind.TTS else f"{kind.value} model"
+        super().__init__(f"unknown {what} {name!r}; available: {', '.join(known) or 'none'}")
+        self.kind = kind
+        self.name = name
+        self.known = list(known)
+
+
+@dataclass
+class EngineSlot:
+    """One loaded engine instance and the worker pool its calls run in."""
+
+    key: str
+    plugin: EnginePlugin
+    engine: Engine
+    device: DeviceChoice
+    executor: ThreadPoolExecutor
+    max_concurrency: int
+    requests: int = 0
+    busy_s: float = 0.0
+    audio_s: float = 0.0
+    load_s: float = 0.0
+
+
+@dataclass
+class LoadedModel(Generic[E]):
+    """A configured entry (public name) bound to its engine slot."""
+
+    kind: EngineKind
+    config: ModelConfig
+    slot: EngineSlot
+    default: bool = False
+    public_names: tuple[str, ...] = field(default=())
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def engine(self) -> E:
+        return cast(E, self.slot.engine)
+
+
+class EngineHub:
+    """Owns every engine; protocols call its async methods."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        registry: EngineRegistry | None = None,
+        *,
+        only: dict[EngineKind, list[str] | None] | None = None,
+    ) -> None:
+        """``only`` restricts loading to some kinds/names (the one-shot CLI):
+        a kind missing from it loads nothing, ``None`` loads all of that kind."""
+        self.settings = settings
+        self._registry = registry or default_registry()
+        self._only = only
+        self._slots: dict[str, EngineSlot] = {}
+        self._models: dict[EngineKind, list[LoadedModel[Any]]] = {k: [] for k in EngineKind}
+        self._names: dict[EngineKind, dict[str, LoadedModel[Any]]] = {k: {} for k in EngineKind}
+        self._voices: dict[str, tuple[LoadedModel[TtsEngine], str]] = {}
+
+    # ------------------------------------------------------------ lifecycle
+
+    def _selected(self, kind: EngineKind) -> list[ModelConfig]:
+        entries = self.settings.models(kind)
+        if self._only is None:
+            return entries
+        if kind not in self._only:
+            return []
+        names = self._only[kind]
+        if names is None:
+            return entries
+        picked = [e for e in entries if e.name in names or set(e.aliases) & set(names)]
+        if not picked and names:
+            raise UnknownModelError(kind, names[0], [e.name for e in entries])
+        return picked
+
+    def _slot_key(self, kind: EngineKind, entry: ModelConfig, options: Any) -> str:
+        return json.dumps(
+            [
+                kind.value,
+                entry.engine,
+                entry.model,
+                self.settings.device_for(entry),
+                options.model_dump(mode="json"),
+            ],
+            sort_keys=True,
+        )
+
+    async def start(self) -> None:
+        """Validate, then load every selected engine in worker threads."""
+        try:
+            validated = validate_engines(self.settings, self._registry)
+        except ConfigError as exc:
+            raise HubStartError(str(exc)) from None
+        loads: list[asyncio.Future[None]] = []
+        pending: list[tuple[EngineKind, ModelConfig, str]] = []
+        loop = asyncio.get_running_loop()
+        for kind in EngineKind:
+            for entry in self._selected(kind):
+                try:
+                    plugin = self._registry.get(entry.engine, kind)
+                except (LookupError, RuntimeError) as exc:
+                    await self.close()
+                    raise HubStartError(f"{kind.value} model {entry.name!r}: {exc}") from None
+                options = validated[(kind, entry.name)]
+                key = self._slot_key(kind, entry, options)
+                pending.append((kind, entry, key))
+                if key in self._slots:
+                    slot = self._slots[key]
+                    slot.max_concurrency = max(slot.max_concurrency, entry.max_concurrency)
+                    continue
+                executor = ThreadPoolExecutor(
+                    max_workers=entry.max_concurrency, thread_name_prefix=f"ev-{entry.name}"
+                )
+                slot = EngineSlot(
+                    key, plugin, cast(Engine, None), DeviceChoice("cpu", ""), executor,
+                    entry.max_concurrency,
+                )
+                self._slots[key] = slot
+                loads.append(
+                    loop.run_in_executor(
+                        executor, self._load_slot, slot, kind, entry, options
+                    )
+                )
+        results = await asyncio.gather(*loads, return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            await self.close()
+            raise HubStartError("; ".join(str(e) for e in errors)) from errors[0]
+        for kind, entry, key in pending:
+            self._bind(kind, entry, self._slots[key])
+        self._finish_defaults()
+
+    def _load_slot(self, slot: EngineSlot, kind: EngineKind, entry: ModelConfig, options: Any) -> None:
+        """Blocking: pick the device, build and load the engine."""
+        label = f"{kind.value} model {entry.name!r} ({entry.engine} {entry.model})"
+        try:
+            facts = probe_machine(slot.plugin.runtime)
+            slot.device = select_device(
+                self.settings.device_for(entry), slot.plugin.devices, facts
+            )
+            _LOGGER.info(
+                "Loading %s on %s (%s)", label, slot.device.device, slot.device.reason
+            )
+            context = EngineContext(
+                model=entry,
+                device=slot.device.device,
+                cache_dir=self.settings.cache_dir,
+                offline=self.settings.offline,
+            )
+            started = time.monotonic()
+            engine = slot.plugin.factory(context, options)
+            engine.load()
+            slot.engine = engine
+            slot.load_s = time.monotonic() - started
+            _LOGGER.info("Loaded %s in %.2f s", label, slot.load_s)
+        except Exception as exc:
+            hint = ""
+            if isinstance(exc, ImportError):
+                hint = f" ({slot.plugin.install_hint()})"
+            raise HubStartError(f"{label}: {exc}{hint}") from exc
+
+    def _bind(self, kind: EngineKind, entry: ModelConfig, slot: EngineSlot) -> None:
+        entries = self._models[kind]
+        model: LoadedModel[Any] = LoadedModel(
+            kind, entry, slot, public_names=(entry.name, *entry.aliases)
+        )
+        entries.append(model)
+        for public in model.public_names:
+            self._names[kind][public] = model
+        if kind is EngineKind.TTS:
+            engine = cast(TtsEngine, slot.engine)
+            voices = engine.capabilities.voices
+            for public in model.public_names:
+                self._voices.setdefault(public, (model, voices[0].name if voices else ""))
+            for voice in voices:
+                self._voices.setdefault(voice.name, (model, voice.name))
+
+    def _finish_defaults(self) -> None:
+        for entries in self._models.values():
+            if entries and not any(m.default for m in entries):
+                marked = [m for m in entries if m.config.default]
+                (marked or entries)[0].default = True
+
+    async def __aenter__(self) -> EngineHub:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Release every engine (in its own thread) and stop the worker pools."""
+        slots = list(self._slots.values())
+        self._slots.clear()
+        for kind in EngineKind:
+            self._models[kind].clear()
+            self._names[kind].clear()
+        self._voices.clear()
+        loop = asyncio.get_running_loop()
+        for slot in slots:
+            if slot.engine is not None:
+                try:
+                    await loop.run_in_executor(slot.executor, slot.engine.close)
+                except Exception:
+                    _LOGGER.exception("Error closing engine %s", slot.plugin.name)
+            slot.executor.shutdown(wait=False, cancel_futures=True)
+
+    # -------------------------------------------------------------- lookups
+
+    def models(self, kind: EngineKind) -> list[LoadedModel[Any]]:
+        return list(self._models[kind])
+
+    def slots(self) -> list[EngineSlot]:
+        return list(self._slots.values())
+
+    def get(self, kind: EngineKind, name: str | None = None) -> LoadedModel[Any]:
+        """The model called ``name`` (or alias); the default one for ``None``/empty."""
+        entries = self._models[kind]
+        if not name:
+            for model in entries:
+                if model.default:
+                    return model
+            if entries:
+                return entries[0]
+            raise UnknownModelError(kind, "(default)", [])
+        try:
+            return self._names[kind][name]
+        except KeyError:
+            raise UnknownModelError(kind, name, [m.name for m in entries]) from None
+
+    def asr(self, name: str | None = None) -> LoadedModel[AsrEngine]:
+        return self.get(EngineKind.ASR, name)
+
+    def wake(self, name: str | None = None) -> LoadedModel[WakeEngine]:
+        return self.get(EngineKind.WAKE, name)
+
+    def vad(self, name: str | None = None) -> LoadedModel[VadEngine]:
+        return self.get(EngineKind.VAD, name)
+
+    def voice(self, name: str | None = None) -> tuple[LoadedModel[TtsEngine], str]:
+        """The TTS model and engine voice for a public voice name."""
+        if not name:
+            model: LoadedModel[TtsEngine] = self.get(EngineKind.TTS)
+            voices = model.engine.capabilities.voices
+            return model, voices[0].name if voices else ""
+        try:
+            return self._voices[name]
+        except KeyError:
+            raise UnknownModelError(EngineKind.TTS, name, self.voice_names()) from None
+
+    def voice_names(self) -> list[str]:
+        return list(self._voices)
+
+    def asr_capabilities(self) -> list[tuple[LoadedModel[AsrEngine], AsrCapabilities]]:
+        return [(m, m.engine.capabilities) for m in self._models[EngineKind.ASR]]
+
+    def tts_capabilities(self) -> list[tuple[LoadedModel[TtsEngine], TtsCapabilities]]:
+        return [(m, m.engine.capabilities) for m in self._models[EngineKind.TTS]]
+
+    def wake_capabilities(self) -> list[tuple[LoadedModel[WakeEngine], WakeCapabilities]]:
+        return [(m, m.engine.capabilities) for m in self._models[EngineKind.WAKE]]
+
+    def vad_capabilities(self) -> list[tuple[LoadedModel[VadEngine], VadCapabilities]]:
+        return [(m, m.engine.capabilities) for m in self._models[EngineKind.VAD]]
+
+    def all_voices(self) -> list[tuple[LoadedModel[TtsEngine], VoiceInfo]]:
+        return [
+            (m, voice)
+            for m in self._models[EngineKind.TTS]
+            for voice in m.engine.capabilities.voices
+        ]
+
+    # ------------------------------------------------------- thread boundary
+
+    async def run(self, model: LoadedModel[Any], fn: Callable[..., T], *args: Any) -> T:
+        """Run blocking ``fn(*args)`` in ``model``'s worker pool."""
+        slot = model.slot
+        loop = asyncio.get_running_loop()
+
+        def timed() -> T:
+            started = time.monotonic()
+            try:
+                return fn(*args)
+            finally:
+                slot.busy_s += time.monotonic() - started
+
+        return await loop.run_in_executor(slot.executor, timed)
+
+    async def iterate(self, model: LoadedModel[Any], iterator: Iterator[T]) -> AsyncIterator[T]:
+        """Consume a blocking (lazy) iterator one ``next()`` at a time in the pool."""
+        done = object()
+        try:
+            while True:
+                item = await self.run(model, next, iterator, done)
+                if item is done:
+                    return
+                yield cast(T, item)
+        finally:
+            close = getattr(iterator, "close", None)
+            if close is not None:
+                try:
+                    await asyncio.shield(self.run(model, close))
+                except (ValueError, RuntimeError, asyncio.CancelledError):
+                    pass  # still executing in another worker: it ends by itself
+
+    # ------------------------------------------------------------------ ASR
+
+    async def transcribe_segments(
+        self,
+        audio: Audio,
+        options: TranscribeOptions | None = None,
+        model: str | None = None,
+    ) -> tuple[LoadedModel[AsrEngine], TranscriptInfo, AsyncIterator[Segment]]:
+        """Start transcribing; segments stream as the engine decodes them."""
+        loaded = self.asr(model)
+        options = options or TranscribeOptions()
+        engine = loaded.engine
+        rate = engine.capabilities.sample_rate_hz
+        loaded.slot.requests += 1
+        loaded.slot.audio_s += audio.duration_s
+
+        def begin() -> tuple[TranscriptInfo, Iterator[Segment]]:
+            return engine.transcribe(audio.at_rate(rate).samples, options)
+
+        info, segments = await self.run(loaded, begin)
+        return loaded, info, self.iterate(loaded, segments)
+
+    async def transcribe(
+        self,
+        audio: Audio,
+        options: TranscribeOptions | None = None,
+        model: str | None = None,
+    ) -> Transcript:
+        """Transcribe a whole clip; the lazy segments are consumed in the worker."""
+        loaded = self.asr(model)
+        options = options or TranscribeOptions()
+        engine = loaded.engine
+        rate = engine.capabilities.sample_rate_hz
+        loaded.slot.requests += 1
+        loaded.slot.audio_s += audio.duration_s
+
+        def work() -> Transcript:
+            info, segments = engine.transcribe(audio.at_rate(rate).samples, options)
+            return Transcript.from_segments(info, list(segments))
+
+        return await self.run(loaded, work)
+
+    # ------------------------------------------------------------------ TTS
+
+    def _tts_request(
+        self, options: SynthesizeOptions | None
+    ) -> tuple[LoadedModel[TtsEngine], SynthesizeOptions]:
+        """Resolve the public voice name to a model and that engine's voice."""
+        options = options or SynthesizeOptions()
+        loaded, engine_voice = self.voice(options.voice)
+        loaded.slot.requests += 1
+        return loaded, dataclasses.replace(options, voice=engine_voice or None)
+
+    async def synthesize(
+        self, text: str, options: SynthesizeOptions | None = None
+    ) -> tuple[LoadedModel[TtsEngine], int, AsyncIterator[FloatAudio]]:
+        """Start synthesis; returns the model, its sample rate and the audio chunks.
+
+        ``options.voice`` is a public voice name (entry name, alias or engine voice).
+        """
+        loaded, request = self._tts_request(options)
+        engine = loaded.engine
+        chunks = await self.run(loaded, engine.synthesize, text, request)
+        return loaded, engine.capabilities.sample_rate_hz, self.iterate(loaded, chunks)
+
+    async def synthesize_all(self, text: str, options: SynthesizeOptions | None = None) -> Audio:
+        """Synthesize and join all chunks (one worker call)."""
+        import numpy as np
+
+        loaded, request = self._tts_request(options)
+        engine = loaded.engine
+
+        def work() -> FloatAudio:
+            parts = list(engine.synthesize(text, request))
+            return np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)
+
+        samples = await self.run(loaded, work)
+        return Audio(samples, engine.capabilities.sample_rate_hz)

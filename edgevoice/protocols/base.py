@@ -1,0 +1,44 @@
+"""What every protocol server (Wyoming, HTTP, MQTT, ...) implements for the daemon."""
+
+from __future__ import annotations
+
+import abc
+from types import TracebackType
+from typing import Self
+
+
+class ProtocolServer(abc.ABC):
+    """A thin adapter between a wire protocol and the :class:`EngineHub`.
+
+    It owns its listeners and tasks. :meth:`start` binds (and fails loudly if
+    it cannot); :meth:`stop` stops accepting, lets in-flight requests finish
+    within ``timeout_s`` and closes. Servers bound to port 0 report the real
+    address in :attr:`addresses`.
+    """
+
+    name: str = "protocol"
+
+    @abc.abstractmethod
+    async def start(self) -> None:
+        """Bind listeners / connect; return when serving."""
+
+    @abc.abstractmethod
+    async def stop(self, timeout_s: float) -> None:
+        """Stop accepting, finish in-flight work within ``timeout_s``, close."""
+
+    @property
+    @abc.abstractmethod
+    def addresses(self) -> list[str]:
+        """Where the server listens, e.g. ``tcp://127.0.0.1:10300``."""
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop(5.0)

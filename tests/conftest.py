@@ -1,0 +1,95 @@
+"""Shared fixtures: test audio, settings, loaded hubs, and a blocking-loop guard."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from edgevoice.config import ModelConfig, Settings
+from edgevoice.hub import EngineHub
+
+REPO = Path(__file__).resolve().parents[1]
+TESTDATA = REPO.parent / "shared" / "testdata"
+LAMP_WAV = TESTDATA / "turn_on_the_living_room_lamp.wav"
+LIGHT_EN_WAV = TESTDATA / "living_room_light_en.wav"
+LIGHT_DE_WAV = TESTDATA / "living_room_light_de.wav"
+HOTWORDS_MP3 = TESTDATA / "hotwords.mp3"
+
+LAMP_TEXT = "Turn on the living room lamp."
+LIGHT_EN_TEXT = "Turn on the living room light."
+
+# The event loop must never be blocked this long by one callback (inference,
+# model loads and file I/O of models belong in worker threads).
+SLOW_CALLBACK_S = 0.5
+
+
+def words(text: str) -> list[str]:
+    """Lower-case words without punctuation, for comparing transcripts."""
+    return [w.strip(".,!?;:\"'").lower() for w in text.split() if w.strip(".,!?;:\"'")]
+
+
+@pytest.fixture(autouse=True)
+def _no_blocking_event_loop(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
+    """Fail any test whose event loop ran a callback longer than SLOW_CALLBACK_S.
+
+    asyncio's debug mode logs such callbacks; PYTHONASYNCIODEBUG is set for the
+    session in pytest_configure.
+    """
+    caplog.set_level(logging.WARNING, logger="asyncio")
+    yield
+    slow = [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "asyncio" and "took" in r.getMessage() and "seconds" in r.getMessage()
+    ]
+    assert not slow, f"event loop blocked: {slow}"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    import os
+
+    os.environ.setdefault("PYTHONASYNCIODEBUG", "1")
+    # Debug mode's threshold (default 0.1 s) is our guard's.
+    asyncio.base_events.BaseEventLoop.slow_callback_duration = SLOW_CALLBACK_S  # type: ignore[attr-defined]
+
+
+@pytest.fixture
+def make_settings(tmp_path: Path) -> Callable[..., Settings]:
+    """Settings with temp dirs and every protocol off unless overridden."""
+
+    def factory(**overrides: Any) -> Settings:
+        values: dict[str, Any] = {
+            "cache_dir": tmp_path / "cache",
+            "state_dir": tmp_path / "state",
+            "wyoming": {"enabled": False},
+            "http": {"enabled": False},
+            "mqtt": {"enabled": False},
+        }
+        values.update(overrides)
+        return Settings(**values)
+
+    return factory
+
+
+TINY_EN = ModelConfig(name="tiny-en", engine="faster-whisper", model="tiny.en", aliases=["whisper-1"])
+BASE = ModelConfig(name="base", engine="faster-whisper", model="base")
+JOE = ModelConfig(name="joe", engine="piper", model="en_US-joe-medium", aliases=["tts-1"])
+
+
+@pytest.fixture(scope="session")
+def shared_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One cache dir for the session, so Whisper base is assembled once."""
+    return tmp_path_factory.mktemp("model-cache")
+
+
+@pytest.fixture
+async def real_hub(make_settings: Callable[..., Settings], shared_cache: Path) -> AsyncIterator[EngineHub]:
+    """tiny.en + base + joe, loaded for real."""
+    settings = make_settings(asr=[TINY_EN, BASE], tts=[JOE], cache_dir=shared_cache)
+    async with EngineHub(settings) as hub:
+        yield hub
