@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The README's test command: installs test dependencies (Python and Debian),
+# then lint, type check and the whole test suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON="${PYTHON:-python3.11}"
+command -v "$PYTHON" >/dev/null || PYTHON=python3
+
+# Services and tools the tests start themselves (loopback only).
+need_apt=()
+command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || need_apt+=(mosquitto)
+command -v systemd-analyze >/dev/null || need_apt+=(systemd)
+if [ ${#need_apt[@]} -gt 0 ]; then
+    if [ "$(id -u)" = 0 ]; then
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq
+        apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+    else
+        sudo apt-get update -qq && sudo apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+    fi
+fi
+
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+
+.venv/bin/ruff format --check edgevoice tests bench
+.venv/bin/ruff check edgevoice tests bench
+.venv/bin/mypy
+.venv/bin/pytest -q -p no:cacheprovider "$@"
