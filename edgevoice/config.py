@@ -94,6 +94,8 @@ class WyomingConfig(_Strict):
     """Service name; default ``edgevoice-<node_id>``."""
     max_audio_s: float = Field(default=300.0, gt=0)
     """Longest audio accepted in one transcribe/detect request."""
+    end_of_speech_s: float = Field(default=0.3, gt=0, le=5)
+    """Silence after speech (per the VAD) that starts speculative decoding."""
 
 
 class HttpConfig(_Strict):
@@ -133,6 +135,12 @@ class MqttConfig(_Strict):
     keepalive_s: int = Field(default=60, ge=5)
     reconnect_min_s: float = Field(default=1.0, gt=0)
     reconnect_max_s: float = Field(default=30.0, gt=0)
+    protocol: Literal["auto", "5", "3.1.1"] = "auto"
+    """``auto`` tries MQTT 5 and falls back to 3.1.1 when the broker refuses it."""
+    max_input_chars: int = Field(default=4096, ge=1)
+    """Longest text accepted in one speak request."""
+    max_audio_s: float = Field(default=300.0, gt=0)
+    """Longest audio accepted in one transcribe request (or Hermes listening session)."""
 
 
 def _default_asr() -> list[ModelConfig]:
@@ -157,6 +165,17 @@ def _default_tts() -> list[ModelConfig]:
             aliases=["tts-1", "tts-1-hd", "gpt-4o-mini-tts"],
         )
     ]
+
+
+def _default_wake() -> list[ModelConfig]:
+    return [
+        ModelConfig(name=word, engine="microwakeword", model=word)
+        for word in ("okay_nabu", "hey_jarvis", "alexa", "hey_mycroft")
+    ]
+
+
+def _default_vad() -> list[ModelConfig]:
+    return [ModelConfig(name="silero", engine="silero-vad", model="silero", max_concurrency=4)]
 
 
 _TOML_FILE: contextvars.ContextVar[Path | None] = contextvars.ContextVar(
@@ -188,8 +207,8 @@ class Settings(BaseSettings):
 
     asr: list[ModelConfig] = Field(default_factory=_default_asr)
     tts: list[ModelConfig] = Field(default_factory=_default_tts)
-    wake: list[ModelConfig] = Field(default_factory=list)
-    vad: list[ModelConfig] = Field(default_factory=list)
+    wake: list[ModelConfig] = Field(default_factory=_default_wake)
+    vad: list[ModelConfig] = Field(default_factory=_default_vad)
 
     wyoming: WyomingConfig = Field(default_factory=WyomingConfig)
     http: HttpConfig = Field(default_factory=HttpConfig)

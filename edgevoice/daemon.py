@@ -20,7 +20,9 @@ _LOGGER = logging.getLogger(__name__)
 
 # (config section with an ``enabled`` flag, "module:factory"). A factory takes
 # (settings, hub) and returns an unstarted ProtocolServer.
-PROTOCOLS: tuple[tuple[str, str], ...] = ()
+PROTOCOLS: tuple[tuple[str, str], ...] = (
+    ("mqtt", "edgevoice.protocols.mqtt:MqttBridge"),
+)
 
 ServerFactory = Callable[[Settings, EngineHub], ProtocolServer]
 
