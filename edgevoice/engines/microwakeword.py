@@ -1,0 +1,161 @@
+"""Wake words with microWakeWord (TFLite). Extra: ``edgevoice[microwakeword]``.
+
+``model`` is a built-in model of ``pymicro-wakeword`` (``okay_nabu``,
+``hey_jarvis``, ``alexa``, ``hey_mycroft``) or a path to a microWakeWord
+``.json`` config with its ``.tflite`` beside it. One config entry is one wake
+word; its public ``name`` is what Wyoming ``detect{names}`` and detections use.
+
+A model's interpreter carries streaming state, so every stream gets its own
+interpreter (creating one takes about a millisecond).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import Field
+
+from edgevoice.engines.base import (
+    Detection,
+    EngineContext,
+    EngineKind,
+    EngineOptions,
+    EnginePlugin,
+    EngineRequestError,
+    FloatAudio,
+    WakeCapabilities,
+    WakeWordInfo,
+)
+
+_LOGGER = logging.getLogger(__name__)
+
+ENGINE_NAME = "microwakeword"
+SAMPLE_RATE_HZ = 16000
+BUILTIN_MODELS = ("okay_nabu", "hey_jarvis", "alexa", "hey_mycroft")
+
+
+class MicroWakeWordOptions(EngineOptions):
+    probability_cutoff: float | None = Field(default=None, gt=0, lt=1)
+    """Detection threshold; ``None`` uses the model's own (0.85-0.97)."""
+    sliding_window_size: int | None = Field(default=None, ge=1, le=50)
+    """Probabilities averaged per decision; ``None`` uses the model's own."""
+    refractory_s: float = Field(default=2.0, ge=0)
+    """After a detection, the same stream ignores this wake word this long."""
+
+
+def resolve_config(model: str) -> Path:
+    """The microWakeWord JSON config for a built-in name or a path (blocking)."""
+    if model in BUILTIN_MODELS:
+        import pymicro_wakeword
+
+        return Path(pymicro_wakeword.__file__).parent / "models" / f"{model}.json"
+    path = Path(model).expanduser()
+    if path.suffix == ".tflite":
+        path = path.with_suffix(".json")
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"wake word model {model!r} not found: use one of {', '.join(BUILTIN_MODELS)} "
+            "or a path to a microWakeWord .json config"
+        )
+    return path
+
+
+class _MicroWakeStream:
+    """Per-connection detector state: features front end + one interpreter."""
+
+    def __init__(self, engine: MicroWakeWordEngine) -> None:
+        from pymicro_wakeword import MicroWakeWord, MicroWakeWordFeatures
+
+        assert engine.config_path is not None
+        self._name = engine.info.name
+        self._model = MicroWakeWord.from_config(engine.config_path)
+        options = engine.options
+        if options.probability_cutoff is not None:
+            self._model.probability_cutoff = options.probability_cutoff
+        if options.sliding_window_size is not None:
+            from collections import deque
+
+            self._model.sliding_window_size = options.sliding_window_size
+            self._model._probabilities = deque(maxlen=options.sliding_window_size)
+        self._features = MicroWakeWordFeatures()
+        self._refractory_samples = round(options.refractory_s * SAMPLE_RATE_HZ)
+        self._samples = 0
+        self._last_detection: int | None = None
+
+    def process(self, audio: FloatAudio) -> list[Detection]:
+        pcm = (np.clip(audio, -1.0, 1.0) * 32767.0).astype("<i2").tobytes()
+        detections: list[Detection] = []
+        start = self._samples
+        self._samples += len(audio)
+        for features in self._features.process_streaming(pcm):
+            if not self._model.process_streaming(features):
+                continue
+            # The front end consumes 10 ms per feature window; the exact
+            # position inside this chunk does not matter to clients.
+            now = self._samples
+            if (
+                self._last_detection is not None
+                and now - self._last_detection < self._refractory_samples
+            ):
+                continue
+            self._last_detection = now
+            detections.append(Detection(self._name, (start + len(audio)) * 1000 // SAMPLE_RATE_HZ))
+        return detections
+
+    def close(self) -> None:
+        self._model.close()
+
+
+class MicroWakeWordEngine:
+    """One wake word; each stream runs its own TFLite interpreter."""
+
+    def __init__(self, context: EngineContext, options: MicroWakeWordOptions) -> None:
+        self._context = context
+        self.options = options
+        self.config_path: Path | None = None
+        self.info = WakeWordInfo(context.model.name, context.model.model.replace("_", " "))
+
+    @property
+    def capabilities(self) -> WakeCapabilities:
+        return WakeCapabilities(wake_words=(self.info,), sample_rate_hz=SAMPLE_RATE_HZ)
+
+    def load(self) -> None:
+        path = resolve_config(self._context.model.model)
+        raw: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+        languages = tuple(raw.get("trained_languages") or ("en",))
+        self.config_path = path
+        self.info = WakeWordInfo(self._context.model.name, str(raw["wake_word"]), languages)
+        # Fail at startup, not on the first request, if the runtime is broken.
+        _MicroWakeStream(self).close()
+
+    def start_stream(self, names: Sequence[str] | None = None) -> _MicroWakeStream:
+        if names is not None and self.info.name not in names:
+            raise EngineRequestError(
+                f"wake word engine {self.info.name!r} does not serve {', '.join(names)}"
+            )
+        if self.config_path is None:
+            raise RuntimeError("engine not loaded")
+        return _MicroWakeStream(self)
+
+    def close(self) -> None:
+        self.config_path = None
+
+
+def _factory(context: EngineContext, options: Any) -> MicroWakeWordEngine:
+    return MicroWakeWordEngine(context, options)
+
+
+PLUGIN = EnginePlugin(
+    name=ENGINE_NAME,
+    kind=EngineKind.WAKE,
+    description="microWakeWord wake words (TFLite): okay_nabu, hey_jarvis, alexa, hey_mycroft",
+    factory=_factory,
+    options_model=MicroWakeWordOptions,
+    requires=("pymicro_wakeword",),
+    extra=ENGINE_NAME,
+)
