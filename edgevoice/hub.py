@@ -81,6 +81,20 @@ class EngineSlot:
     busy_s: float = 0.0
     audio_s: float = 0.0
     load_s: float = 0.0
+    active: int = 0
+    """Calls (and iterations) in flight; a slot retired by a reload closes at 0."""
+
+
+@dataclass
+class HubReload:
+    """What :meth:`EngineHub.reload` did (public names of the entries)."""
+
+    loaded: list[str]
+    """Entries whose engine was loaded anew."""
+    kept: list[str]
+    """Entries served by an engine that was already loaded."""
+    retired: int
+    """Engines no longer used (closed once idle)."""
 
 
 @dataclass
@@ -121,11 +135,14 @@ class EngineHub:
         self._models: dict[EngineKind, list[LoadedModel[Any]]] = {k: [] for k in EngineKind}
         self._names: dict[EngineKind, dict[str, LoadedModel[Any]]] = {k: {} for k in EngineKind}
         self._voices: dict[str, tuple[LoadedModel[TtsEngine], str]] = {}
+        # id(slot) -> (slot, task closing it once idle), for slots a reload dropped.
+        self._retiring: dict[int, tuple[EngineSlot, asyncio.Task[None]]] = {}
+        self._reload_lock = asyncio.Lock()
 
     # ------------------------------------------------------------ lifecycle
 
-    def _selected(self, kind: EngineKind) -> list[ModelConfig]:
-        entries = self.settings.models(kind)
+    def _selected(self, kind: EngineKind, settings: Settings | None = None) -> list[ModelConfig]:
+        entries = (settings or self.settings).models(kind)
         if self._only is None:
             return entries
         if kind not in self._only:
@@ -138,13 +155,15 @@ class EngineHub:
             raise UnknownModelError(kind, names[0], [e.name for e in entries])
         return picked
 
-    def _slot_key(self, kind: EngineKind, entry: ModelConfig, options: Any) -> str:
+    def _slot_key(
+        self, kind: EngineKind, entry: ModelConfig, options: Any, settings: Settings | None = None
+    ) -> str:
         return json.dumps(
             [
                 kind.value,
                 entry.engine,
                 entry.model,
-                self.settings.device_for(entry),
+                (settings or self.settings).device_for(entry),
                 options.model_dump(mode="json"),
             ],
             sort_keys=True,
@@ -177,14 +196,16 @@ class EngineHub:
                     max_workers=entry.max_concurrency, thread_name_prefix=f"ev-{entry.name}"
                 )
                 slot = EngineSlot(
-                    key, plugin, cast(Engine, None), DeviceChoice("cpu", ""), executor,
+                    key,
+                    plugin,
+                    cast(Engine, None),
+                    DeviceChoice("cpu", ""),
+                    executor,
                     entry.max_concurrency,
                 )
                 self._slots[key] = slot
                 loads.append(
-                    loop.run_in_executor(
-                        executor, self._load_slot, slot, kind, entry, options
-                    )
+                    loop.run_in_executor(executor, self._load_slot, slot, kind, entry, options)
                 )
         results = await asyncio.gather(*loads, return_exceptions=True)
         errors = [r for r in results if isinstance(r, BaseException)]
@@ -195,17 +216,15 @@ class EngineHub:
             self._bind(kind, entry, self._slots[key])
         self._finish_defaults()
 
-    def _load_slot(self, slot: EngineSlot, kind: EngineKind, entry: ModelConfig, options: Any) -> None:
+    def _load_slot(
+        self, slot: EngineSlot, kind: EngineKind, entry: ModelConfig, options: Any
+    ) -> None:
         """Blocking: pick the device, build and load the engine."""
         label = f"{kind.value} model {entry.name!r} ({entry.engine} {entry.model})"
         try:
             facts = probe_machine(slot.plugin.runtime)
-            slot.device = select_device(
-                self.settings.device_for(entry), slot.plugin.devices, facts
-            )
-            _LOGGER.info(
-                "Loading %s on %s (%s)", label, slot.device.device, slot.device.reason
-            )
+            slot.device = select_device(self.settings.device_for(entry), slot.plugin.devices, facts)
+            _LOGGER.info("Loading %s on %s (%s)", label, slot.device.device, slot.device.reason)
             context = EngineContext(
                 model=entry,
                 device=slot.device.device,
@@ -246,6 +265,132 @@ class EngineHub:
                 marked = [m for m in entries if m.config.default]
                 (marked or entries)[0].default = True
 
+    async def reload(self, settings: Settings) -> HubReload:
+        """Switch to ``settings`` without a gap in service (SIGHUP).
+
+        Engines that are new or whose configuration changed load first, next to
+        the running ones, in worker threads; then every public name is switched
+        over in one step (no request sees a half-applied config); engines no
+        longer used close in the background once their in-flight calls finished
+        (at most ``shutdown_timeout_s`` later). On any error nothing changes and
+        :class:`HubStartError` is raised. Per-entry ``max_concurrency`` of a
+        kept engine only grows.
+        """
+        async with self._reload_lock:
+            return await self._reload(settings)
+
+    async def _reload(self, settings: Settings) -> HubReload:
+        try:
+            validated = validate_engines(settings, self._registry)
+        except ConfigError as exc:
+            raise HubStartError(str(exc)) from None
+        loop = asyncio.get_running_loop()
+        plan: list[tuple[EngineKind, ModelConfig, EngineSlot]] = []
+        fresh: dict[str, EngineSlot] = {}
+        loads: list[asyncio.Future[None]] = []
+        for kind in EngineKind:
+            for entry in self._selected(kind, settings):
+                options = validated[(kind, entry.name)]
+                key = self._slot_key(kind, entry, options, settings)
+                slot = self._slots.get(key) or fresh.get(key)
+                if slot is None:
+                    try:
+                        plugin = self._registry.get(entry.engine, kind)
+                    except (LookupError, RuntimeError) as exc:
+                        await self._close_slots(list(fresh.values()))
+                        raise HubStartError(f"{kind.value} model {entry.name!r}: {exc}") from None
+                    executor = ThreadPoolExecutor(
+                        max_workers=entry.max_concurrency, thread_name_prefix=f"ev-{entry.name}"
+                    )
+                    slot = EngineSlot(
+                        key,
+                        plugin,
+                        cast(Engine, None),
+                        DeviceChoice("cpu", ""),
+                        executor,
+                        entry.max_concurrency,
+                    )
+                    fresh[key] = slot
+                    loads.append(
+                        loop.run_in_executor(executor, self._load_slot, slot, kind, entry, options)
+                    )
+                elif entry.max_concurrency > slot.max_concurrency:
+                    # ThreadPoolExecutor starts further workers on demand.
+                    slot.executor._max_workers = entry.max_concurrency
+                    slot.max_concurrency = entry.max_concurrency
+                plan.append((kind, entry, slot))
+        try:
+            results = await asyncio.gather(*loads, return_exceptions=True)
+        except asyncio.CancelledError:
+            # Abandoned (shutdown): what the worker threads still load is dropped.
+            await self._close_slots(list(fresh.values()))
+            raise
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            await self._close_slots(list(fresh.values()))
+            raise HubStartError("; ".join(str(e) for e in errors)) from errors[0]
+
+        # The switch: synchronous, so no request observes a mix of old and new.
+        old = (self._models, self._names, self._voices, self._slots, self.settings)
+        self._models = {k: [] for k in EngineKind}
+        self._names = {k: {} for k in EngineKind}
+        self._voices = {}
+        try:
+            for kind, entry, slot in plan:
+                self._bind(kind, entry, slot)
+            self._finish_defaults()
+        except Exception:
+            self._models, self._names, self._voices, self._slots, self.settings = old
+            await self._close_slots(list(fresh.values()))
+            raise
+        used = {slot.key: slot for _kind, _entry, slot in plan}
+        retired = [slot for key, slot in self._slots.items() if key not in used]
+        self._slots = used
+        self.settings = settings
+        for slot in retired:
+            task = asyncio.create_task(self._retire(slot), name=f"retire-{slot.plugin.name}")
+            self._retiring[id(slot)] = (slot, task)
+        summary = HubReload(
+            loaded=[e.name for _k, e, s in plan if s.key in fresh],
+            kept=[e.name for _k, e, s in plan if s.key not in fresh],
+            retired=len(retired),
+        )
+        _LOGGER.info(
+            "Reloaded engines: %d loaded (%s), %d kept, %d retired",
+            len(summary.loaded),
+            ", ".join(summary.loaded) or "-",
+            len(summary.kept),
+            summary.retired,
+        )
+        return summary
+
+    async def _retire(self, slot: EngineSlot) -> None:
+        """Close an engine a reload dropped once nothing uses it (bounded wait)."""
+        deadline = time.monotonic() + self.settings.shutdown_timeout_s
+        # Polling keeps the request hot path a plain counter (no Event per call).
+        while slot.active > 0 and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+        if slot.active > 0:
+            _LOGGER.warning("Closing %s with %d calls still running", slot.plugin.name, slot.active)
+        await self._close_slots([slot])
+        self._retiring.pop(id(slot), None)
+
+    async def _close_slots(self, slots: list[EngineSlot]) -> None:
+        loop = asyncio.get_running_loop()
+        for slot in slots:
+            engine: Engine | None = slot.engine
+            slot.engine = cast(Engine, None)  # closed once, even if this task is cancelled
+            if engine is not None:
+                try:
+                    await loop.run_in_executor(slot.executor, engine.close)
+                except Exception:
+                    _LOGGER.exception("Error closing engine %s", slot.plugin.name)
+            slot.executor.shutdown(wait=False, cancel_futures=True)
+
+    async def wait_retired(self) -> None:
+        """Wait until engines dropped by reloads are closed (tests, shutdown)."""
+        await asyncio.gather(*(t for _s, t in self._retiring.values()), return_exceptions=True)
+
     async def __aenter__(self) -> EngineHub:
         await self.start()
         return self
@@ -255,20 +400,18 @@ class EngineHub:
 
     async def close(self) -> None:
         """Release every engine (in its own thread) and stop the worker pools."""
-        slots = list(self._slots.values())
+        retiring = list(self._retiring.values())
+        self._retiring.clear()
+        for _slot, task in retiring:
+            task.cancel()
+        await asyncio.gather(*(task for _slot, task in retiring), return_exceptions=True)
+        slots = list(self._slots.values()) + [slot for slot, _task in retiring]
         self._slots.clear()
         for kind in EngineKind:
             self._models[kind].clear()
             self._names[kind].clear()
         self._voices.clear()
-        loop = asyncio.get_running_loop()
-        for slot in slots:
-            if slot.engine is not None:
-                try:
-                    await loop.run_in_executor(slot.executor, slot.engine.close)
-                except Exception:
-                    _LOGGER.exception("Error closing engine %s", slot.plugin.name)
-            slot.executor.shutdown(wait=False, cancel_futures=True)
+        await self._close_slots(slots)
 
     # -------------------------------------------------------------- lookups
 
@@ -349,11 +492,16 @@ class EngineHub:
             finally:
                 slot.busy_s += time.monotonic() - started
 
-        return await loop.run_in_executor(slot.executor, timed)
+        slot.active += 1
+        try:
+            return await loop.run_in_executor(slot.executor, timed)
+        finally:
+            slot.active -= 1
 
     async def iterate(self, model: LoadedModel[Any], iterator: Iterator[T]) -> AsyncIterator[T]:
         """Consume a blocking (lazy) iterator one ``next()`` at a time in the pool."""
         done = object()
+        model.slot.active += 1
         try:
             while True:
                 item = await self.run(model, next, iterator, done)
@@ -361,12 +509,15 @@ class EngineHub:
                     return
                 yield cast(T, item)
         finally:
-            close = getattr(iterator, "close", None)
-            if close is not None:
-                try:
-                    await asyncio.shield(self.run(model, close))
-                except (ValueError, RuntimeError, asyncio.CancelledError):
-                    pass  # still executing in another worker: it ends by itself
+            try:
+                close = getattr(iterator, "close", None)
+                if close is not None:
+                    try:
+                        await asyncio.shield(self.run(model, close))
+                    except (ValueError, RuntimeError, asyncio.CancelledError):
+                        pass  # still executing in another worker: it ends by itself
+            finally:
+                model.slot.active -= 1
 
     # ------------------------------------------------------------------ ASR
 
