@@ -16,7 +16,7 @@ import logging
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final, Literal
+from typing import Any, Final, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -95,9 +95,7 @@ def pcm_to_float(data: bytes, width: int, channels: int = 1) -> FloatAudio:
         raise AudioError(f"invalid channel count {channels}")
     frame = width * channels
     if len(data) % frame:
-        raise AudioError(
-            f"PCM data length {len(data)} is not a multiple of the frame size {frame}"
-        )
+        raise AudioError(f"PCM data length {len(data)} is not a multiple of the frame size {frame}")
     if width == 1:
         ints = np.frombuffer(data, dtype=np.uint8).astype(np.float32) - 128.0
         scaled = ints / 128.0
@@ -160,7 +158,7 @@ def _decode_pyav(data: bytes) -> Audio:
     except AudioError:
         raise
     except av.error.FFmpegError as exc:
-        raise AudioError(f"could not decode audio: {exc.strerror or exc}") from None
+        raise AudioError(f"could not decode audio: {exc.strerror or exc!s}") from None
     except (ValueError, OSError, EOFError) as exc:
         raise AudioError(f"could not decode audio: {exc}") from None
     if not chunks:
@@ -186,10 +184,11 @@ def decode(
     Raises :class:`AudioError` for empty, corrupt, unsupported or too long input.
     """
     if isinstance(data, Path):
+        path = data
         try:
-            data = data.read_bytes()
+            data = path.read_bytes()
         except OSError as exc:
-            raise AudioError(f"cannot read {data}: {exc.strerror or exc}") from None
+            raise AudioError(f"cannot read {path}: {exc.strerror or exc!s}") from None
     if not data:
         raise AudioError("empty audio input (0 bytes)")
     # libsndfile reads WAV/FLAC/Ogg exactly (all WAV sample formats); FFmpeg
@@ -265,7 +264,8 @@ class StreamEncoder:
         self._streaming = streaming
         self._header_sent = False
         self._closed = False
-        self._container = None
+        self._container: Any = None
+        self._stream: Any = None
         self._sink = _Sink()
         if fmt in _AV_OUTPUT:
             import av

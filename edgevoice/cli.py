@@ -78,7 +78,10 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--speaker", help="speaker of a multi-speaker voice")
     sp.add_argument("--speed", type=float, default=1.0)
     sp.add_argument(
-        "-o", "--output", type=Path, required=True,
+        "-o",
+        "--output",
+        type=Path,
+        required=True,
         help="output file; format from extension: wav flac mp3 opus/ogg aac pcm",
     )
 

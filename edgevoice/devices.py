@@ -54,9 +54,7 @@ def select_device(requested: str, supported: tuple[str, ...], facts: MachineFact
     """
     requested = requested.strip().lower()
     if not _DEVICE_RE.match(requested):
-        raise DeviceError(
-            f"invalid device {requested!r}: use auto, cpu, cuda, cuda:N or mlx"
-        )
+        raise DeviceError(f"invalid device {requested!r}: use auto, cpu, cuda, cuda:N or mlx")
     if requested == "auto":
         if "cuda" in supported and facts.cuda_devices > 0:
             return DeviceChoice("cuda", f"auto: {facts.cuda_devices} CUDA device(s) visible")

@@ -12,12 +12,36 @@ TRANSCRIPT_FORMATS: Final[tuple[str, ...]] = ("text", "json", "verbose_json", "s
 
 # OpenAI's verbose_json reports the language by its English name.
 LANGUAGE_NAMES: Final[dict[str, str]] = {
-    "en": "english", "de": "german", "fr": "french", "es": "spanish", "it": "italian",
-    "nl": "dutch", "pt": "portuguese", "pl": "polish", "ru": "russian", "uk": "ukrainian",
-    "sv": "swedish", "da": "danish", "no": "norwegian", "fi": "finnish", "cs": "czech",
-    "tr": "turkish", "el": "greek", "hu": "hungarian", "ro": "romanian", "zh": "chinese",
-    "ja": "japanese", "ko": "korean", "ar": "arabic", "he": "hebrew", "hi": "hindi",
-    "vi": "vietnamese", "th": "thai", "id": "indonesian", "ca": "catalan", "fa": "persian",
+    "en": "english",
+    "de": "german",
+    "fr": "french",
+    "es": "spanish",
+    "it": "italian",
+    "nl": "dutch",
+    "pt": "portuguese",
+    "pl": "polish",
+    "ru": "russian",
+    "uk": "ukrainian",
+    "sv": "swedish",
+    "da": "danish",
+    "no": "norwegian",
+    "fi": "finnish",
+    "cs": "czech",
+    "tr": "turkish",
+    "el": "greek",
+    "hu": "hungarian",
+    "ro": "romanian",
+    "zh": "chinese",
+    "ja": "japanese",
+    "ko": "korean",
+    "ar": "arabic",
+    "he": "hebrew",
+    "hi": "hindi",
+    "vi": "vietnamese",
+    "th": "thai",
+    "id": "indonesian",
+    "ca": "catalan",
+    "fa": "persian",
 }
 
 
@@ -88,4 +112,6 @@ def format_transcript(transcript: Transcript, fmt: str, task: str = "transcribe"
         return to_srt(transcript)
     if fmt == "vtt":
         return to_vtt(transcript)
-    raise ValueError(f"unknown transcript format {fmt!r}; use one of {', '.join(TRANSCRIPT_FORMATS)}")
+    raise ValueError(
+        f"unknown transcript format {fmt!r}; use one of {', '.join(TRANSCRIPT_FORMATS)}"
+    )

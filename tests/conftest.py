@@ -55,7 +55,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
     os.environ.setdefault("PYTHONASYNCIODEBUG", "1")
     # Debug mode's threshold (default 0.1 s) is our guard's.
-    asyncio.base_events.BaseEventLoop.slow_callback_duration = SLOW_CALLBACK_S  # type: ignore[attr-defined]
+    asyncio.base_events.BaseEventLoop.slow_callback_duration = SLOW_CALLBACK_S
 
 
 @pytest.fixture
@@ -76,7 +76,9 @@ def make_settings(tmp_path: Path) -> Callable[..., Settings]:
     return factory
 
 
-TINY_EN = ModelConfig(name="tiny-en", engine="faster-whisper", model="tiny.en", aliases=["whisper-1"])
+TINY_EN = ModelConfig(
+    name="tiny-en", engine="faster-whisper", model="tiny.en", aliases=["whisper-1"]
+)
 BASE = ModelConfig(name="base", engine="faster-whisper", model="base")
 JOE = ModelConfig(name="joe", engine="piper", model="en_US-joe-medium", aliases=["tts-1"])
 
@@ -88,7 +90,9 @@ def shared_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-async def real_hub(make_settings: Callable[..., Settings], shared_cache: Path) -> AsyncIterator[EngineHub]:
+async def real_hub(
+    make_settings: Callable[..., Settings], shared_cache: Path
+) -> AsyncIterator[EngineHub]:
     """tiny.en + base + joe, loaded for real."""
     settings = make_settings(asr=[TINY_EN, BASE], tts=[JOE], cache_dir=shared_cache)
     async with EngineHub(settings) as hub:

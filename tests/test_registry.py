@@ -1,0 +1,66 @@
+"""Plugin discovery: built-ins via entry points, broken plugins skipped."""
+
+from __future__ import annotations
+
+import logging
+from importlib.metadata import EntryPoint
+
+import pytest
+
+from edgevoice.engines.base import EngineKind, EnginePlugin
+from edgevoice.engines.registry import (
+    EngineRegistry,
+    EngineUnavailableError,
+    UnknownEngineError,
+    _load_entry_point,
+    default_registry,
+)
+from edgevoice.testing import FAKE_TTS_PLUGIN, _fake_asr_factory
+
+
+def test_builtins_are_entry_points() -> None:
+    registry = default_registry()
+    assert {"faster-whisper", "test-asr"} <= set(registry.names(EngineKind.ASR))
+    assert {"piper", "test-tts"} <= set(registry.names(EngineKind.TTS))
+    sources = {s.entry_point: s.source for s in registry.statuses()}
+    assert sources["faster-whisper"] == "edgevoice"
+
+
+def test_broken_plugin_is_logged_and_skipped(caplog: pytest.LogCaptureFixture) -> None:
+    broken = EntryPoint(
+        name="broken", value="edgevoice_no_such_module:PLUGIN", group="edgevoice.engines"
+    )
+    wrong = EntryPoint(name="wrong", value="edgevoice.testing:tone", group="edgevoice.engines")
+    with caplog.at_level(logging.WARNING):
+        statuses = [_load_entry_point(broken), _load_entry_point(wrong)]
+    assert all(s.plugin is None and s.error for s in statuses)
+    assert "ModuleNotFoundError" in (statuses[0].error or "")
+    assert "not an EnginePlugin" in (statuses[1].error or "")
+    assert "Skipping engine plugin 'broken'" in caplog.text
+    registry = EngineRegistry([*statuses, *default_registry().statuses()])
+    with pytest.raises(UnknownEngineError, match="broken"):
+        registry.get("broken", EngineKind.ASR)
+    assert registry.get("faster-whisper", EngineKind.ASR).name == "faster-whisper"
+
+
+def test_missing_dependency_names_the_extra() -> None:
+    plugin = EnginePlugin(
+        name="needs-mlx",
+        kind=EngineKind.ASR,
+        description="x",
+        factory=_fake_asr_factory,
+        requires=("mlx_whisper_not_installed",),
+        extra="mlx-whisper",
+    )
+    registry = EngineRegistry([])
+    registry.register(plugin)
+    with pytest.raises(EngineUnavailableError, match=r"pip install 'edgevoice\[mlx-whisper\]'"):
+        registry.get("needs-mlx", EngineKind.ASR)
+    assert registry.lookup("needs-mlx", EngineKind.ASR) is plugin
+
+
+def test_kind_mismatch_is_unknown() -> None:
+    registry = EngineRegistry([])
+    registry.register(FAKE_TTS_PLUGIN)
+    with pytest.raises(UnknownEngineError, match="unknown asr engine 'test-tts'"):
+        registry.get("test-tts", EngineKind.ASR)
