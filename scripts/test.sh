@@ -21,7 +21,7 @@ if [ ${#need_apt[@]} -gt 0 ]; then
     fi
 fi
 
-[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+source scripts/ensure-venv.sh
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
 
 .venv/bin/ruff format --check edgevoice tests bench
