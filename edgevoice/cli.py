@@ -91,6 +91,20 @@ def _parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-config", help="validate a config and print the effective one")
     check.add_argument("path", nargs="?", type=Path)
     check.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+    inst = sub.add_parser(
+        "install-service",
+        help="install the systemd service (launchd on macOS): user, directories, config, unit",
+    )
+    inst.add_argument("--user", default="edgevoice", help="account the service runs as")
+    inst.add_argument(
+        "--prefix", type=Path, help="Python environment to run (default: this one, sys.prefix)"
+    )
+    inst.add_argument("--dry-run", action="store_true", help="print the steps, change nothing")
+    inst.add_argument("--no-start", action="store_true", help="do not enable/start the service")
+    inst.add_argument(
+        "--root", type=Path, help="stage files under this directory (packaging); no user/systemctl"
+    )
     return parser
 
 
@@ -199,6 +213,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "check-config":
             setup_logging(args.log_level or "WARNING")
             _check_config(args)
+        elif args.command == "install-service":
+            from edgevoice.service import InstallError, install_service
+
+            try:
+                install_service(
+                    args.user,
+                    args.prefix,
+                    dry_run=args.dry_run,
+                    root=args.root,
+                    start=not args.no_start,
+                )
+            except InstallError as exc:
+                print(f"edgevoice: error: {exc}", file=sys.stderr)
+                return 1
         else:
             settings = _settings(args)
             if args.command == "serve":
