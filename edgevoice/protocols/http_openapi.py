@@ -1,0 +1,644 @@
+"""The OpenAPI 3.1 document of the HTTP API and the offline ``/docs`` page rendered from it."""
+# ruff: noqa: E501  (the spec is data: long descriptions read best on one line)
+
+from __future__ import annotations
+
+import html
+import json
+from typing import Any
+
+from edgevoice import __version__ as VERSION
+
+_ERROR_RESPONSES = {
+    "400": "Bad field (OpenAI error shape)",
+    "401": "Missing or wrong API key (when `api_key` is set)",
+    "404": "Unknown model or voice",
+    "413": "Upload larger than `max_upload_mb`",
+    "415": "Audio that cannot be decoded",
+    "500": "Engine failure (the daemon keeps serving)",
+}
+AUDIO_TYPES = {
+    "audio/mpeg": "mp3",
+    "audio/ogg": "opus",
+    "audio/aac": "aac",
+    "audio/flac": "flac",
+    "audio/wav": "wav",
+    "audio/pcm": "pcm (s16le mono 24 kHz)",
+}
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _errors(*codes: str) -> dict[str, Any]:
+    return {
+        code: {
+            "description": _ERROR_RESPONSES[code],
+            "content": {"application/json": {"schema": _ref("Error")}},
+        }
+        for code in codes
+    }
+
+
+def _json(schema: dict[str, Any], description: str = "OK") -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+_TRANSCRIBE_FIELDS: dict[str, Any] = {
+    "file": {"type": "string", "format": "binary", "description": "Audio file (wav, flac, mp3, ogg, opus, m4a, webm, ...)."},
+    "model": {"type": "string", "description": "A configured ASR model or alias; OpenAI names such as `whisper-1` mean the default model."},
+    "prompt": {"type": "string", "description": "Text the model should expect (vocabulary, previous sentence)."},
+    "response_format": {"type": "string", "enum": ["json", "text", "srt", "verbose_json", "vtt"], "default": "json"},
+    "temperature": {"type": "number", "minimum": 0, "maximum": 1},
+    "hotwords": {"type": "string", "description": "edgevoice extension: words to boost (faster-whisper hotwords)."},
+}  # fmt: skip
+
+_SCHEMAS: dict[str, Any] = {
+    "Error": {
+        "type": "object",
+        "required": ["error"],
+        "properties": {
+            "error": {
+                "type": "object",
+                "required": ["message", "type"],
+                "properties": {
+                    "message": {"type": "string"},
+                    "type": {
+                        "type": "string",
+                        "description": "`invalid_request_error` or `server_error`.",
+                    },
+                    "param": {"type": ["string", "null"]},
+                    "code": {"type": ["string", "null"]},
+                },
+            }
+        },
+    },
+    "TranscriptionRequest": {
+        "type": "object",
+        "required": ["file"],
+        "properties": {
+            **_TRANSCRIBE_FIELDS,
+            "language": {"type": "string", "description": "ISO 639-1 code; omitted: detect."},
+            "timestamp_granularities[]": {
+                "type": "array",
+                "items": {"type": "string", "enum": ["word", "segment"]},
+                "description": "With `verbose_json`: `word` adds per-word start/end times.",
+            },
+            "stream": {
+                "type": "boolean",
+                "default": False,
+                "description": "Server-Sent Events `transcript.text.delta` per decoded segment, then `transcript.text.done`.",
+            },
+        },
+    },
+    "TranslationRequest": {
+        "type": "object",
+        "required": ["file"],
+        "properties": dict(_TRANSCRIBE_FIELDS),
+    },
+    "Transcription": {
+        "type": "object",
+        "required": ["text"],
+        "properties": {"text": {"type": "string"}},
+    },
+    "TranscriptionVerbose": {
+        "type": "object",
+        "required": ["text", "language", "duration"],
+        "properties": {
+            "task": {"type": "string"},
+            "language": {"type": "string"},
+            "duration": {"type": "number"},
+            "text": {"type": "string"},
+            "segments": {"type": "array", "items": _ref("Segment")},
+            "words": {"type": "array", "items": _ref("Word")},
+        },
+    },
+    "Segment": {
+        "type": "object",
+        "properties": {
+            "id": {"type": "integer"},
+            "start": {"type": "number"},
+            "end": {"type": "number"},
+            "text": {"type": "string"},
+            "tokens": {"type": "array", "items": {"type": "integer"}},
+            "avg_logprob": {"type": "number"},
+            "no_speech_prob": {"type": "number"},
+        },
+    },
+    "Word": {
+        "type": "object",
+        "required": ["word", "start", "end"],
+        "properties": {
+            "word": {"type": "string"},
+            "start": {"type": "number", "description": "Seconds from the start of the file."},
+            "end": {"type": "number"},
+        },
+    },
+    "TranscriptionStreamEvent": {
+        "type": "object",
+        "required": ["type"],
+        "properties": {
+            "type": {"type": "string", "enum": ["transcript.text.delta", "transcript.text.done"]},
+            "delta": {"type": "string"},
+            "text": {"type": "string"},
+        },
+    },
+    "SpeechRequest": {
+        "type": "object",
+        "required": ["input"],
+        "properties": {
+            "model": {
+                "type": "string",
+                "description": "A configured TTS model or alias (`tts-1` etc. mean the default).",
+            },
+            "input": {
+                "type": "string",
+                "maxLength": 4096,
+                "description": "Text to speak (limit `max_input_chars`).",
+            },
+            "voice": {
+                "oneOf": [
+                    {"type": "string"},
+                    {
+                        "type": "object",
+                        "required": ["id"],
+                        "properties": {"id": {"type": "string"}},
+                    },
+                ],
+                "description": "A configured voice, a stored voice id (`voice_...`) or `{\"id\": ...}`. OpenAI's names (alloy, echo, ...) use the model's own voice.",
+            },
+            "instructions": {"type": "string"},
+            "response_format": {
+                "type": "string",
+                "enum": ["mp3", "opus", "aac", "flac", "wav", "pcm"],
+                "default": "mp3",
+            },
+            "speed": {"type": "number", "minimum": 0.25, "maximum": 4.0, "default": 1.0},
+            "stream_format": {"type": "string", "enum": ["audio", "sse"], "default": "audio"},
+            "voice_sample": {
+                "type": "string",
+                "description": "Cloning (CSM style): base64 reference audio (or data URL), 1–30 s.",
+            },
+            "voice_sample_text": {"type": "string", "description": "Transcript of `voice_sample`."},
+            "speaker": {"type": "string", "description": "Speaker of a multi-speaker voice."},
+        },
+    },
+    "SpeechCloneForm": {
+        "type": "object",
+        "required": ["input", "prompt_speech"],
+        "properties": {
+            "model": {"type": "string"},
+            "input": {"type": "string"},
+            "voice": {"type": "string"},
+            "response_format": {
+                "type": "string",
+                "enum": ["mp3", "opus", "aac", "flac", "wav", "pcm"],
+            },
+            "speed": {"type": "number", "minimum": 0.25, "maximum": 4.0},
+            "stream_format": {"type": "string", "enum": ["audio", "sse"]},
+            "prompt_speech": {
+                "type": "string",
+                "format": "binary",
+                "description": "Cloning (Xinference style): reference audio, 1–30 s.",
+            },
+            "prompt_text": {"type": "string", "description": "Transcript of `prompt_speech`."},
+            "instruct_text": {
+                "type": "string",
+                "description": "Style instruction for the cloned voice.",
+            },
+        },
+    },
+    "SpeechStreamEvent": {
+        "type": "object",
+        "required": ["type"],
+        "properties": {
+            "type": {"type": "string", "enum": ["speech.audio.delta", "speech.audio.done"]},
+            "audio": {
+                "type": "string",
+                "description": "Base64 audio in `response_format`; concatenated deltas form the file.",
+            },
+            "usage": {
+                "type": "object",
+                "description": "input_tokens = input characters; output_tokens = milliseconds of audio.",
+                "properties": {
+                    "input_tokens": {"type": "integer"},
+                    "output_tokens": {"type": "integer"},
+                    "total_tokens": {"type": "integer"},
+                },
+            },
+        },
+    },
+    "Voice": {
+        "type": "object",
+        "required": ["id", "object", "name", "type"],
+        "properties": {
+            "id": {"type": "string"},
+            "object": {"type": "string", "const": "audio.voice"},
+            "type": {"type": "string", "enum": ["builtin", "audio_sample"]},
+            "name": {"type": "string"},
+            "created_at": {"type": "integer"},
+            "transcript": {"type": ["string", "null"]},
+            "duration_s": {"type": "number"},
+            "model": {"type": "string"},
+            "engine": {"type": "string"},
+            "cloning": {"type": "boolean"},
+        },
+    },
+    "VoiceList": {
+        "type": "object",
+        "properties": {
+            "object": {"const": "list"},
+            "data": {"type": "array", "items": _ref("Voice")},
+        },
+    },
+    "VoiceCreateForm": {
+        "type": "object",
+        "required": ["name", "audio_sample"],
+        "properties": {
+            "name": {"type": "string", "maxLength": 100},
+            "audio_sample": {
+                "type": "string",
+                "format": "binary",
+                "description": "Reference recording, 1–30 s.",
+            },
+            "transcript": {
+                "type": "string",
+                "description": "What the sample says (helps cloning engines).",
+            },
+            "consent": {
+                "type": "string",
+                "description": "Accepted for OpenAI client compatibility; ignored.",
+            },
+        },
+    },
+    "VoiceDeleted": {
+        "type": "object",
+        "properties": {
+            "id": {"type": "string"},
+            "object": {"const": "audio.voice.deleted"},
+            "deleted": {"type": "boolean"},
+        },
+    },
+    "Model": {
+        "type": "object",
+        "required": ["id", "object", "owned_by"],
+        "properties": {
+            "id": {"type": "string"},
+            "object": {"const": "model"},
+            "created": {"type": "integer"},
+            "owned_by": {"type": "string"},
+            "kind": {"type": "string", "enum": ["asr", "tts"]},
+            "engine": {"type": "string"},
+            "aliases": {"type": "array", "items": {"type": "string"}},
+            "default": {"type": "boolean"},
+            "capabilities": {"type": "object"},
+        },
+    },
+    "ModelList": {
+        "type": "object",
+        "properties": {
+            "object": {"const": "list"},
+            "data": {"type": "array", "items": _ref("Model")},
+        },
+    },
+    "Health": {
+        "type": "object",
+        "properties": {
+            "status": {"type": "string"},
+            "models": {"type": "object"},
+            "uptime_s": {"type": "number"},
+        },
+    },
+}
+
+
+def build_spec() -> dict[str, Any]:
+    """The OpenAPI 3.1 document for every route the server registers."""
+    audio_content = {t: {"schema": {"type": "string", "format": "binary"}} for t in AUDIO_TYPES}
+    transcript_content = {
+        "application/json": {
+            "schema": {"oneOf": [_ref("Transcription"), _ref("TranscriptionVerbose")]}
+        },
+        "text/plain": {"schema": {"type": "string"}},
+        "text/event-stream": {"schema": _ref("TranscriptionStreamEvent")},
+    }
+    voice_id = {"name": "voice_id", "in": "path", "required": True, "schema": {"type": "string"}}
+    paths: dict[str, Any] = {
+        "/v1/audio/transcriptions": {
+            "post": {
+                "operationId": "createTranscription",
+                "tags": ["audio"],
+                "summary": "Transcribe audio",
+                "description": "Multipart, exactly as openai-python sends it. `text`, `srt` and `vtt` answer plain text; `stream=true` answers Server-Sent Events.",
+                "requestBody": {
+                    "required": True,
+                    "content": {"multipart/form-data": {"schema": _ref("TranscriptionRequest")}},
+                },
+                "responses": {
+                    "200": {"description": "The transcript", "content": transcript_content},
+                    **_errors("400", "401", "404", "413", "415", "500"),
+                },
+            }
+        },
+        "/v1/audio/translations": {
+            "post": {
+                "operationId": "createTranslation",
+                "tags": ["audio"],
+                "summary": "Translate speech to English text",
+                "description": "Needs a multilingual model; an English-only model answers 400.",
+                "requestBody": {
+                    "required": True,
+                    "content": {"multipart/form-data": {"schema": _ref("TranslationRequest")}},
+                },
+                "responses": {
+                    "200": {"description": "The English transcript", "content": transcript_content},
+                    **_errors("400", "401", "404", "413", "415", "500"),
+                },
+            }
+        },
+        "/v1/audio/speech": {
+            "post": {
+                "operationId": "createSpeech",
+                "tags": ["audio"],
+                "summary": "Synthesize speech",
+                "description": "JSON as OpenAI specifies; `stream_format=audio` streams chunked audio from the first sentence on, `sse` sends `speech.audio.delta`/`speech.audio.done` events. Voice cloning: JSON `voice_sample` + `voice_sample_text`, multipart `prompt_speech` + `prompt_text`, or a stored voice id; the model must declare cloning.",
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {"schema": _ref("SpeechRequest")},
+                        "multipart/form-data": {"schema": _ref("SpeechCloneForm")},
+                    },
+                },
+                "responses": {
+                    "200": {
+                        "description": "Audio in `response_format`, or SSE events",
+                        "content": {
+                            **audio_content,
+                            "text/event-stream": {"schema": _ref("SpeechStreamEvent")},
+                        },
+                    },
+                    **_errors("400", "401", "404", "413", "415", "500"),
+                },
+            }
+        },
+        "/v1/audio/speech/stream": {
+            "get": {
+                "operationId": "streamSpeech",
+                "tags": ["audio"],
+                "summary": "WebSocket: stream text in, audio out",
+                "description": 'Upgrade to a WebSocket. First message: JSON options (`model`, `voice`, `response_format` default `pcm`, `speed`, `instructions`, `voice_sample`, `voice_sample_text`). Then `{"text_chunk": "...", "is_final": false}` messages. The server sends a binary audio message per completed sentence and `{"type": "done", ...}` after `is_final: true`; errors arrive as `{"type": "error", "error": {...}}`.',
+                "responses": {"101": {"description": "Switching protocols"}, **_errors("401")},
+            }
+        },
+        "/v1/audio/voices": {
+            "get": {
+                "operationId": "listVoices",
+                "tags": ["voices"],
+                "summary": "List built-in and stored voices",
+                "responses": {"200": _json(_ref("VoiceList")), **_errors("401")},
+            },
+            "post": {
+                "operationId": "createVoice",
+                "tags": ["voices"],
+                "summary": "Store a reference voice for cloning",
+                "description": "Stored under the state directory, normalized (mono 24 kHz 16-bit WAV); survives restarts.",
+                "requestBody": {
+                    "required": True,
+                    "content": {"multipart/form-data": {"schema": _ref("VoiceCreateForm")}},
+                },
+                "responses": {
+                    "201": _json(_ref("Voice"), "Created"),
+                    **_errors("400", "401", "413", "415"),
+                },
+            },
+        },
+        "/v1/audio/voices/{voice_id}": {
+            "get": {
+                "operationId": "getVoice",
+                "tags": ["voices"],
+                "summary": "A stored voice",
+                "parameters": [voice_id],
+                "responses": {"200": _json(_ref("Voice")), **_errors("401", "404")},
+            },
+            "delete": {
+                "operationId": "deleteVoice",
+                "tags": ["voices"],
+                "summary": "Delete a stored voice",
+                "parameters": [voice_id],
+                "responses": {"200": _json(_ref("VoiceDeleted")), **_errors("401", "404")},
+            },
+        },
+        "/v1/models": {
+            "get": {
+                "operationId": "listModels",
+                "tags": ["models"],
+                "summary": "ASR and TTS models",
+                "responses": {"200": _json(_ref("ModelList")), **_errors("401")},
+            }
+        },
+        "/v1/models/{model_id}": {
+            "get": {
+                "operationId": "getModel",
+                "tags": ["models"],
+                "summary": "One model (by name or alias)",
+                "parameters": [
+                    {
+                        "name": "model_id",
+                        "in": "path",
+                        "required": True,
+                        "schema": {"type": "string"},
+                    }
+                ],
+                "responses": {"200": _json(_ref("Model")), **_errors("401", "404")},
+            }
+        },
+        "/health": {
+            "get": {
+                "operationId": "health",
+                "tags": ["service"],
+                "summary": "Liveness and loaded models (no API key needed)",
+                "security": [],
+                "responses": {"200": _json(_ref("Health"))},
+            }
+        },
+        "/metrics": {
+            "get": {
+                "operationId": "metrics",
+                "tags": ["service"],
+                "summary": "Prometheus metrics: requests, latency, audio seconds, engine busy time",
+                "responses": {
+                    "200": {
+                        "description": "Prometheus text format",
+                        "content": {"text/plain": {"schema": {"type": "string"}}},
+                    },
+                    **_errors("401"),
+                },
+            }
+        },
+        "/openapi.json": {
+            "get": {
+                "operationId": "openapi",
+                "tags": ["service"],
+                "summary": "This document",
+                "security": [],
+                "responses": {"200": _json({"type": "object"})},
+            }
+        },
+        "/docs": {
+            "get": {
+                "operationId": "docs",
+                "tags": ["service"],
+                "summary": "Readable API documentation (rendered from this document)",
+                "security": [],
+                "responses": {
+                    "200": {
+                        "description": "HTML",
+                        "content": {"text/html": {"schema": {"type": "string"}}},
+                    }
+                },
+            }
+        },
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "edgevoice OpenAI-compatible audio API",
+            "version": VERSION,
+            "description": "Speech-to-text, text-to-speech, voice cloning and a voice library, served from local engines. Point an OpenAI SDK's `base_url` at `http://<host>:<port>/v1`.",
+        },
+        "servers": [{"url": "/"}],
+        "security": [{"bearerAuth": []}],
+        "paths": paths,
+        "components": {
+            "schemas": _SCHEMAS,
+            "securitySchemes": {
+                "bearerAuth": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "Required only when `[http] api_key` (or `api_key_file`) is set.",
+                }
+            },
+        },
+    }
+
+
+# -------------------------------------------------------------------- docs
+
+_CSS = """
+body{font-family:system-ui,sans-serif;max-width:60rem;margin:2rem auto;padding:0 1rem;color:#222;line-height:1.45}
+h1{margin-bottom:.2rem} h2{margin-top:2.2rem;border-bottom:1px solid #ddd;padding-bottom:.2rem}
+code,.path{font-family:ui-monospace,monospace} .method{display:inline-block;min-width:4.5rem;font-weight:bold;text-transform:uppercase}
+.get{color:#1a7f37}.post{color:#0b5cad}.delete{color:#b42318}
+table{border-collapse:collapse;margin:.5rem 0;width:100%} td,th{border:1px solid #ddd;padding:.3rem .5rem;text-align:left;vertical-align:top}
+th{background:#f5f5f5} nav a{margin-right:.8rem}
+"""
+
+
+def _schema_type(schema: dict[str, Any]) -> str:
+    if "$ref" in schema:
+        return str(schema["$ref"]).rsplit("/", 1)[-1]
+    if "oneOf" in schema:
+        return " | ".join(_schema_type(s) for s in schema["oneOf"])
+    if "const" in schema:
+        return json.dumps(schema["const"])
+    kind = schema.get("type", "any")
+    if isinstance(kind, list):
+        kind = " | ".join(kind)
+    if kind == "array":
+        return f"array of {_schema_type(schema.get('items', {}))}"
+    if "enum" in schema:
+        return f"{kind}: " + " | ".join(str(v) for v in schema["enum"])
+    if schema.get("format") == "binary":
+        return "file"
+    return str(kind)
+
+
+def _esc(text: Any) -> str:
+    """HTML-escape, rendering `backticks` as code."""
+    parts = html.escape(str(text)).split("`")
+    return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
+
+
+def _schema_table(schema: dict[str, Any], schemas: dict[str, Any]) -> str:
+    if "$ref" in schema:
+        schema = schemas[str(schema["$ref"]).rsplit("/", 1)[-1]]
+    props: dict[str, Any] = schema.get("properties", {})
+    if not props:
+        return f"<p><code>{_esc(_schema_type(schema))}</code></p>"
+    required = set(schema.get("required", ()))
+    rows = []
+    for name, prop in props.items():
+        limits = [
+            f"{key} {prop[key]}"
+            for key in ("minimum", "maximum", "maxLength", "default")
+            if key in prop
+        ]
+        text = " ".join([prop.get("description", ""), "; ".join(limits)]).strip()
+        rows.append(
+            f"<tr><td><code>{html.escape(name)}</code>{' *' if name in required else ''}</td>"
+            f"<td>{_esc(_schema_type(prop))}</td><td>{_esc(text)}</td></tr>"
+        )
+    return (
+        "<table><tr><th>field (* required)</th><th>type</th><th>notes</th></tr>"
+        + "".join(rows)
+        + "</table>"
+    )
+
+
+def render_docs(spec: dict[str, Any]) -> str:
+    """A self-contained HTML page (no scripts, no CDN) describing every route."""
+    schemas: dict[str, Any] = spec["components"]["schemas"]
+    info = spec["info"]
+    out = [
+        "<!doctype html><html lang='en'><head><meta charset='utf-8'>",
+        f"<title>{html.escape(info['title'])}</title><style>{_CSS}</style></head><body>",
+        f"<h1>{html.escape(info['title'])}</h1><p>version {html.escape(info['version'])} · "
+        "<a href='/openapi.json'>openapi.json</a></p>",
+        f"<p>{_esc(info['description'])}</p>",
+        '<p>Errors always use OpenAI\'s shape: <code>{"error": {"message", "type", '
+        '"param", "code"}}</code>. When an API key is configured, send '
+        "<code>Authorization: Bearer &lt;key&gt;</code>.</p><nav>",
+    ]
+    operations = [
+        (path, method, op) for path, item in spec["paths"].items() for method, op in item.items()
+    ]
+    out.extend(
+        f"<a href='#{html.escape(op['operationId'])}'>{html.escape(op['operationId'])}</a>"
+        for _path, _method, op in operations
+    )
+    out.append("</nav>")
+    for path, method, op in operations:
+        out.append(
+            f"<h2 id='{html.escape(op['operationId'])}'><span class='method {method}'>{method}</span>"
+            f"<span class='path'>{html.escape(path)}</span></h2>"
+        )
+        out.append(f"<p><strong>{_esc(op.get('summary', ''))}</strong></p>")
+        if op.get("description"):
+            out.append(f"<p>{_esc(op['description'])}</p>")
+        for param in op.get("parameters", []):
+            out.append(
+                f"<p>Path parameter <code>{html.escape(param['name'])}</code> "
+                f"({_esc(_schema_type(param['schema']))})</p>"
+            )
+        body = op.get("requestBody")
+        if body:
+            for content_type, media in body["content"].items():
+                out.append(f"<h3>Request: <code>{html.escape(content_type)}</code></h3>")
+                out.append(_schema_table(media["schema"], schemas))
+        out.append(
+            "<h3>Responses</h3><table><tr><th>status</th><th>meaning</th><th>content</th></tr>"
+        )
+        for status, response in op["responses"].items():
+            types = ", ".join(response.get("content", {}))
+            out.append(
+                f"<tr><td>{html.escape(status)}</td><td>{_esc(response['description'])}</td>"
+                f"<td>{html.escape(types)}</td></tr>"
+            )
+        out.append("</table>")
+    out.append("<h2>Schemas</h2>")
+    for name, schema in schemas.items():
+        out.append(f"<h3 id='schema-{html.escape(name)}'>{html.escape(name)}</h3>")
+        out.append(_schema_table(schema, schemas))
+    out.append("</body></html>")
+    return "\n".join(out)

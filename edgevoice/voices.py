@@ -1,0 +1,226 @@
+"""The voice library: reference voices for cloning, stored under ``state_dir/voices``.
+
+Each stored voice is two files named by its id: ``<id>.wav`` (the reference
+sample, normalized: mono, 24 kHz, 16-bit, DC removed, peak at -1 dBFS) and
+``<id>.json`` (name, transcript, creation time). Ids are generated from the
+sanitized name (``voice_<slug>``), so a request can never name a path outside
+the library: every lookup checks the id against :data:`VOICE_ID_PATTERN`
+before touching the filesystem.
+
+Every method is blocking (file I/O, decoding); the HTTP API calls them in
+worker threads.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import threading
+import time
+import unicodedata
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+import numpy as np
+
+from edgevoice.audio import Audio, AudioError, decode, float_to_pcm16, wav_header
+from edgevoice.engines.base import VoiceReference
+
+_LOGGER = logging.getLogger(__name__)
+
+VOICE_ID_PATTERN: Final = re.compile(r"^voice_[a-z0-9][a-z0-9-]{0,63}$")
+STORED_RATE_HZ: Final = 24000
+MIN_REFERENCE_S: Final = 1.0
+MAX_REFERENCE_S: Final = 30.0
+MAX_NAME_CHARS: Final = 100
+MAX_TRANSCRIPT_CHARS: Final = 2000
+_PEAK: Final = 10 ** (-1 / 20)  # -1 dBFS
+
+
+class VoiceLibraryError(ValueError):
+    """A bad voice name, transcript or reference sample (a client fault)."""
+
+
+class VoiceNotFoundError(LookupError):
+    """No stored voice has this id."""
+
+
+@dataclass(frozen=True, slots=True)
+class StoredVoice:
+    id: str
+    name: str
+    created_at: int
+    """Unix time (seconds)."""
+    duration_s: float
+    transcript: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """OpenAI's voice object, plus our fields."""
+        return {
+            "id": self.id,
+            "object": "audio.voice",
+            "type": "audio_sample",
+            "name": self.name,
+            "created_at": self.created_at,
+            "duration_s": round(self.duration_s, 3),
+            "transcript": self.transcript,
+        }
+
+
+def sanitize_name(name: str) -> str:
+    """A display name without control characters, whitespace collapsed."""
+    cleaned = "".join(c for c in name if unicodedata.category(c)[0] != "C")
+    cleaned = " ".join(cleaned.split())
+    if not cleaned:
+        raise VoiceLibraryError("voice name is empty")
+    if len(cleaned) > MAX_NAME_CHARS:
+        raise VoiceLibraryError(f"voice name is longer than {MAX_NAME_CHARS} characters")
+    return cleaned
+
+
+def slugify(name: str) -> str:
+    """``"Grandma's Voice #2"`` → ``"grandma-s-voice-2"`` (ASCII, at most 48 chars)."""
+    ascii_name = unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode()
+    slug = re.sub(r"[^a-z0-9]+", "-", ascii_name.lower()).strip("-")[:48].strip("-")
+    return slug or "voice"
+
+
+def valid_voice_id(voice_id: str) -> bool:
+    return bool(VOICE_ID_PATTERN.fullmatch(voice_id))
+
+
+def normalize_reference(audio: Audio) -> Audio:
+    """Mono 24 kHz, DC removed, peak at -1 dBFS; validates the 1-30 s length."""
+    duration = audio.duration_s
+    if duration < MIN_REFERENCE_S or duration > MAX_REFERENCE_S:
+        raise VoiceLibraryError(
+            f"reference audio is {duration:.1f} s long; it must be "
+            f"{MIN_REFERENCE_S:.0f}–{MAX_REFERENCE_S:.0f} s"
+        )
+    resampled = audio.at_rate(STORED_RATE_HZ).samples
+    centered = resampled - np.float32(resampled.mean())
+    peak = float(np.max(np.abs(centered))) if len(centered) else 0.0
+    if peak < 1e-4:
+        raise VoiceLibraryError("reference audio is silent")
+    samples = (centered * np.float32(_PEAK / peak)).astype(np.float32)
+    return Audio(samples, STORED_RATE_HZ)
+
+
+def decode_reference(data: bytes) -> Audio:
+    """Decode and normalize a reference sample (blocking).
+
+    Raises :class:`AudioError` when undecodable, :class:`VoiceLibraryError`
+    when too short, too long or silent.
+    """
+    return normalize_reference(decode(data))
+
+
+class VoiceLibrary:
+    """Stored reference voices. Blocking; thread-safe."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._lock = threading.Lock()
+
+    def _paths(self, voice_id: str) -> tuple[Path, Path]:
+        if not valid_voice_id(voice_id):
+            raise VoiceNotFoundError(voice_id)
+        return self.root / f"{voice_id}.wav", self.root / f"{voice_id}.json"
+
+    def add(self, name: str, audio_data: bytes, transcript: str | None = None) -> StoredVoice:
+        """Validate, normalize and store a reference sample; returns the new voice."""
+        display = sanitize_name(name)
+        text = " ".join(transcript.split()) if transcript else None
+        if text and len(text) > MAX_TRANSCRIPT_CHARS:
+            raise VoiceLibraryError(f"transcript is longer than {MAX_TRANSCRIPT_CHARS} characters")
+        audio = decode_reference(audio_data)
+        pcm = float_to_pcm16(audio.samples)
+        with self._lock:
+            self.root.mkdir(parents=True, exist_ok=True)
+            base = f"voice_{slugify(display)}"
+            voice_id, n = base, 1
+            while any(p.exists() for p in self._paths(voice_id)):
+                n += 1
+                voice_id = f"{base}-{n}"
+            voice = StoredVoice(
+                id=voice_id,
+                name=display,
+                created_at=int(time.time()),
+                duration_s=audio.duration_s,
+                transcript=text or None,
+            )
+            wav_path, meta_path = self._paths(voice_id)
+            _write_atomic(wav_path, wav_header(STORED_RATE_HZ, len(pcm)) + pcm)
+            meta = {
+                "id": voice.id,
+                "name": voice.name,
+                "created_at": voice.created_at,
+                "duration_s": voice.duration_s,
+                "transcript": voice.transcript,
+            }
+            # The metadata is written last: a voice exists once its .json does.
+            _write_atomic(meta_path, json.dumps(meta, ensure_ascii=False).encode())
+        _LOGGER.info("Stored voice %s (%r, %.1f s)", voice.id, voice.name, voice.duration_s)
+        return voice
+
+    def get(self, voice_id: str) -> StoredVoice:
+        _wav, meta_path = self._paths(voice_id)
+        try:
+            raw = json.loads(meta_path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise VoiceNotFoundError(voice_id) from None
+        except (OSError, ValueError) as exc:
+            _LOGGER.warning("Unreadable voice metadata %s: %s", meta_path, exc)
+            raise VoiceNotFoundError(voice_id) from None
+        return StoredVoice(
+            id=voice_id,
+            name=str(raw.get("name", voice_id)),
+            created_at=int(raw.get("created_at", 0)),
+            duration_s=float(raw.get("duration_s", 0.0)),
+            transcript=raw.get("transcript") or None,
+        )
+
+    def voices(self) -> list[StoredVoice]:
+        if not self.root.is_dir():
+            return []
+        voices = []
+        for meta_path in sorted(self.root.glob("voice_*.json")):
+            try:
+                voices.append(self.get(meta_path.stem))
+            except VoiceNotFoundError:
+                continue
+        return sorted(voices, key=lambda v: (v.created_at, v.id))
+
+    def reference(self, voice_id: str) -> VoiceReference:
+        """The stored sample as a cloning reference."""
+        voice = self.get(voice_id)
+        wav_path, _meta = self._paths(voice_id)
+        try:
+            audio = decode(wav_path)
+        except AudioError as exc:
+            raise VoiceNotFoundError(f"{voice_id}: {exc}") from None
+        return VoiceReference(
+            audio=audio.samples, sample_rate_hz=audio.rate_hz, text=voice.transcript
+        )
+
+    def delete(self, voice_id: str) -> None:
+        wav_path, meta_path = self._paths(voice_id)
+        with self._lock:
+            try:
+                meta_path.unlink()
+            except FileNotFoundError:
+                raise VoiceNotFoundError(voice_id) from None
+            wav_path.unlink(missing_ok=True)
+        _LOGGER.info("Deleted voice %s", voice_id)
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    partial = path.with_name(path.name + ".partial")
+    with partial.open("wb") as out:
+        out.write(data)
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(partial, path)
