@@ -27,6 +27,7 @@ _LOGGER = logging.getLogger(__name__)
 # (settings, hub) and returns an unstarted ProtocolServer.
 PROTOCOLS: tuple[tuple[str, str], ...] = (
     ("mqtt", "edgevoice.protocols.mqtt:MqttBridge"),
+    ("http", "edgevoice.protocols.http:HttpServer"),
 )
 
 ServerFactory = Callable[[Settings, EngineHub], ProtocolServer]
