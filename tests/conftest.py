@@ -97,3 +97,75 @@ async def real_hub(
     settings = make_settings(asr=[TINY_EN, BASE], tts=[JOE], cache_dir=shared_cache)
     async with EngineHub(settings) as hub:
         yield hub
+
+
+# ------------------------------------------------------------------ MQTT broker
+
+
+class Mosquitto:
+    """A real Mosquitto broker on a free loopback port (``start``/``stop`` block briefly)."""
+
+    def __init__(self, workdir: Path, *, persistence: bool = False) -> None:
+        import shutil
+        import socket
+
+        exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+        if not Path(exe).exists():
+            raise RuntimeError("mosquitto is not installed (apt-get install -y mosquitto)")
+        self.exe = exe
+        self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port: int = sock.getsockname()[1]
+        import getpass
+
+        lines = [
+            f"listener {self.port} 127.0.0.1",
+            "allow_anonymous true",
+            f"user {getpass.getuser()}",
+            "log_dest stderr",
+            "log_type error",
+            "log_type warning",
+        ]
+        if persistence:
+            lines += ["persistence true", f"persistence_location {workdir}/"]
+        self.config = workdir / "mosquitto.conf"
+        self.config.write_text("\n".join(lines) + "\n")
+        self.process: Any = None
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        import socket
+        import subprocess
+        import time
+
+        log = (self.workdir / "mosquitto.log").open("ab")
+        self.process = subprocess.Popen([self.exe, "-c", str(self.config)], stdout=log, stderr=log)
+        for _ in range(200):
+            if self.process.poll() is not None:
+                raise RuntimeError(f"mosquitto exited: see {self.workdir / 'mosquitto.log'}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                    return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("mosquitto did not start listening")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+        self.process = None
+
+
+@pytest.fixture(scope="session")
+def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
+    """One broker for the test session; tests use unique topic prefixes."""
+    broker = Mosquitto(tmp_path_factory.mktemp("mosquitto"))
+    broker.start()
+    yield broker
+    broker.stop()

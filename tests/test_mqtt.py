@@ -1,0 +1,747 @@
+"""MQTT bridge against a real Mosquitto broker, real engines (tiny.en, joe) and real clients."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import os
+import signal
+import sys
+import threading
+import uuid
+import wave
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+import pytest
+import pytest_asyncio
+import soundfile as sf
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from edgevoice.audio import decode
+from edgevoice.config import MqttConfig, Settings
+from edgevoice.hub import EngineHub
+from edgevoice.protocols.mqtt import MqttBridge, parse_broker_url, parse_say
+from tests.conftest import (
+    JOE,
+    LAMP_TEXT,
+    LAMP_WAV,
+    LIGHT_EN_TEXT,
+    LIGHT_EN_WAV,
+    TINY_EN,
+    Mosquitto,
+    words,
+)
+
+pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.slow]
+
+# Generous upper bounds for waiting on the broker/engines (never asserted as timings).
+WAIT_S = 60.0
+DAEMON_START_S = 180.0
+
+
+def uid() -> str:
+    return uuid.uuid4().hex[:8]
+
+
+def v5_properties(**values: Any) -> Properties:
+    props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+    for key, value in values.items():
+        setattr(props, key, value)
+    return props
+
+
+class Probe:
+    """A user's MQTT client: subscribes, publishes and waits for matching messages."""
+
+    def __init__(
+        self,
+        port: int,
+        *,
+        protocol: aiomqtt.ProtocolVersion = aiomqtt.ProtocolVersion.V5,
+        identifier: str | None = None,
+        clean_session: bool | None = None,
+    ) -> None:
+        self.client = aiomqtt.Client(
+            "127.0.0.1",
+            port,
+            protocol=protocol,
+            identifier=identifier or f"probe-{uid()}",
+            clean_session=clean_session,
+        )
+        self.messages: list[aiomqtt.Message] = []
+        self._used: set[int] = set()
+        self._new = asyncio.Event()
+        self._reader: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Probe:
+        await self.client.__aenter__()
+        self._reader = asyncio.create_task(self._read())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            await asyncio.gather(self._reader, return_exceptions=True)
+        try:
+            await self.client.__aexit__(None, None, None)
+        except aiomqtt.MqttError:
+            pass  # the broker is already gone
+
+    async def _read(self) -> None:
+        try:
+            async for message in self.client.messages:
+                self.messages.append(message)
+                self._new.set()
+        except aiomqtt.MqttError:
+            pass
+
+    async def subscribe(self, *filters: str) -> None:
+        await self.client.subscribe([(f, 1) for f in filters])
+
+    async def publish(self, topic: str, payload: bytes | str, **kwargs: Any) -> None:
+        await self.client.publish(topic, payload, qos=1, **kwargs)
+
+    async def expect(
+        self,
+        topic_filter: str,
+        where: Callable[[aiomqtt.Message], bool] | None = None,
+        timeout_s: float = WAIT_S,
+    ) -> aiomqtt.Message:
+        """The next not yet consumed message on ``topic_filter`` (matching ``where``)."""
+
+        async def find() -> aiomqtt.Message:
+            while True:
+                for i, message in enumerate(self.messages):
+                    if (
+                        i not in self._used
+                        and message.topic.matches(topic_filter)
+                        and (where is None or where(message))
+                    ):
+                        self._used.add(i)
+                        return message
+                self._new.clear()
+                await self._new.wait()
+
+        return await asyncio.wait_for(find(), timeout_s)
+
+    async def expect_json(
+        self,
+        topic_filter: str,
+        where: Callable[[dict[str, Any]], bool] | None = None,
+        timeout_s: float = WAIT_S,
+    ) -> dict[str, Any]:
+        message = await self.expect(
+            topic_filter,
+            lambda m: where is None or where(json.loads(payload(m))),
+            timeout_s,
+        )
+        data: dict[str, Any] = json.loads(payload(message))
+        return data
+
+
+def payload(message: aiomqtt.Message) -> bytes:
+    assert isinstance(message.payload, bytes)
+    return message.payload
+
+
+async def until(check: Callable[[], bool], timeout_s: float = WAIT_S) -> None:
+    async def poll() -> None:
+        while not check():  # noqa: ASYNC110 (polling bridge counters)
+            await asyncio.sleep(0.05)
+
+    await asyncio.wait_for(poll(), timeout_s)
+
+
+async def transcribe_bytes(hub: EngineHub, data: bytes) -> str:
+    audio = await asyncio.to_thread(decode, data)
+    return (await hub.transcribe(audio)).text
+
+
+# ------------------------------------------------------------------ fixtures
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def hub(
+    shared_cache: Path, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[EngineHub]:
+    settings = Settings(
+        cache_dir=shared_cache,
+        state_dir=tmp_path_factory.mktemp("state"),
+        asr=[TINY_EN],
+        tts=[JOE],
+        wake=[],
+        vad=[],
+        wyoming={"enabled": False},
+        http={"enabled": False},
+    )
+    async with EngineHub(settings) as loaded:
+        yield loaded
+
+
+BridgeFactory = Callable[..., Awaitable[MqttBridge]]
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def make_bridge(hub: EngineHub, mosquitto: Mosquitto) -> AsyncIterator[BridgeFactory]:
+    """Start bridges with a unique node id/topic prefix; stopped at the end."""
+    bridges: list[MqttBridge] = []
+
+    async def factory(**overrides: Any) -> MqttBridge:
+        values: dict[str, Any] = {
+            "enabled": True,
+            "url": mosquitto.url,
+            "node_id": f"node-{uid()}",
+            "topic_prefix": f"ev-{uid()}",
+            "discovery_prefix": f"ha-{uid()}",
+            "reconnect_min_s": 0.1,
+            "reconnect_max_s": 0.5,
+        }
+        values.update(overrides)
+        settings = hub.settings.model_copy(update={"mqtt": MqttConfig(**values)})
+        bridge = MqttBridge(settings, hub)
+        await bridge.start()
+        bridges.append(bridge)
+        await bridge.wait_online(WAIT_S)
+        return bridge
+
+    yield factory
+    for bridge in bridges:
+        await bridge.stop(5.0)
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def probe(mosquitto: Mosquitto) -> AsyncIterator[Probe]:
+    async with Probe(mosquitto.port) as client:
+        yield client
+
+
+# --------------------------------------------------------------------- units
+
+
+async def test_parse_broker_url() -> None:
+    assert parse_broker_url("mqtt://broker.lan").port == 1883
+    tls = parse_broker_url("mqtts://u%40x:p%3Aw@broker:8884")
+    assert (tls.host, tls.port, tls.tls, tls.username, tls.password) == (
+        "broker",
+        8884,
+        True,
+        "u@x",
+        "p:w",
+    )
+    with pytest.raises(ValueError, match="scheme"):
+        parse_broker_url("http://broker")
+
+
+async def test_parse_say_plain_text_and_json() -> None:
+    assert parse_say(b"Hello there").text == "Hello there"
+    request = parse_say(b'{"text": "Hi", "voice": "joe", "speed": 1.5, "format": "mp3", "id": 7}')
+    assert (request.text, request.voice, request.speed, request.format, request.id) == (
+        "Hi",
+        "joe",
+        1.5,
+        "mp3",
+        "7",
+    )
+
+
+# ------------------------------------------------------------- speak / ASR
+
+
+async def test_speak_publishes_audio_that_transcribes_back(
+    make_bridge: BridgeFactory, probe: Probe, hub: EngineHub
+) -> None:
+    bridge = await make_bridge()
+    base = bridge.base
+    await probe.subscribe(f"{base}/tts/#", f"{base}/error")
+
+    await probe.publish(f"{base}/tts/say", json.dumps({"text": LIGHT_EN_TEXT, "id": "say1"}))
+    audio = await probe.expect(f"{base}/tts/audio/say1")
+    done = await probe.expect_json(f"{base}/tts/done")
+    assert not audio.retain
+    assert payload(audio)[:4] == b"RIFF"
+    decoded = await asyncio.to_thread(decode, payload(audio))
+    assert done["id"] == "say1"
+    assert done["duration_s"] == pytest.approx(decoded.duration_s, abs=0.01)
+    assert done["audio_topic"] == f"{base}/tts/audio/say1"
+    assert words(await transcribe_bytes(hub, payload(audio))) == words(LIGHT_EN_TEXT)
+
+    # Plain text (as Home Assistant's notify sends it) and another format.
+    await probe.publish(f"{base}/tts/say", LAMP_TEXT)
+    done = await probe.expect_json(f"{base}/tts/done")
+    audio = await probe.expect(done["audio_topic"])
+    assert words(await transcribe_bytes(hub, payload(audio))) == words(LAMP_TEXT)
+
+    await probe.publish(
+        f"{base}/tts/say",
+        json.dumps({"text": "Hello.", "format": "flac", "id": "f1", "play": True, "speed": 1.2}),
+    )
+    audio = await probe.expect(f"{base}/tts/audio/f1")
+    done = await probe.expect_json(f"{base}/tts/done")
+    assert payload(audio)[:4] == b"fLaC"
+    assert done["played"] is False
+    assert "speaker" in done["play_error"]
+
+
+async def test_transcribe_rpc_mqtt5(make_bridge: BridgeFactory, probe: Probe) -> None:
+    bridge = await make_bridge()
+    reply_topic = f"reply/{uid()}"
+    await probe.subscribe(reply_topic)
+    await probe.client.publish(
+        f"{bridge.base}/asr/transcribe",
+        LAMP_WAV.read_bytes(),
+        qos=1,
+        properties=v5_properties(
+            ResponseTopic=reply_topic, CorrelationData=b"corr-1", MessageExpiryInterval=300
+        ),
+    )
+    reply = await probe.expect(reply_topic)
+    assert reply.properties is not None
+    assert reply.properties.CorrelationData == b"corr-1"
+    assert not reply.retain
+    data = json.loads(payload(reply))
+    assert words(data["text"]) == words(LAMP_TEXT)
+    assert data["language"] == "en"
+    assert data["duration_s"] == pytest.approx(3.0, abs=0.1)
+    assert data["id"]
+
+
+async def test_transcribe_mqtt311_json_and_binary(
+    make_bridge: BridgeFactory, mosquitto: Mosquitto
+) -> None:
+    bridge = await make_bridge()
+    async with Probe(mosquitto.port, protocol=aiomqtt.ProtocolVersion.V311) as client:
+        await client.subscribe(f"{bridge.base}/asr/transcript")
+        request = {
+            "audio_b64": base64.b64encode(LIGHT_EN_WAV.read_bytes()).decode(),
+            "id": "v3-1",
+            "language": "en",
+        }
+        await client.publish(f"{bridge.base}/asr/transcribe", json.dumps(request))
+        reply = await client.expect_json(f"{bridge.base}/asr/transcript")
+        assert reply["id"] == "v3-1"
+        assert words(reply["text"]) == words(LIGHT_EN_TEXT)
+        assert reply["language"] == "en"
+
+        await client.publish(f"{bridge.base}/asr/transcribe", LAMP_WAV.read_bytes())
+        reply = await client.expect_json(f"{bridge.base}/asr/transcript")
+        assert words(reply["text"]) == words(LAMP_TEXT)
+
+
+async def test_expired_request_gets_no_reply(
+    make_bridge: BridgeFactory, probe: Probe, hub: EngineHub
+) -> None:
+    bridge = await make_bridge()
+    reply_topic = f"reply/{uid()}"
+    await probe.subscribe(reply_topic, f"{bridge.base}/error")
+    gate = threading.Event()
+    # Occupy tiny.en's only worker so the request waits past its expiry.
+    blocker = asyncio.create_task(hub.run(hub.asr(), gate.wait, 30.0))
+    try:
+        await probe.client.publish(
+            f"{bridge.base}/asr/transcribe",
+            LAMP_WAV.read_bytes(),
+            qos=1,
+            properties=v5_properties(
+                ResponseTopic=reply_topic, CorrelationData=b"late", MessageExpiryInterval=1
+            ),
+        )
+        await until(lambda: bridge.in_flight > 0)
+        await asyncio.sleep(1.5)
+    finally:
+        gate.set()
+        await blocker
+    error = await probe.expect_json(f"{bridge.base}/error")
+    assert "expired" in error["error"]
+    assert error["topic"] == f"{bridge.base}/asr/transcribe"
+    reply = await probe.expect_json(reply_topic)
+    assert "expired" in reply["error"]
+    assert not any("text" in json.loads(payload(m)) for m in probe.messages)
+
+
+# --------------------------------------------------- discovery / availability
+
+
+async def test_discovery_availability_and_events(
+    make_bridge: BridgeFactory, mosquitto: Mosquitto
+) -> None:
+    bridge = await make_bridge()
+    base, node = bridge.base, bridge.node_id
+    ha = bridge.config.discovery_prefix
+    config_topic = f"{ha}/device/{node}/config"
+    async with Probe(mosquitto.port) as client:
+        await client.subscribe(f"{base}/#", config_topic)
+        status = await client.expect(f"{base}/status")
+        assert (payload(status), status.retain) == (b"online", True)
+        config_message = await client.expect(config_topic)
+        assert config_message.retain
+        config = json.loads(payload(config_message))
+        assert config["availability_topic"] == f"{base}/status"
+        platforms = {c["p"]: c for c in config["components"].values()}
+        assert set(platforms) == {"notify", "sensor", "binary_sensor", "event", "select"}
+        assert platforms["notify"]["command_topic"] == f"{base}/tts/say"
+        assert platforms["sensor"]["state_topic"] == f"{base}/asr/transcript"
+        assert "[:255]" in platforms["sensor"]["value_template"]
+        assert platforms["sensor"]["json_attributes_topic"] == f"{base}/asr/transcript"
+        assert platforms["binary_sensor"]["state_topic"] == f"{base}/state"
+        assert platforms["event"]["state_topic"] == f"{base}/wake/detected"
+        assert platforms["select"]["options"] == ["joe"]
+        assert len({c["unique_id"] for c in config["components"].values()}) == 5
+        state = await client.expect(f"{base}/state")
+        assert (payload(state), state.retain) == (b"idle", True)
+        assert payload(await client.expect(f"{base}/voice")) == b"joe"
+
+        # Home Assistant restarts: discovery is sent again.
+        await client.publish(f"{ha}/status", "online")
+        again = await client.expect(config_topic)
+        assert json.loads(payload(again)) == config
+
+        # Voice select round trip.
+        await client.publish(f"{base}/voice/set", "joe")
+        assert payload(await client.expect(f"{base}/voice")) == b"joe"
+
+        # Events from the (future) local voice loop.
+        await bridge.publish_wake("okay_nabu")
+        wake = await client.expect_json(f"{base}/wake/detected")
+        assert wake == {"event_type": "detected", "wake_word": "okay_nabu"}
+        await bridge.publish_state("listening")
+        assert payload(await client.expect(f"{base}/state")) == b"listening"
+        long_text = "word " * 100
+        await bridge.publish_transcript(long_text, language="en", duration_s=1.5, id="loop1")
+        transcript = await client.expect_json(f"{base}/asr/transcript")
+        assert transcript["text"] == long_text
+        assert (transcript["id"], transcript["language"]) == ("loop1", "en")
+        with pytest.raises(ValueError, match="state"):
+            await bridge.publish_state("dancing")  # type: ignore[arg-type]
+
+        # Clean stop: offline, retained.
+        await bridge.stop(5.0)
+        status = await client.expect(f"{base}/status")
+        assert payload(status) == b"offline"
+    async with Probe(mosquitto.port) as late:
+        await late.subscribe(f"{base}/status")
+        status = await late.expect(f"{base}/status")
+        assert (payload(status), status.retain) == (b"offline", True)
+
+
+# ------------------------------------------------------------- bad payloads
+
+
+async def test_bad_payloads_reported_and_bridge_keeps_working(
+    make_bridge: BridgeFactory, probe: Probe
+) -> None:
+    bridge = await make_bridge(max_input_chars=50)
+    base = bridge.base
+    await probe.subscribe(f"{base}/error", f"{base}/tts/done", f"{base}/asr/transcript")
+    junk_b64 = base64.b64encode(b"definitely not audio").decode()
+    good_b64 = base64.b64encode(LIGHT_EN_WAV.read_bytes()).decode()
+    cases: list[tuple[str, bytes | str, str, str | None]] = [
+        ("tts/say", b'{"text": ', "not valid JSON", None),
+        ("tts/say", json.dumps({"voice": "joe", "id": "m1"}), "text", "m1"),
+        ("tts/say", json.dumps({"text": "x" * 51, "id": "long1"}), "limit is 50", "long1"),
+        ("tts/say", json.dumps({"text": "Hi", "voice": "nobody", "id": "v1"}), "nobody", "v1"),
+        ("tts/say", json.dumps({"text": "Hi", "format": "xyz", "id": "f1"}), "format", "f1"),
+        ("tts/say", json.dumps({"text": "Hi", "speed": 10, "id": "s1"}), "speed", "s1"),
+        ("tts/say", json.dumps({"text": "Hi", "id": "a/b"}), "id", None),
+        ("tts/say", b"\xff\xfe\xfd", "UTF-8", None),
+        ("tts/say", b"   ", "empty", None),
+        ("asr/transcribe", b"this is not audio at all", "audio", None),
+        ("asr/transcribe", b"", "empty", None),
+        ("asr/transcribe", json.dumps({"id": "b1", "audio_b64": "!!!"}), "base64", "b1"),
+        ("asr/transcribe", json.dumps({"id": "b2"}), "audio_b64", "b2"),
+        ("asr/transcribe", json.dumps({"id": "b3", "audio_b64": junk_b64}), "audio", "b3"),
+        (
+            "asr/transcribe",
+            json.dumps({"id": "b4", "audio_b64": good_b64, "model": "nope"}),
+            "nope",
+            "b4",
+        ),
+        ("asr/transcribe", b'{"id": "b5", "audio_b64": ', "not valid JSON", None),
+        ("voice/set", "nobody", "nobody", None),
+    ]
+    for suffix, body, _, _ in cases:
+        await probe.publish(f"{base}/{suffix}", body)
+    errors = [await probe.expect_json(f"{base}/error") for _ in cases]
+    for suffix, _, needle, request_id in cases:
+        match = [
+            e
+            for e in errors
+            if e["topic"] == f"{base}/{suffix}"
+            and needle.lower() in e["error"].lower()
+            and e.get("id") == request_id
+        ]
+        assert match, f"no error for {suffix} {needle!r} in {errors}"
+    # Still subscribed and working.
+    await probe.publish(f"{base}/tts/say", json.dumps({"text": "Still here.", "id": "ok1"}))
+    assert (await probe.expect_json(f"{base}/tts/done"))["id"] == "ok1"
+    await probe.publish(f"{base}/asr/transcribe", json.dumps({"audio_b64": good_b64, "id": "ok2"}))
+    reply = await probe.expect_json(f"{base}/asr/transcript")
+    assert (reply["id"], words(reply["text"])) == ("ok2", words(LIGHT_EN_TEXT))
+
+
+# ------------------------------------------------------------------- Hermes
+
+
+def wav_chunks(path: Path, frames: int = 1024) -> Iterator[bytes]:
+    """The file as Hermes audioFrame messages: small 16-bit WAV files."""
+    samples, rate = sf.read(path, dtype="int16")
+    for start in range(0, len(samples), frames):
+        buffer = io.BytesIO()
+        with wave.open(buffer, "wb") as wav:
+            wav.setnchannels(1)
+            wav.setsampwidth(2)
+            wav.setframerate(rate)
+            wav.writeframes(samples[start : start + frames].tobytes())
+        yield buffer.getvalue()
+
+
+async def test_hermes_say_and_listen(
+    make_bridge: BridgeFactory, probe: Probe, hub: EngineHub
+) -> None:
+    site = f"site{uid()}"
+    await make_bridge(hermes=True, hermes_site_id=site)
+    await probe.subscribe(
+        f"hermes/audioServer/{site}/playBytes/+", "hermes/tts/sayFinished", "hermes/asr/#"
+    )
+    await probe.publish(
+        "hermes/tts/say",
+        json.dumps({"text": LAMP_TEXT, "siteId": site, "id": "h1", "sessionId": "s1"}),
+    )
+    play = await probe.expect(f"hermes/audioServer/{site}/playBytes/h1")
+    assert words(await transcribe_bytes(hub, payload(play))) == words(LAMP_TEXT)
+    finished = await probe.expect_json("hermes/tts/sayFinished", lambda d: d["siteId"] == site)
+    assert finished == {"id": "h1", "sessionId": "s1", "siteId": site}
+
+    await probe.publish(
+        "hermes/asr/startListening", json.dumps({"siteId": site, "sessionId": "s2"})
+    )
+    for chunk in wav_chunks(LIGHT_EN_WAV):
+        await probe.publish(f"hermes/audioServer/{site}/audioFrame", chunk)
+    await probe.publish("hermes/asr/stopListening", json.dumps({"siteId": site, "sessionId": "s2"}))
+    captured = await probe.expect_json("hermes/asr/textCaptured", lambda d: d["siteId"] == site)
+    assert words(captured["text"]) == words(LIGHT_EN_TEXT)
+    assert (captured["sessionId"], captured["lang"]) == ("s2", "en")
+    assert 0 < captured["likelihood"] <= 1
+
+
+# ------------------------------------------------------------ broker restart
+
+
+async def test_broker_restart_reconnects_and_answers_in_flight_request(
+    make_bridge: BridgeFactory, hub: EngineHub, tmp_path: Path
+) -> None:
+    broker = Mosquitto(tmp_path / "broker", persistence=True)
+    await asyncio.to_thread(broker.start)
+    try:
+        bridge = await make_bridge(url=broker.url, keepalive_s=5)
+        base = bridge.base
+        user = f"user-{uid()}"
+        # A user with a persistent session: replies wait in the broker for them.
+        async with Probe(
+            broker.port,
+            protocol=aiomqtt.ProtocolVersion.V311,
+            identifier=user,
+            clean_session=False,
+        ) as client:
+            await client.subscribe(f"{base}/status", f"{base}/asr/transcript")
+            assert payload(await client.expect(f"{base}/status")) == b"online"
+            gate = threading.Event()
+            blocker = asyncio.create_task(hub.run(hub.asr(), gate.wait, 30.0))
+            try:
+                request = {
+                    "audio_b64": base64.b64encode(LIGHT_EN_WAV.read_bytes()).decode(),
+                    "id": "inflight",
+                }
+                await client.publish(f"{base}/asr/transcribe", json.dumps(request))
+                await until(lambda: bridge.in_flight > 0)
+                await asyncio.to_thread(broker.stop)
+            finally:
+                gate.set()
+                await blocker
+        await until(lambda: bridge.outbox_size > 0)
+        assert not bridge.connected
+        await asyncio.to_thread(broker.start)
+        await bridge.wait_online(WAIT_S)
+        assert bridge.connections == 2
+        async with Probe(
+            broker.port,
+            protocol=aiomqtt.ProtocolVersion.V311,
+            identifier=user,
+            clean_session=False,
+        ) as client:
+            # The broker sent the bridge's will ("offline") as it shut down, then
+            # the bridge came back "online".
+            await client.expect(f"{base}/status", lambda m: payload(m) == b"online")
+            reply = await client.expect_json(f"{base}/asr/transcript")
+            assert reply["id"] == "inflight"
+            assert words(reply["text"]) == words(LIGHT_EN_TEXT)
+            # New requests work on the new connection.
+            await client.subscribe(f"{base}/tts/done")
+            await client.publish(f"{base}/tts/say", json.dumps({"text": "Back.", "id": "b1"}))
+            assert (await client.expect_json(f"{base}/tts/done"))["id"] == "b1"
+    finally:
+        await asyncio.to_thread(broker.stop)
+
+
+# ----------------------------------------------------- daemons: pool, LWT
+
+
+class Daemon:
+    """``python -m edgevoice serve`` with only MQTT enabled."""
+
+    def __init__(self, workdir: Path, cache: Path, mqtt: dict[str, Any]) -> None:
+        self.node_id = str(mqtt["node_id"])
+        workdir.mkdir(parents=True, exist_ok=True)
+        lines = [
+            f'cache_dir = "{cache}"',
+            f'state_dir = "{workdir / "state"}"',
+            "wake = []",
+            "vad = []",
+            "[[asr]]",
+            'name = "tiny-en"',
+            'engine = "faster-whisper"',
+            'model = "tiny.en"',
+            "[[tts]]",
+            'name = "joe"',
+            'engine = "piper"',
+            'model = "en_US-joe-medium"',
+            "[wyoming]",
+            "enabled = false",
+            "[http]",
+            "enabled = false",
+            "[mqtt]",
+            "enabled = true",
+            *(f"{k} = {json.dumps(v)}" for k, v in mqtt.items()),
+        ]
+        self.config = workdir / "config.toml"
+        self.config.write_text("\n".join(lines) + "\n")
+        self.log = workdir / "daemon.log"
+        self.process: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> None:
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONASYNCIODEBUG"}
+        with self.log.open("wb") as log:
+            self.process = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "edgevoice",
+                "serve",
+                "--config",
+                str(self.config),
+                stdout=log,
+                stderr=log,
+                env=env,
+            )
+
+    async def signal(self, sig: int) -> int:
+        assert self.process is not None
+        if self.process.returncode is None:
+            self.process.send_signal(sig)
+        return await asyncio.wait_for(self.process.wait(), WAIT_S)
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def pool_daemons(
+    mosquitto: Mosquitto, shared_cache: Path, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[tuple[str, str, list[Daemon]]]:
+    prefix, pool = f"ev-{uid()}", f"pool-{uid()}"
+    workdir = tmp_path_factory.mktemp("daemons")
+    daemons = [
+        Daemon(
+            workdir / name,
+            shared_cache,
+            {
+                "url": mosquitto.url,
+                "node_id": f"{name}-{uid()}",
+                "topic_prefix": prefix,
+                "pool": pool,
+                "reconnect_min_s": 0.2,
+            },
+        )
+        for name in ("a", "b")
+    ]
+    for daemon in daemons:
+        await daemon.start()
+    try:
+        async with Probe(mosquitto.port) as watcher:
+            await watcher.subscribe(f"{prefix}/+/status")
+            for daemon in daemons:
+                await watcher.expect(
+                    f"{prefix}/{daemon.node_id}/status",
+                    lambda m: payload(m) == b"online",
+                    timeout_s=DAEMON_START_S,
+                )
+        yield prefix, pool, daemons
+    except BaseException:
+        for daemon in daemons:
+            sys.stderr.write(daemon.log.read_text(errors="replace"))
+        raise
+    finally:
+        for daemon in daemons:
+            if daemon.process is not None and daemon.process.returncode is None:
+                await daemon.signal(signal.SIGKILL)
+
+
+async def pool_round(
+    probe: Probe, prefix: str, pool: str, count: int
+) -> dict[bytes, dict[str, Any]]:
+    """``count`` transcribe requests to the pool; every reply, keyed by correlation."""
+    reply_topic = f"reply/{uid()}"
+    await probe.subscribe(reply_topic)
+    files = [(LAMP_WAV, LAMP_TEXT), (LIGHT_EN_WAV, LIGHT_EN_TEXT)]
+    expected: dict[bytes, str] = {}
+    for i in range(count):
+        path, text = files[i % 2]
+        correlation = f"req-{i}".encode()
+        expected[correlation] = text
+        await probe.client.publish(
+            f"{prefix}/pool/{pool}/asr/transcribe",
+            path.read_bytes(),
+            qos=1,
+            properties=v5_properties(ResponseTopic=reply_topic, CorrelationData=correlation),
+        )
+    replies: dict[bytes, dict[str, Any]] = {}
+    for _ in range(count):
+        message = await probe.expect(reply_topic)
+        assert message.properties is not None
+        correlation = bytes(message.properties.CorrelationData)
+        assert correlation not in replies, f"{correlation!r} answered twice"
+        replies[correlation] = json.loads(payload(message))
+    # Anything answered twice would have arrived by the time a last request returns.
+    await asyncio.sleep(1.0)
+    assert len([m for m in probe.messages if m.topic.matches(reply_topic)]) == count
+    for correlation, text in expected.items():
+        assert words(replies[correlation]["text"]) == words(text)
+    return replies
+
+
+async def test_pool_of_two_daemons_splits_requests(
+    pool_daemons: tuple[str, str, list[Daemon]], probe: Probe
+) -> None:
+    prefix, pool, daemons = pool_daemons
+    replies = await pool_round(probe, prefix, pool, 8)
+    served = [r["node_id"] for r in replies.values()]
+    assert set(served) == {d.node_id for d in daemons}, served
+
+
+async def test_lwt_offline_after_sigkill_and_pool_survives(
+    pool_daemons: tuple[str, str, list[Daemon]], probe: Probe
+) -> None:
+    prefix, pool, (killed, survivor) = pool_daemons
+    await probe.subscribe(f"{prefix}/+/status")
+    await probe.expect(f"{prefix}/{killed.node_id}/status", lambda m: payload(m) == b"online")
+    assert await killed.signal(signal.SIGKILL) == -signal.SIGKILL
+    status = await probe.expect(f"{prefix}/{killed.node_id}/status")
+    assert payload(status) == b"offline"
+
+    replies = await pool_round(probe, prefix, pool, 3)
+    assert {r["node_id"] for r in replies.values()} == {survivor.node_id}
+
+    # Clean shutdown of the real daemon publishes offline itself.
+    assert await survivor.signal(signal.SIGTERM) == 0
+    await probe.expect(f"{prefix}/{survivor.node_id}/status", lambda m: payload(m) == b"offline")
