@@ -9,18 +9,25 @@ talks to whatever protocol servers the daemon has (Wyoming / HTTP).
 from __future__ import annotations
 
 import asyncio
+import importlib.util
+import os
+import re
+import signal
 import socket
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import aiohttp
+import numpy as np
 import pytest
 
-from edgevoice.audio import decode
+from edgevoice.audio import decode, encode
 from edgevoice.config import ConfigError, ModelConfig, Settings
-from edgevoice.daemon import Daemon
+from edgevoice.daemon import PROTOCOLS, Daemon
 from edgevoice.engines.base import EngineKind
 from edgevoice.sdnotify import SystemdNotifier
-from tests.conftest import LAMP_TEXT, LAMP_WAV, LIGHT_EN_TEXT, LIGHT_EN_WAV, TINY_EN
+from tests.conftest import LAMP_TEXT, LAMP_WAV, LIGHT_EN_TEXT, LIGHT_EN_WAV, TINY_EN, words
 
 pytestmark = pytest.mark.slow
 
@@ -190,3 +197,213 @@ async def test_no_notify_socket_is_a_no_op(make_settings: Callable[..., Settings
     with pytest.raises(Exception, match="asr model 'x'"):
         await daemon.run()
     assert not daemon.ready.is_set()
+
+
+# --------------------------------------------------- `edgevoice serve` as a service
+
+# Protocol servers whose listeners the subprocess test checks, with the config
+# that binds them to a free loopback port.
+_LISTENERS = {
+    "wyoming": '[wyoming]\nenabled = true\nuri = "tcp://127.0.0.1:0"\nzeroconf = false\n',
+    "http": '[http]\nenabled = true\nhost = "127.0.0.1"\nport = 0\n',
+}
+
+
+def _available_listeners() -> list[str]:
+    registered = {section for section, _factory in PROTOCOLS}
+    out = []
+    for section in _LISTENERS:
+        module = f"edgevoice.protocols.{section}"
+        if section in registered and importlib.util.find_spec(module) is not None:
+            out.append(section)
+    return out
+
+
+def _service_config(cache: Path, state: Path, sections: list[str], aliases: list[str]) -> str:
+    lines = [
+        f'cache_dir = "{cache}"',
+        f'state_dir = "{state}"',
+        "offline = true",
+        "shutdown_timeout_s = 20.0",
+        "tts = []",
+        "wake = []",
+        "vad = []",
+        "",
+        "[[asr]]",
+        'name = "tiny-en"',
+        'engine = "faster-whisper"',
+        'model = "tiny.en"',
+        f"aliases = {aliases!r}".replace("'", '"'),
+        "",
+        "[mqtt]",
+        "enabled = false",
+    ]
+    for section, table in _LISTENERS.items():
+        lines.append(table if section in sections else f"[{section}]\nenabled = false")
+    return "\n".join(lines) + "\n"
+
+
+def _addresses(status: str) -> dict[str, tuple[str, int]]:
+    """``{"HTTP": (host, port), ...}`` from a ``STATUS=Serving ...`` line."""
+    found = {}
+    for label, host, port in re.findall(r"(\w+) on (?:tcp|http)://([\d.]+):(\d+)", status):
+        found[label] = (host, int(port))
+    return found
+
+
+async def _connects(address: tuple[str, int]) -> bool:
+    try:
+        _reader, writer = await asyncio.open_connection(*address)
+    except OSError:
+        return False
+    writer.close()
+    await writer.wait_closed()
+    return True
+
+
+async def _hammer(address: tuple[str, int], stop: asyncio.Event) -> tuple[int, int]:
+    """Connect over and over until ``stop``; returns (accepted, refused)."""
+    accepted = refused = 0
+    while not stop.is_set():
+        if await _connects(address):
+            accepted += 1
+        else:
+            refused += 1
+        await asyncio.sleep(0.01)
+    return accepted, refused
+
+
+async def _transcribe_http(
+    session: aiohttp.ClientSession, base: str, path: Path, model: str
+) -> tuple[int, str]:
+    form = aiohttp.FormData()
+    data = await asyncio.to_thread(path.read_bytes)
+    form.add_field("file", data, filename=path.name, content_type="audio/wav")
+    form.add_field("model", model)
+    async with session.post(f"{base}/v1/audio/transcriptions", data=form) as response:
+        body = await response.json()
+        return response.status, str(body.get("text", body))
+
+
+async def test_serve_under_a_service_manager(
+    tmp_path: Path, listener: NotifyListener, shared_cache: Path
+) -> None:
+    sections = _available_listeners()
+    config = tmp_path / "config.toml"
+    state = tmp_path / "state"
+    config.write_text(_service_config(shared_cache, state, sections, ["whisper-1"]))
+    stderr_path = tmp_path / "stderr.log"
+    env = {
+        **os.environ,
+        "NOTIFY_SOCKET": str(listener.path),
+        "WATCHDOG_USEC": "400000",
+        "JOURNAL_STREAM": "8:4242",
+    }
+    env.pop("PYTHONASYNCIODEBUG", None)
+    with stderr_path.open("wb") as stderr:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "edgevoice", "serve", "--config", str(config),
+            env=env, stdout=asyncio.subprocess.DEVNULL, stderr=stderr,
+        )  # fmt: skip
+    try:
+        ready = await listener.until("READY")
+        listeners = _addresses(ready["STATUS"])
+        labels = {"wyoming": "Wyoming", "http": "HTTP"}
+        assert sorted(listeners) == sorted(labels[s] for s in sections), ready["STATUS"]
+        # READY=1 arrived: every listener accepts connections already.
+        for address in listeners.values():
+            assert await _connects(address)
+        assert [m["STATUS"] for m in _non_watchdog(listener)][:2] == [
+            "Loading models…",
+            "Models loaded; starting listeners",
+        ]
+        pings = 0
+        while pings < 3:
+            pings += "WATCHDOG" in await listener.next(10)
+
+        session = aiohttp.ClientSession() if "HTTP" in listeners else None
+        base = "http://{}:{}".format(*listeners["HTTP"]) if session else ""
+        try:
+            if session:
+                assert await _transcribe_http(session, base, LAMP_WAV, "whisper-1") == (
+                    200,
+                    LAMP_TEXT,
+                )
+
+            # SIGHUP with a changed engine config: no listener refuses a connection.
+            config.write_text(_service_config(shared_cache, state, sections, ["whisper-1", "stt"]))
+            stop = asyncio.Event()
+            hammers = [asyncio.create_task(_hammer(a, stop)) for a in listeners.values()]
+            await asyncio.sleep(0.1)
+            process.send_signal(signal.SIGHUP)
+            reloading = await listener.until("RELOADING")
+            assert int(reloading["MONOTONIC_USEC"]) > 0
+            reloaded = await listener.until("READY")
+            stop.set()
+            for accepted, refused in await asyncio.gather(*hammers):
+                assert refused == 0
+                assert accepted > 0
+            assert _addresses(reloaded["STATUS"]) == listeners
+            if session:
+                assert await _transcribe_http(session, base, LIGHT_EN_WAV, "stt") == (
+                    200,
+                    LIGHT_EN_TEXT,
+                )
+
+            # SIGHUP with a broken file: rejected, the old config keeps serving.
+            config.write_text("asr = [this is not TOML\n")
+            process.send_signal(signal.SIGHUP)
+            await listener.until("RELOADING")
+            rejected = await listener.until("READY")
+            assert rejected["STATUS"].endswith("(reload rejected: see log)")
+            for address in listeners.values():
+                assert await _connects(address)
+
+            # SIGTERM while a long transcription runs: STOPPING=1, it completes, exit 0.
+            long_wav = tmp_path / "long.wav"
+            await asyncio.to_thread(_long_speech, long_wav)
+            in_flight = (
+                asyncio.create_task(_transcribe_http(session, base, long_wav, "stt"))
+                if session
+                else None
+            )
+            if session:
+                # The engine has started on it (its request counter moved).
+                while await _engine_requests(session, base) < 3:  # noqa: ASYNC110 (remote)
+                    await asyncio.sleep(0.02)
+            process.send_signal(signal.SIGTERM)
+            stopping = await listener.until("STOPPING")
+            assert stopping["STATUS"] == "Stopping: finishing in-flight requests (up to 20 s)"
+            if in_flight is not None:
+                assert not in_flight.done()  # ~35 s of speech: still transcribing
+                status, text = await in_flight
+                assert status == 200
+                assert words(text)[:6] == words(LAMP_TEXT)
+            assert await asyncio.wait_for(process.wait(), 60) == 0
+        finally:
+            if session:
+                await session.close()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    log = (await asyncio.to_thread(stderr_path.read_text)).splitlines()
+    # Under journald (JOURNAL_STREAM): no timestamps, journald adds them.
+    assert log[0] == "INFO edgevoice.daemon: Loading models"
+    assert any(line.startswith("ERROR edgevoice.daemon: Reload rejected") for line in log)
+    assert log[-1] == "INFO edgevoice.daemon: Stopped"
+
+
+async def _engine_requests(session: aiohttp.ClientSession, base: str) -> float:
+    async with session.get(f"{base}/metrics") as response:
+        text = await response.text()
+    counts = re.findall(r"^edgevoice_engine_requests_total\{[^}]*\} ([\d.]+)$", text, re.M)
+    return sum(float(c) for c in counts)
+
+
+def _long_speech(path: Path) -> None:
+    """~35 s of real speech: the lamp command ten times with pauses."""
+    lamp = decode(LAMP_WAV, rate_hz=16000)
+    pause = np.zeros(8000, dtype=np.float32)
+    samples = np.concatenate([np.concatenate([lamp.samples, pause])] * 10)
+    path.write_bytes(encode(samples, 16000, "wav"))
