@@ -184,6 +184,66 @@ async def test_ready_watchdog_reload_and_stop(
             await asyncio.gather(run, return_exceptions=True)
 
 
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+    return port
+
+
+async def test_reload_restarts_changed_protocol_servers(
+    make_settings: Callable[..., Settings], listener: NotifyListener, shared_cache: Path
+) -> None:
+    port = _free_port()
+
+    def settings(**http: object) -> Settings:
+        return make_settings(
+            asr=[TINY_EN], tts=[], wake=[], vad=[], cache_dir=shared_cache,
+            http={"enabled": True, "host": "127.0.0.1", "port": port, **http},
+        )  # fmt: skip
+
+    configs = [
+        settings(max_input_chars=100),  # same port: stop, then start
+        settings(port=0),  # a new port: the new server starts before the old stops
+        settings(enabled=False),
+    ]
+    notifier = SystemdNotifier({"NOTIFY_SOCKET": str(listener.path)})
+    daemon = Daemon(settings(), notifier=notifier, config_loader=lambda: configs.pop(0))
+    run = asyncio.create_task(daemon.run())
+    try:
+        ready = await listener.until("READY")
+        assert f"HTTP on http://127.0.0.1:{port}" in ready["STATUS"]
+        first = daemon.servers[0]
+
+        daemon.request_reload()
+        ready = await listener.until("READY")
+        assert f"HTTP on http://127.0.0.1:{port}" in ready["STATUS"]
+        second = daemon.servers[0]
+        assert second is not first
+        assert first.addresses == []  # stopped
+        assert await _connects(("127.0.0.1", port))
+        assert daemon.settings.http.max_input_chars == 100
+
+        daemon.request_reload()
+        ready = await listener.until("READY")
+        (new_address,) = _addresses(ready["STATUS"]).values()
+        assert new_address[1] != port
+        assert await _connects(new_address)
+        assert not await _connects(("127.0.0.1", port))
+
+        daemon.request_reload()
+        ready = await listener.until("READY")
+        assert ready["STATUS"] == "Running (no protocol enabled) — models: tiny-en"
+        assert daemon.servers == []
+        assert not await _connects(new_address)
+        daemon.request_stop()
+        await asyncio.wait_for(run, 30)
+    finally:
+        if not run.done():
+            run.cancel()
+            await asyncio.gather(run, return_exceptions=True)
+
+
 async def test_no_notify_socket_is_a_no_op(make_settings: Callable[..., Settings]) -> None:
     # Outside systemd nothing is sent and nothing fails; a failing hub exits with
     # its error (systemd: Restart=on-failure).
