@@ -26,6 +26,7 @@ _LOGGER = logging.getLogger(__name__)
 # (config section with an ``enabled`` flag, "module:factory"). A factory takes
 # (settings, hub) and returns an unstarted ProtocolServer.
 PROTOCOLS: tuple[tuple[str, str], ...] = (
+    ("wyoming", "edgevoice.protocols.wyoming:WyomingServer"),
     ("mqtt", "edgevoice.protocols.mqtt:MqttBridge"),
     ("http", "edgevoice.protocols.http:HttpServer"),
 )

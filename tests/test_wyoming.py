@@ -1,0 +1,642 @@
+"""The Wyoming server over real TCP, with the wyoming client, real engines and real speech."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import re
+import sys
+import wave
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import pytest_asyncio
+from wyoming.asr import Transcribe, Transcript, TranscriptChunk
+from wyoming.audio import AudioChunk, AudioStart, AudioStop, wav_to_chunks
+from wyoming.client import AsyncTcpClient
+from wyoming.error import Error
+from wyoming.event import Event, async_read_event, async_write_event
+from wyoming.info import Describe, Info, SelectProgram
+from wyoming.ping import Ping, Pong
+from wyoming.tts import (
+    Synthesize,
+    SynthesizeChunk,
+    SynthesizeStart,
+    SynthesizeStop,
+    SynthesizeVoice,
+)
+from wyoming.wake import Detect, Detection, NotDetected
+
+from edgevoice import __version__
+from edgevoice.audio import decode, float_to_pcm16, pcm_to_float
+from edgevoice.config import HttpConfig, ModelConfig, MqttConfig, Settings, WyomingConfig
+from edgevoice.hub import EngineHub
+from edgevoice.protocols.wyoming import WyomingServer
+from tests.conftest import (
+    BASE,
+    JOE,
+    LAMP_TEXT,
+    LAMP_WAV,
+    LIGHT_DE_WAV,
+    LIGHT_EN_TEXT,
+    LIGHT_EN_WAV,
+    REPO,
+    TINY_EN,
+    words,
+)
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+FAKE_ASR = ModelConfig(
+    name="fake", engine="test-asr", model="fake", options={"text": "from the other program"}
+)
+WAKE = [
+    ModelConfig(name=w, engine="microwakeword", model=w)
+    for w in ("okay_nabu", "hey_jarvis", "alexa", "hey_mycroft")
+]
+VAD = [ModelConfig(name="silero", engine="silero-vad", model="silero", max_concurrency=4)]
+TIMEOUT_S = 60.0
+
+
+def _settings(cache: Path, **wyoming: Any) -> Settings:
+    return Settings(
+        cache_dir=cache,
+        state_dir=cache / "state",
+        asr=[TINY_EN.model_copy(update={"default": True}), BASE, FAKE_ASR],
+        tts=[JOE],
+        wake=WAKE,
+        vad=VAD,
+        wyoming=WyomingConfig(uri="tcp://127.0.0.1:0", zeroconf=False, **wyoming),
+        http=HttpConfig(enabled=False),
+        mqtt=MqttConfig(enabled=False),
+    )
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def hub(shared_cache: Path) -> AsyncIterator[EngineHub]:
+    async with EngineHub(_settings(shared_cache)) as loaded:
+        yield loaded
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def server(hub: EngineHub) -> AsyncIterator[WyomingServer]:
+    async with WyomingServer(hub.settings, hub) as running:
+        yield running
+
+
+def _port(server: WyomingServer) -> int:
+    return int(server.addresses[0].rsplit(":", 1)[1])
+
+
+def _client(server: WyomingServer) -> AsyncTcpClient:
+    return AsyncTcpClient("127.0.0.1", _port(server))
+
+
+async def _read(client: AsyncTcpClient) -> Event:
+    event = await asyncio.wait_for(client.read_event(), TIMEOUT_S)
+    assert event is not None, "server closed the connection"
+    return event
+
+
+async def _read_until(client: AsyncTcpClient, *types: str) -> tuple[Event, list[Event]]:
+    seen: list[Event] = []
+    while True:
+        event = await _read(client)
+        seen.append(event)
+        if event.type in types:
+            return event, seen
+
+
+async def _final_transcript(client: AsyncTcpClient) -> Transcript:
+    """Read through ``transcript-stop``; return the ``transcript``."""
+    _, seen = await _read_until(client, "transcript-stop", "error")
+    final = [e for e in seen if e.type == "transcript"]
+    assert len(final) == 1, seen
+    return Transcript.from_event(final[0])
+
+
+def _wav_chunks(path: Path, samples_per_chunk: int = 1024) -> list[Event]:
+    with wave.open(str(path), "rb") as wav:
+        start = AudioStart(wav.getframerate(), wav.getsampwidth(), wav.getnchannels())
+        chunks = [c.event() for c in wav_to_chunks(wav, samples_per_chunk)]
+    return [start.event(), *chunks, AudioStop().event()]
+
+
+def _pcm_events(audio: np.ndarray, rate: int = 16000, chunk: int = 1024) -> list[Event]:
+    pcm = float_to_pcm16(audio.astype(np.float32))
+    step = chunk * 2
+    return [
+        AudioStart(rate, 2, 1).event(),
+        *(AudioChunk(rate, 2, 1, pcm[i : i + step]).event() for i in range(0, len(pcm), step)),
+        AudioStop().event(),
+    ]
+
+
+async def _transcribe(server: WyomingServer, events: list[Event], **request: Any) -> Transcript:
+    async with _client(server) as client:
+        await client.write_event(Transcribe(**request).event())
+        for event in events:
+            await client.write_event(event)
+        final, _ = await _read_until(client, "transcript", "error")
+        assert final.type == "transcript", final.data
+        return Transcript.from_event(final)
+
+
+# ---------------------------------------------------------------- describe
+
+
+async def test_describe_lists_every_model_voice_and_wake_word(server: WyomingServer) -> None:
+    async with _client(server) as client:
+        await client.write_event(Describe().event())
+        info = Info.from_event(await _read(client))
+    # Programs by engine; the default model's program comes first.
+    assert [p.name for p in info.asr] == ["faster-whisper", "test-asr"]
+    whisper = info.asr[0]
+    assert whisper.supports_transcript_streaming and whisper.installed
+    assert whisper.version == __version__
+    assert [m.name for m in whisper.models] == ["tiny-en", "base"]
+    assert whisper.models[0].languages == ["en"]
+    assert {"en", "de", "fr"} <= set(whisper.models[1].languages)
+    assert all(m.installed and m.version for m in whisper.models)
+    assert "faster-whisper" in whisper.models[0].attribution.url
+    (tts,) = info.tts
+    assert tts.name == "piper" and tts.supports_synthesize_streaming
+    assert [(v.name, v.languages) for v in tts.voices] == [("joe", ["en_US"])]
+    assert tts.voices[0].attribution.name and tts.voices[0].installed
+    (wake,) = info.wake
+    assert wake.name == "microwakeword"
+    assert {m.name: m.phrase for m in wake.models} == {
+        "okay_nabu": "Okay Nabu",
+        "hey_jarvis": "Hey Jarvis",
+        "alexa": "Alexa",
+        "hey_mycroft": "Hey Mycroft",
+    }
+    assert "kahrendt" in wake.models[0].attribution.url
+
+
+# --------------------------------------------------------------------- ASR
+
+
+@pytest.mark.parametrize(("path", "text"), [(LAMP_WAV, LAMP_TEXT), (LIGHT_EN_WAV, LIGHT_EN_TEXT)])
+async def test_transcribes_english_files(server: WyomingServer, path: Path, text: str) -> None:
+    # The lamp file is 44.1 kHz stereo: converted on the fly.
+    transcript = await _transcribe(server, _wav_chunks(path), name="tiny-en", language="en")
+    assert words(transcript.text) == words(text)
+    assert transcript.language == "en"
+
+
+async def test_transcribe_picks_model_and_language(server: WyomingServer) -> None:
+    transcript = await _transcribe(server, _wav_chunks(LIGHT_DE_WAV), name="base", language="de")
+    assert words(transcript.text) == ["schalte", "das", "wohnzimmerlicht", "ein"]
+    assert transcript.language == "de"
+
+
+async def test_unknown_model_and_language_are_errors(server: WyomingServer) -> None:
+    async with _client(server) as client:
+        await client.write_event(Transcribe(name="large-v9").event())
+        error = Error.from_event(await _read(client))
+        assert error.code == "unknown-model" and "tiny-en" in error.text
+        await client.write_event(Transcribe(name="tiny-en", language="de").event())
+        for event in _wav_chunks(LIGHT_EN_WAV)[:1]:
+            await client.write_event(event)
+        error = Error.from_event(await _read(client))
+        assert error.code == "unsupported-language"
+
+
+async def test_streaming_transcript_arrives_while_audio_still_flows(
+    server: WyomingServer,
+) -> None:
+    speech = decode(LIGHT_EN_WAV).samples
+    events = _pcm_events(np.concatenate([speech, np.zeros(16000, np.float32)]))
+    trailing = 700 * 16 // 1024  # the last ~0.7 s of silence, paced at real time
+    received: list[Event] = []
+    async with _client(server) as client:
+
+        async def collect() -> None:
+            while True:
+                event = await _read(client)
+                received.append(event)
+                if event.type == "transcript-stop":
+                    return
+
+        reader = asyncio.create_task(collect())
+        await client.write_event(Transcribe(language="en").event())
+        for event in events[: -1 - trailing]:
+            await client.write_event(event)
+        for event in events[-1 - trailing : -1]:
+            await asyncio.sleep(1024 / 16000)
+            await client.write_event(event)
+        # Speech ended inside the stream: the text comes before audio-stop.
+        for _ in range(int(TIMEOUT_S / 0.05)):
+            if any(e.type == "transcript-chunk" for e in received):
+                break
+            await asyncio.sleep(0.05)
+        sent_stop_after = len(received)
+        await client.write_event(events[-1])
+        await asyncio.wait_for(reader, TIMEOUT_S)
+    types = [e.type for e in received]
+    assert "transcript-chunk" in types[:sent_stop_after]
+    assert types.index("voice-started") < types.index("voice-stopped")
+    stream = [t for t in types if t.startswith("transcript")]
+    assert stream[0] == "transcript-start"
+    assert stream[-2:] == ["transcript", "transcript-stop"]
+    assert set(stream[1:-2]) == {"transcript-chunk"}
+    chunks = "".join(
+        TranscriptChunk.from_event(e).text for e in received if e.type == "transcript-chunk"
+    )
+    final = Transcript.from_event(next(e for e in received if e.type == "transcript"))
+    assert chunks == final.text
+    assert words(final.text) == words(LIGHT_EN_TEXT)
+
+
+async def test_describe_answered_while_three_transcriptions_run(server: WyomingServer) -> None:
+    events = _wav_chunks(LAMP_WAV, samples_per_chunk=4096)
+    done: list[str] = []
+
+    async def one() -> None:
+        transcript = await _transcribe(server, events, language="en")
+        done.append(transcript.text)
+
+    jobs = [asyncio.create_task(one()) for _ in range(3)]
+    await asyncio.sleep(0.3)  # all three are streaming or decoding by now
+    async with _client(server) as client:
+        for _ in range(3):
+            await client.write_event(Describe().event())
+            assert Info.is_type((await _read(client)).type)
+            await client.write_event(Ping(text="x").event())
+            assert Pong.from_event(await _read(client)).text == "x"
+            # Answered while the three decodes (one at a time on tiny-en) go on.
+            assert len(done) < 3
+    await asyncio.gather(*jobs)
+    assert [words(t) for t in done] == [words(LAMP_TEXT)] * 3
+
+
+async def test_select_program(server: WyomingServer) -> None:
+    async with _client(server) as client:
+        await client.write_event(SelectProgram(name="test-asr").event())
+        await client.write_event(Transcribe().event())
+        for event in _wav_chunks(LIGHT_EN_WAV, 4096):
+            await client.write_event(event)
+        assert (await _final_transcript(client)).text == "from the other program"
+        # Models of another program are not reachable through this one.
+        await client.write_event(Transcribe(name="tiny-en").event())
+        assert Error.from_event(await _read(client)).code == "unknown-model"
+        await client.write_event(SelectProgram(name="no-such-program").event())
+        assert Error.from_event(await _read(client)).code == "unknown-program"
+        await client.write_event(SelectProgram(name="faster-whisper").event())
+        await client.write_event(Transcribe().event())
+        for event in _wav_chunks(LIGHT_EN_WAV, 4096):
+            await client.write_event(event)
+        assert words((await _final_transcript(client)).text) == words(LIGHT_EN_TEXT)
+
+
+# --------------------------------------------------------------------- TTS
+
+
+async def _collect_audio(client: AsyncTcpClient) -> tuple[list[Event], np.ndarray, int]:
+    events: list[Event] = []
+    while True:
+        event = await _read(client)
+        events.append(event)
+        if event.type in ("audio-stop", "error"):
+            break
+    start = AudioStart.from_event(events[0])
+    chunks = [AudioChunk.from_event(e) for e in events if e.type == "audio-chunk"]
+    assert all((c.rate, c.width, c.channels) == (start.rate, 2, 1) for c in chunks)
+    audio = pcm_to_float(b"".join(c.audio for c in chunks), 2)
+    return events, audio, start.rate
+
+
+async def test_home_assistant_streaming_tts_flow(server: WyomingServer, hub: EngineHub) -> None:
+    text = "Hello there, this is a streaming test. The lights are on. Goodbye!"
+    async with _client(server) as client:
+        await client.write_event(SynthesizeStart(voice=SynthesizeVoice(name="joe")).event())
+        for word in re.findall(r"\S+\s*", text):  # word by word, as from an LLM
+            await client.write_event(SynthesizeChunk(text=word).event())
+        # HA also sends the whole text for servers without streaming.
+        await client.write_event(Synthesize(text=text, voice=SynthesizeVoice("joe")).event())
+        await client.write_event(SynthesizeStop().event())
+        events, audio, rate = await _collect_audio(client)
+        stopped = await _read(client)
+    types = [e.type for e in events]
+    assert types[0] == "audio-start" and types.count("audio-start") == 1
+    assert types[-1] == "audio-stop" and stopped.type == "synthesize-stopped"
+    assert rate == 22050
+    # Spoken once (the compatibility synthesize is not repeated), and intelligibly.
+    from edgevoice.audio import Audio
+
+    heard = await hub.transcribe(Audio(audio, rate), model="tiny-en")
+    assert words(heard.text) == words(text)
+
+
+async def test_synthesize_voice_speaker_and_errors(server: WyomingServer) -> None:
+    async with _client(server) as client:
+        await client.write_event(Synthesize(text="Hi there.", voice=SynthesizeVoice("joe")).event())
+        events, audio, rate = await _collect_audio(client)
+        assert events[0].type == "audio-start" and len(audio) > rate // 4
+        await client.write_event(Synthesize(text="Hi.", voice=SynthesizeVoice("nobody")).event())
+        error = Error.from_event(await _read(client))
+        assert error.code == "unknown-voice" and "joe" in error.text
+        voice = SynthesizeVoice(name="joe", speaker="alice")
+        await client.write_event(Synthesize(text="Hi.", voice=voice).event())
+        assert Error.from_event(await _read(client)).code == "bad-request"
+        await client.write_event(SynthesizeChunk(text="stray").event())
+        assert Error.from_event(await _read(client)).code == "unexpected-event"
+        # Language picks a voice.
+        await client.write_event(
+            Synthesize(text="Okay.", voice=SynthesizeVoice(language="en")).event()
+        )
+        events, _audio, _rate = await _collect_audio(client)
+        assert events[-1].type == "audio-stop"
+
+
+# -------------------------------------------------------------------- wake
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def spoken(hub: EngineHub) -> dict[str, np.ndarray]:
+    clips = {}
+    for key, text in (
+        ("wake", "Hey Jarvis, turn on the lights."),
+        ("command", "Turn on the kitchen lights."),
+    ):
+        audio = await hub.synthesize_all(text)
+        clips[key] = np.concatenate([audio.at_rate(16000).samples, np.zeros(8000, np.float32)])
+    return clips
+
+
+async def test_wake_word_detected_and_not(
+    server: WyomingServer, spoken: dict[str, np.ndarray]
+) -> None:
+    async with _client(server) as client:
+        await client.write_event(Detect(names=["hey_jarvis"]).event())
+        for event in _pcm_events(spoken["wake"]):
+            await client.write_event(event)
+        event = await _read(client)
+        assert event.type == "detection"
+        detection = Detection.from_event(event)
+        assert detection.name == "hey_jarvis" and detection.timestamp
+        await client.write_event(Detect(names=["hey_jarvis", "okay_nabu"]).event())
+        for event in _pcm_events(spoken["command"]):
+            await client.write_event(event)
+        assert NotDetected.is_type((await _read(client)).type)
+        await client.write_event(Detect(names=["hey_siri"]).event())
+        assert Error.from_event(await _read(client)).code == "unknown-model"
+
+
+async def test_wake_word_at_44k_stereo_without_audio_start(
+    server: WyomingServer, spoken: dict[str, np.ndarray]
+) -> None:
+    from edgevoice.audio import resample
+
+    mono = resample(spoken["wake"], 16000, 44100)
+    stereo = np.repeat(float_to_pcm16(mono), 1)
+    pcm = np.frombuffer(stereo, dtype="<i2").repeat(2).tobytes()
+    async with _client(server) as client:
+        await client.write_event(Detect().event())  # every wake word
+        for i in range(0, len(pcm), 4096):
+            await client.write_event(AudioChunk(44100, 2, 2, pcm[i : i + 4096]).event())
+        assert Detection.from_event(await _read(client)).name == "hey_jarvis"
+
+
+# --------------------------------------------------------------- bad input
+
+
+async def _raw(server: WyomingServer) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    return await asyncio.open_connection("127.0.0.1", _port(server))
+
+
+async def _still_works(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await async_write_event(Ping(text="alive").event(), writer)
+    event = await asyncio.wait_for(async_read_event(reader), TIMEOUT_S)
+    assert event is not None and Pong.from_event(event).text == "alive"
+
+
+async def _expect_error(reader: asyncio.StreamReader, code: str) -> None:
+    event = await asyncio.wait_for(async_read_event(reader), TIMEOUT_S)
+    assert event is not None and event.type == "error", event
+    assert Error.from_event(event).code == code
+
+
+async def _expect_closed(reader: asyncio.StreamReader) -> None:
+    assert await asyncio.wait_for(reader.read(), TIMEOUT_S) == b""
+
+
+async def test_bad_input(
+    server: WyomingServer, hub: EngineHub, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="edgevoice")
+    # A line that is not JSON: error, the connection still works.
+    reader, writer = await _raw(server)
+    writer.write(b"this is not json\n")
+    await _expect_error(reader, "bad-event")
+    await _still_works(reader, writer)
+    # Audio before audio-start: error, still works.
+    await async_write_event(AudioChunk(16000, 2, 1, bytes(320)).event(), writer)
+    await _expect_error(reader, "no-audio-start")
+    await _still_works(reader, writer)
+    # Width 3: error; its chunks are dropped; then a normal request works.
+    await async_write_event(Transcribe().event(), writer)
+    await async_write_event(AudioStart(16000, 3, 1).event(), writer)
+    await _expect_error(reader, "unsupported-audio")
+    for _ in range(5):
+        await async_write_event(AudioChunk(16000, 3, 1, bytes(3 * 160)).event(), writer)
+    await async_write_event(AudioStop().event(), writer)
+    await _still_works(reader, writer)
+    writer.close()
+
+    # Wrong data_length: the framing is gone, so the connection is closed.
+    reader, writer = await _raw(server)
+    data = json.dumps({"text": "hi"}).encode()
+    writer.write(json.dumps({"type": "ping", "data_length": len(data) + 20}).encode() + b"\n")
+    next_event = {"type": "ping", "data": {"text": "x" * 40}}
+    writer.write(data + b"\n" + json.dumps(next_event).encode() + b"\n")
+    await _expect_error(reader, "bad-data-length")
+    await _expect_closed(reader)
+    # A negative or absurd payload_length: error, closed.
+    for length in (-5, 1 << 40):
+        reader, writer = await _raw(server)
+        writer.write(json.dumps({"type": "audio-chunk", "payload_length": length}).encode() + b"\n")
+        await _expect_error(reader, "bad-payload-length")
+        await _expect_closed(reader)
+    # payload_length shorter than the payload: the rest reads as garbage lines.
+    reader, writer = await _raw(server)
+    header = {"type": "audio-chunk", "data": {"rate": 16000, "width": 2, "channels": 1}}
+    writer.write(json.dumps({**header, "payload_length": 4}).encode() + b"\n")
+    writer.write(b"\x01\x02\x03\x04" + b"\xff\xfe garbage\n" * 10)
+    await _expect_error(reader, "no-audio-start")
+    for _ in range(3):
+        await _expect_error(reader, "bad-event")
+    await _expect_closed(reader)
+
+    # A client that disconnects mid-stream does not disturb the others.
+    reader, writer = await _raw(server)
+    await async_write_event(Transcribe().event(), writer)
+    for event in _wav_chunks(LAMP_WAV)[:20]:
+        await async_write_event(event, writer)
+    writer.close()
+    transcript = await _transcribe(server, _wav_chunks(LIGHT_EN_WAV, 4096), language="en")
+    assert words(transcript.text) == words(LIGHT_EN_TEXT)
+
+    # No traceback storms: nothing above INFO from us, and no tracebacks at all.
+    ours = [r for r in caplog.records if r.name.startswith("edgevoice")]
+    assert not [r for r in ours if r.levelno >= logging.WARNING], [r.getMessage() for r in ours]
+    assert not [r for r in caplog.records if r.exc_info]
+
+
+async def test_ten_minutes_of_audio_is_refused(hub: EngineHub) -> None:
+    settings = hub.settings.model_copy(
+        update={"wyoming": hub.settings.wyoming.model_copy(update={"max_audio_s": 20.0})}
+    )
+    async with WyomingServer(settings, hub) as small:
+        reader, writer = await _raw(small)
+        await async_write_event(Transcribe().event(), writer)
+        await async_write_event(AudioStart(16000, 2, 1).event(), writer)
+        ten_s = bytes(16000 * 2 * 10)
+        for _ in range(60):  # 10 minutes
+            await async_write_event(AudioChunk(16000, 2, 1, ten_s).event(), writer)
+        await _expect_error(reader, "audio-too-long")
+        await async_write_event(AudioStop().event(), writer)
+        await _still_works(reader, writer)
+        writer.close()
+
+
+# ---------------------------------------- wyoming-faster-whisper's procedure
+
+
+def _serve_config(tmp_path: Path, cache: Path, uri: str) -> Path:
+    config = tmp_path / "config.toml"
+    config.write_text(
+        f"""
+cache_dir = "{cache}"
+state_dir = "{tmp_path / "state"}"
+tts = []
+wake = []
+vad = []
+
+[[asr]]
+name = "tiny-int8"
+engine = "faster-whisper"
+model = "tiny.en"
+
+[wyoming]
+uri = "{uri}"
+zeroconf = false
+
+[http]
+enabled = false
+
+[mqtt]
+enabled = false
+""",
+        encoding="utf-8",
+    )
+    return config
+
+
+async def _wfw_procedure(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, startup_s: float
+) -> None:
+    """describe → transcribe → audio → transcript, as in wyoming-faster-whisper's tests."""
+    await async_write_event(Describe().event(), writer)
+    while True:
+        event = await asyncio.wait_for(async_read_event(reader), timeout=startup_s)
+        assert event is not None
+        if not Info.is_type(event.type):
+            continue
+        info = Info.from_event(event)
+        assert len(info.asr) == 1, "Expected one asr service"
+        assert any(m.name == "tiny-int8" for m in info.asr[0].models)
+        break
+    await async_write_event(Transcribe(name="tiny-int8").event(), writer)
+    for event in _wav_chunks(LAMP_WAV):
+        await async_write_event(event, writer)
+    while True:
+        event = await asyncio.wait_for(async_read_event(reader), timeout=TIMEOUT_S)
+        assert event is not None
+        if not Transcript.is_type(event.type):
+            continue
+        text = re.sub(r"[^a-z ]", "", Transcript.from_event(event).text.lower().strip())
+        assert text == "turn on the living room lamp"
+        break
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("PYTHONASYNCIODEBUG", None)
+    env["PYTHONPATH"] = str(REPO)
+    return env
+
+
+async def test_wyoming_faster_whisper_procedure_over_stdio(
+    tmp_path: Path, shared_cache: Path
+) -> None:
+    config = _serve_config(tmp_path, shared_cache, "stdio://")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "edgevoice",
+        "serve",
+        "--config",
+        str(config),
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=_env(),
+    )
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        await _wfw_procedure(proc.stdout, proc.stdin, startup_s=TIMEOUT_S)
+        # Closing stdin ends the server cleanly, like wyoming-faster-whisper.
+        proc.stdin.close()
+        _, stderr = await asyncio.wait_for(proc.communicate(), TIMEOUT_S)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 0, stderr.decode()
+    assert b"Traceback" not in stderr
+
+
+async def test_wyoming_faster_whisper_procedure_over_tcp(
+    tmp_path: Path, shared_cache: Path
+) -> None:
+    config = _serve_config(tmp_path, shared_cache, "tcp://127.0.0.1:0")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "edgevoice",
+        "serve",
+        "--config",
+        str(config),
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=_env(),
+    )
+    assert proc.stderr is not None
+    try:
+        port = None
+        log: list[str] = []
+        while port is None:
+            line = (await asyncio.wait_for(proc.stderr.readline(), TIMEOUT_S)).decode()
+            assert line, "".join(log)
+            log.append(line)
+            if match := re.search(r"Serving wyoming on tcp://[\d.]+:(\d+)", line):
+                port = int(match.group(1))
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        await _wfw_procedure(reader, writer, startup_s=5)
+        writer.close()
+        proc.terminate()
+        _, stderr = await asyncio.wait_for(proc.communicate(), TIMEOUT_S)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 0, stderr.decode()
+    assert b"Traceback" not in stderr
