@@ -105,7 +105,9 @@ async def real_hub(
 class Mosquitto:
     """A real Mosquitto broker on a free loopback port (``start``/``stop`` block briefly)."""
 
-    def __init__(self, workdir: Path, *, persistence: bool = False) -> None:
+    def __init__(
+        self, workdir: Path, *, persistence: bool = False, users: dict[str, str] | None = None
+    ) -> None:
         import shutil
         import socket
 
@@ -122,7 +124,7 @@ class Mosquitto:
 
         lines = [
             f"listener {self.port} 127.0.0.1",
-            "allow_anonymous true",
+            f"allow_anonymous {'false' if users else 'true'}",
             f"user {getpass.getuser()}",
             "log_dest stderr",
             "log_type error",
@@ -130,6 +132,17 @@ class Mosquitto:
         ]
         if persistence:
             lines += ["persistence true", f"persistence_location {workdir}/"]
+        if users:
+            import subprocess
+
+            passwords = workdir / "passwords"
+            passwords.touch()
+            tool = shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd"
+            for user, password in users.items():
+                subprocess.run(
+                    [tool, "-b", str(passwords), user, password], check=True, capture_output=True
+                )
+            lines.append(f"password_file {passwords}")
         self.config = workdir / "mosquitto.conf"
         self.config.write_text("\n".join(lines) + "\n")
         self.process: Any = None

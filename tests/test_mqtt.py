@@ -22,9 +22,10 @@ import pytest_asyncio
 import soundfile as sf
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from pydantic import SecretStr
 
 from edgevoice.audio import decode
-from edgevoice.config import MqttConfig, Settings
+from edgevoice.config import HttpConfig, MqttConfig, Settings, WyomingConfig
 from edgevoice.hub import EngineHub
 from edgevoice.protocols.mqtt import MqttBridge, parse_broker_url, parse_say
 from tests.conftest import (
@@ -177,8 +178,8 @@ async def hub(
         tts=[JOE],
         wake=[],
         vad=[],
-        wyoming={"enabled": False},
-        http={"enabled": False},
+        wyoming=WyomingConfig(enabled=False),
+        http=HttpConfig(enabled=False),
     )
     async with EngineHub(settings) as loaded:
         yield loaded
@@ -302,7 +303,7 @@ async def test_transcribe_rpc_mqtt5(make_bridge: BridgeFactory, probe: Probe) ->
     )
     reply = await probe.expect(reply_topic)
     assert reply.properties is not None
-    assert reply.properties.CorrelationData == b"corr-1"
+    assert getattr(reply.properties, "CorrelationData", None) == b"corr-1"
     assert not reply.retain
     data = json.loads(payload(reply))
     assert words(data["text"]) == words(LAMP_TEXT)
@@ -709,7 +710,7 @@ async def pool_round(
     for _ in range(count):
         message = await probe.expect(reply_topic)
         assert message.properties is not None
-        correlation = bytes(message.properties.CorrelationData)
+        correlation = bytes(getattr(message.properties, "CorrelationData", b""))
         assert correlation not in replies, f"{correlation!r} answered twice"
         replies[correlation] = json.loads(payload(message))
     # Anything answered twice would have arrived by the time a last request returns.
@@ -745,3 +746,122 @@ async def test_lwt_offline_after_sigkill_and_pool_survives(
     # Clean shutdown of the real daemon publishes offline itself.
     assert await survivor.signal(signal.SIGTERM) == 0
     await probe.expect(f"{prefix}/{survivor.node_id}/status", lambda m: payload(m) == b"offline")
+
+
+# ------------------------------------------------- MQTT 3.1.1 fallback, auth
+
+
+class MqttV311OnlyProxy:
+    """Stands in for a broker that only speaks MQTT 3.1.1: refuses MQTT 5
+    CONNECTs (CONNACK code 1, as such brokers do) and pipes the rest to Mosquitto."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.refused_v5 = 0
+        self.server: asyncio.Server | None = None
+        self._pipes: set[asyncio.Task[None]] = set()
+
+    async def __aenter__(self) -> MqttV311OnlyProxy:
+        self.server = await asyncio.start_server(self._client, "127.0.0.1", 0)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+        for task in self._pipes:
+            task.cancel()
+        await asyncio.gather(*self._pipes, return_exceptions=True)
+
+    @property
+    def url(self) -> str:
+        assert self.server is not None
+        return f"mqtt://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        header = await reader.readexactly(1)
+        length, shift, raw = 0, 0, b""
+        while True:
+            byte = await reader.readexactly(1)
+            raw += byte
+            length |= (byte[0] & 0x7F) << shift
+            shift += 7
+            if not byte[0] & 0x80:
+                break
+        body = await reader.readexactly(length)
+        if body[6] == 5:  # protocol level after the "MQTT" name
+            self.refused_v5 += 1
+            writer.write(b"\x20\x02\x00\x01")
+            await writer.drain()
+            writer.close()
+            return
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+        up_writer.write(header + raw + body)
+        for source, sink in ((reader, up_writer), (up_reader, writer)):
+            task = asyncio.create_task(self._pipe(source, sink))
+            self._pipes.add(task)
+            task.add_done_callback(self._pipes.discard)
+
+    @staticmethod
+    async def _pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+        try:
+            while data := await source.read(65536):
+                sink.write(data)
+                await sink.drain()
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            sink.close()
+
+
+async def test_falls_back_to_mqtt311_when_broker_refuses_mqtt5(
+    make_bridge: BridgeFactory, mosquitto: Mosquitto
+) -> None:
+    async with MqttV311OnlyProxy(mosquitto.port) as proxy:
+        bridge = await make_bridge(url=proxy.url)
+        assert bridge.protocol_version == "3.1.1"
+        assert proxy.refused_v5 == 1
+        async with Probe(mosquitto.port, protocol=aiomqtt.ProtocolVersion.V311) as client:
+            await client.subscribe(f"{bridge.base}/asr/transcript", f"{bridge.base}/status")
+            assert payload(await client.expect(f"{bridge.base}/status")) == b"online"
+            request = {
+                "audio_b64": base64.b64encode(LAMP_WAV.read_bytes()).decode(),
+                "id": "fallback",
+            }
+            await client.publish(f"{bridge.base}/asr/transcribe", json.dumps(request))
+            reply = await client.expect_json(f"{bridge.base}/asr/transcript")
+            assert (reply["id"], words(reply["text"])) == ("fallback", words(LAMP_TEXT))
+        await bridge.stop(5.0)
+
+
+async def test_password_file_from_systemd_credentials(
+    make_bridge: BridgeFactory,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    broker = Mosquitto(tmp_path / "broker", users={"voice": "s3cret"})
+    await asyncio.to_thread(broker.start)
+    try:
+        credentials = tmp_path / "credentials"
+        credentials.mkdir()
+        (credentials / "mqtt-password").write_text("s3cret\n")
+        monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(credentials))
+        bridge = await make_bridge(
+            url=broker.url, username="voice", password_file=Path("mqtt-password")
+        )
+        assert bridge.connected
+        # A wrong password is not fatal: the bridge logs it and keeps retrying.
+        settings = bridge.settings.model_copy(
+            update={
+                "mqtt": bridge.config.model_copy(
+                    update={"password": SecretStr("wrong"), "node_id": f"n-{uid()}"}
+                )
+            }
+        )
+        refused = MqttBridge(settings, bridge.hub)
+        await refused.start()
+        assert not refused.connected
+        assert any("refused" in r.getMessage() for r in caplog.records)
+        await refused.stop(1.0)
+    finally:
+        await asyncio.to_thread(broker.stop)
