@@ -76,6 +76,14 @@ class MqttRequestError(ValueError):
     """A request payload the bridge rejects; the message goes to ``<base>/error``."""
 
 
+class _PartialRequestError(MqttRequestError):
+    """A rejected request whose id could still be read (for the error report)."""
+
+    def __init__(self, message: str, request_id: str | None) -> None:
+        super().__init__(message)
+        self.request_id = request_id
+
+
 class RequestExpiredError(MqttRequestError):
     """The request's MQTT 5 message expiry passed before its reply was ready."""
 
@@ -200,6 +208,21 @@ def parse_say(payload: bytes) -> SayRequest:
     if not text:
         raise MqttRequestError("text: empty speak request")
     return SayRequest(text=text)
+
+
+def _parse_say_with_id(payload: bytes) -> tuple[str | None, SayRequest]:
+    """Blocking for large payloads: the request; a parse error carries the id it saw."""
+    request_id = None
+    if payload.strip()[:1] == b"{":
+        with contextlib.suppress(ValueError):
+            data = json.loads(payload)
+            request_id = _request_id(data) if isinstance(data, dict) else None
+    try:
+        return request_id, parse_say(payload)
+    except _PartialRequestError:
+        raise
+    except MqttRequestError as exc:
+        raise _PartialRequestError(str(exc), request_id) from None
 
 
 def _new_id() -> str:
@@ -790,10 +813,7 @@ class MqttBridge(ProtocolServer):
         request_id: str | None = None
         try:
             payload = message.payload if isinstance(message.payload, bytes) else b""
-            if payload.strip()[:1] == b"{":
-                with contextlib.suppress(ValueError):
-                    request_id = _request_id(json.loads(payload))
-            request = parse_say(payload)
+            request_id, request = await asyncio.to_thread(_parse_say_with_id, payload)
             request_id = request.id or ctx.user.get("id")
             if len(request.text) > self.config.max_input_chars:
                 raise MqttRequestError(
@@ -801,6 +821,8 @@ class MqttBridge(ProtocolServer):
                     f"{self.config.max_input_chars}"
                 )
             await self.speak(request, request_id or _new_id(), ctx)
+        except _PartialRequestError as exc:
+            await self.report_error(ctx.topic, str(exc), exc.request_id, ctx)
         except (MqttRequestError, UnknownModelError, AudioError, EngineRequestError) as exc:
             await self.report_error(ctx.topic, str(exc), request_id, ctx)
         except Exception as exc:
@@ -925,12 +947,6 @@ class MqttBridge(ProtocolServer):
         if message.payload == b"online":
             _LOGGER.info("Home Assistant came online; republishing discovery")
             self.spawn(self.publish(self._discovery_message()), name="mqtt discovery")
-
-
-class _PartialRequestError(MqttRequestError):
-    def __init__(self, message: str, request_id: str | None) -> None:
-        super().__init__(message)
-        self.request_id = request_id
 
 
 def _parse_transcribe(payload: bytes) -> tuple[TranscribeRequest | None, bytes]:
