@@ -140,6 +140,11 @@ async def _transcribe(request: web.Request, task: str) -> web.StreamResponse:
         )
     fmt = parse_choice(form.get("response_format"), "response_format", TRANSCRIPT_FORMATS, "json")
     temperature = parse_float(form.get("temperature"), "temperature", 0.0, 1.0)
+    if temperature == 0.0:
+        # OpenAI: 0 means "raise the temperature automatically when decoding
+        # fails its thresholds", which is the engine's fallback schedule.
+        temperature = None
+    beam_size = parse_float(form.get("beam_size"), "beam_size", 1, 20)
     granularities = _granularities(form)
     stream = task == "transcribe" and parse_bool(form.get("stream"), "stream")
     options = TranscribeOptions(
@@ -148,6 +153,7 @@ async def _transcribe(request: web.Request, task: str) -> web.StreamResponse:
         prompt=form.get("prompt") or None,
         hotwords=form.get("hotwords") or None,
         temperature=temperature,
+        beam_size=int(beam_size) if beam_size is not None else None,
         word_timestamps="word" in granularities,
     )
     audio = await asyncio.to_thread(decode, upload.data, rate_hz=caps.sample_rate_hz)

@@ -50,8 +50,9 @@ _TRANSCRIBE_FIELDS: dict[str, Any] = {
     "model": {"type": "string", "description": "A configured ASR model or alias; OpenAI names such as `whisper-1` mean the default model."},
     "prompt": {"type": "string", "description": "Text the model should expect (vocabulary, previous sentence)."},
     "response_format": {"type": "string", "enum": ["json", "text", "srt", "verbose_json", "vtt"], "default": "json"},
-    "temperature": {"type": "number", "minimum": 0, "maximum": 1},
+    "temperature": {"type": "number", "minimum": 0, "maximum": 1, "description": "0 or omitted: the engine's fallback schedule (OpenAI's meaning)."},
     "hotwords": {"type": "string", "description": "edgevoice extension: words to boost (faster-whisper hotwords)."},
+    "beam_size": {"type": "integer", "minimum": 1, "maximum": 20, "description": "edgevoice extension: beam search width (default: the model's `beam_size` option)."},
 }  # fmt: skip
 
 _SCHEMAS: dict[str, Any] = {
