@@ -18,7 +18,7 @@ import pytest
 import pytest_asyncio
 from wyoming.asr import Transcribe, Transcript, TranscriptChunk
 from wyoming.audio import AudioChunk, AudioStart, AudioStop, wav_to_chunks
-from wyoming.client import AsyncTcpClient
+from wyoming.client import AsyncTcpClient, AsyncUnixClient
 from wyoming.error import Error
 from wyoming.event import Event, async_read_event, async_write_event
 from wyoming.info import Describe, Info, SelectProgram
@@ -504,6 +504,50 @@ async def test_ten_minutes_of_audio_is_refused(hub: EngineHub) -> None:
         await async_write_event(AudioStop().event(), writer)
         await _still_works(reader, writer)
         writer.close()
+
+
+async def test_unix_socket(hub: EngineHub, tmp_path: Path) -> None:
+    path = tmp_path / "wyoming.sock"
+    settings = hub.settings.model_copy(
+        update={"wyoming": WyomingConfig(uri=f"unix://{path}", zeroconf=False)}
+    )
+    async with WyomingServer(settings, hub) as local:
+        assert local.addresses == [f"unix://{path}"]
+        async with AsyncUnixClient(str(path)) as client:
+            await client.write_event(Describe().event())
+            event = await client.read_event()
+            assert event is not None and Info.from_event(event).asr
+    assert not path.exists()
+
+
+async def test_zeroconf_advertises_or_warns(
+    hub: EngineHub, caplog: pytest.LogCaptureFixture
+) -> None:
+    from zeroconf.asyncio import AsyncZeroconf
+
+    name = f"edgevoice-test-{os.getpid()}"
+    settings = hub.settings.model_copy(
+        update={"wyoming": WyomingConfig(uri="tcp://0.0.0.0:0", zeroconf_name=name)}
+    )
+    async with WyomingServer(settings, hub) as advertised:
+        port = int(advertised.addresses[0].rsplit(":", 1)[1])
+        task = advertised._zeroconf_task
+        assert task is not None
+        await asyncio.wait_for(task, TIMEOUT_S)
+        if advertised._zeroconf is None:  # no multicast here: a warning, still serving
+            assert "Zeroconf advertisement failed" in caplog.text
+        else:
+            browser = AsyncZeroconf()
+            try:
+                info = await browser.async_get_service_info(
+                    "_wyoming._tcp.local.", f"{name}._wyoming._tcp.local.", timeout=3000
+                )
+            finally:
+                await browser.async_close()
+            assert info is not None and info.port == port
+        async with AsyncTcpClient("127.0.0.1", port) as client:
+            await client.write_event(Ping().event())
+            assert (await _read(client)).type == "pong"
 
 
 # ---------------------------------------- wyoming-faster-whisper's procedure
