@@ -104,7 +104,7 @@ VAD_SPEECH_PROBABILITY = 0.5
 TTS_CHUNK_SAMPLES = 4096
 """Samples per outgoing ``audio-chunk`` (about 0.19 s at 22.05 kHz)."""
 
-_EDGEVOICE = Attribution(name="edgevoice", url="https://github.com/edgevoice/edgevoice")
+_EDGEVOICE = Attribution(name="edgevoice", url="")  # no public home page yet
 # engine plugin -> (attribution, distribution whose version is the model version)
 _ENGINE_ATTRIBUTION: dict[str, tuple[Attribution, str]] = {
     "faster-whisper": (
