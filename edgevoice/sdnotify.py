@@ -6,8 +6,10 @@ One datagram per message to the ``AF_UNIX`` socket named by ``$NOTIFY_SOCKET``
 unconditionally. Messages are ``KEY=VALUE`` lines: ``READY=1``, ``STATUS=...``,
 ``WATCHDOG=1``, ``STOPPING=1``, ``RELOADING=1`` + ``MONOTONIC_USEC=...``.
 
-Sending is a non-blocking ``sendto`` on a local datagram socket: safe to call
-from the event loop.
+Sending is a ``sendto`` on a local datagram socket that returns at once, or
+waits at most :data:`SEND_TIMEOUT_S` when the manager's queue is full (Linux
+queues only a few unread datagrams): bounded, so safe on the event loop, and a
+READY=1 is not lost to a momentary backlog.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import socket
 import time
 
 _LOGGER = logging.getLogger(__name__)
+
+SEND_TIMEOUT_S = 0.1
 
 
 def _socket_address(value: str) -> str | bytes | None:
@@ -68,7 +72,7 @@ class SystemdNotifier:
         try:
             if self._sock is None:
                 self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-                self._sock.setblocking(False)
+                self._sock.settimeout(SEND_TIMEOUT_S)
             self._sock.sendto(message, self.address)
         except OSError as exc:
             # Never fatal: systemd may be restarting, or the socket gone.

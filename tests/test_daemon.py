@@ -15,7 +15,7 @@ import re
 import signal
 import socket
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import aiohttp
@@ -33,7 +33,11 @@ pytestmark = pytest.mark.slow
 
 
 class NotifyListener:
-    """The service manager's end of ``$NOTIFY_SOCKET``: collects messages."""
+    """The service manager's end of ``$NOTIFY_SOCKET``: reads every message at once.
+
+    Like systemd it never lets the socket's queue fill (Linux keeps only 10
+    unread datagrams; the notifier gives up on a full queue).
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -41,11 +45,28 @@ class NotifyListener:
         self.sock.bind(str(path))
         self.sock.setblocking(False)
         self.messages: list[dict[str, str]] = []
+        """Messages the test has taken with :meth:`next`."""
+        self._queue: asyncio.Queue[dict[str, str]] = asyncio.Queue()
+        self._reader: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> NotifyListener:
+        self._reader = asyncio.create_task(self._read())
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            await asyncio.gather(self._reader, return_exceptions=True)
+        self.sock.close()
+
+    async def _read(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            data = await loop.sock_recv(self.sock, 4096)
+            self._queue.put_nowait(dict(line.split("=", 1) for line in data.decode().splitlines()))
 
     async def next(self, timeout_s: float = 60.0) -> dict[str, str]:
-        loop = asyncio.get_running_loop()
-        data = await asyncio.wait_for(loop.sock_recv(self.sock, 4096), timeout_s)
-        message = dict(line.split("=", 1) for line in data.decode().splitlines())
+        message = await asyncio.wait_for(self._queue.get(), timeout_s)
         self.messages.append(message)
         return message
 
@@ -57,15 +78,11 @@ class NotifyListener:
                 if key in message:
                     return message
 
-    def close(self) -> None:
-        self.sock.close()
-
 
 @pytest.fixture
-def listener(tmp_path: Path) -> Iterator[NotifyListener]:
-    sock = NotifyListener(tmp_path / "notify.sock")
-    yield sock
-    sock.close()
+async def listener(tmp_path: Path) -> AsyncIterator[NotifyListener]:
+    async with NotifyListener(tmp_path / "notify.sock") as sock:
+        yield sock
 
 
 def _non_watchdog(listener: NotifyListener) -> list[dict[str, str]]:
