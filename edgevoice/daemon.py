@@ -274,18 +274,27 @@ class Daemon:
         self.settings = new
         if new.log_level != old.log_level:
             setup_logging(new.log_level)
-        await self._apply_protocols(old, new)
+        restarted = await self._apply_protocols(old, new)
+        for section, server in list(self._servers.items()):
+            if section not in restarted:
+                try:
+                    await server.hub_reloaded()
+                except Exception:
+                    _LOGGER.exception("Reload: %s could not refresh its models", server.name)
         return True
 
-    async def _apply_protocols(self, old: Settings, new: Settings) -> None:
+    async def _apply_protocols(self, old: Settings, new: Settings) -> set[str]:
+        """Start/stop/restart servers whose section changed; returns those sections."""
         assert self.hub is not None
         timeout = new.shutdown_timeout_s
+        touched: set[str] = set()
         for section, factory_path in PROTOCOLS:
             old_config: Any = getattr(old, section)
             new_config: Any = getattr(new, section)
             running = self._servers.get(section)
             if new_config == old_config and (running is not None) == new_config.enabled:
                 continue
+            touched.add(section)
             if not new_config.enabled:
                 if running is not None:
                     _LOGGER.info("Reload: stopping %s", _label(section, running))
@@ -328,6 +337,7 @@ class Daemon:
             if not await self._start_logged(section, replacement, ""):
                 fallback = _load_factory(factory_path)(old, self.hub)
                 await self._start_logged(section, fallback, f"Reload: back to the old {label}")
+        return touched
 
     async def _start_logged(self, section: str, server: ProtocolServer, message: str) -> bool:
         if message:

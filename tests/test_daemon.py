@@ -209,7 +209,10 @@ def _free_port() -> int:
 
 
 async def test_reload_restarts_changed_protocol_servers(
-    make_settings: Callable[..., Settings], listener: NotifyListener, shared_cache: Path
+    make_settings: Callable[..., Settings],
+    listener: NotifyListener,
+    shared_cache: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     port = _free_port()
 
@@ -220,6 +223,7 @@ async def test_reload_restarts_changed_protocol_servers(
         )  # fmt: skip
 
     configs = [
+        settings(),  # models only: the server keeps running and is told
         settings(max_input_chars=100),  # same port: stop, then start
         settings(port=0),  # a new port: the new server starts before the old stops
         settings(enabled=False),
@@ -231,6 +235,16 @@ async def test_reload_restarts_changed_protocol_servers(
         ready = await listener.until("READY")
         assert f"HTTP on http://127.0.0.1:{port}" in ready["STATUS"]
         first = daemon.servers[0]
+        told: list[str] = []
+
+        async def hub_reloaded() -> None:
+            told.append(first.name)
+
+        monkeypatch.setattr(first, "hub_reloaded", hub_reloaded)
+        daemon.request_reload()
+        await listener.until("READY")
+        assert daemon.servers == [first]
+        assert told == ["http"]
 
         daemon.request_reload()
         ready = await listener.until("READY")

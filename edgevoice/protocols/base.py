@@ -26,6 +26,13 @@ class ProtocolServer(abc.ABC):
     async def stop(self, timeout_s: float) -> None:
         """Stop accepting, finish in-flight work within ``timeout_s``, close."""
 
+    async def hub_reloaded(self) -> None:  # noqa: B027 (optional hook, no-op by default)
+        """A SIGHUP reload changed the hub's models while this server kept running.
+
+        Servers that advertise models (MQTT discovery, ...) refresh it here;
+        per-request lookups through the hub need nothing.
+        """
+
     @property
     @abc.abstractmethod
     def addresses(self) -> list[str]:
