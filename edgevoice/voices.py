@@ -72,7 +72,9 @@ class StoredVoice:
 
 def sanitize_name(name: str) -> str:
     """A display name without control characters, whitespace collapsed."""
-    cleaned = "".join(c for c in name if unicodedata.category(c)[0] != "C")
+    cleaned = "".join(
+        " " if c.isspace() else c for c in name if c.isspace() or unicodedata.category(c)[0] != "C"
+    )
     cleaned = " ".join(cleaned.split())
     if not cleaned:
         raise VoiceLibraryError("voice name is empty")
@@ -98,7 +100,7 @@ def normalize_reference(audio: Audio) -> Audio:
     if duration < MIN_REFERENCE_S or duration > MAX_REFERENCE_S:
         raise VoiceLibraryError(
             f"reference audio is {duration:.1f} s long; it must be "
-            f"{MIN_REFERENCE_S:.0f}–{MAX_REFERENCE_S:.0f} s"
+            f"{MIN_REFERENCE_S:.0f}-{MAX_REFERENCE_S:.0f} s"
         )
     resampled = audio.at_rate(STORED_RATE_HZ).samples
     centered = resampled - np.float32(resampled.mean())
