@@ -230,7 +230,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             settings = _settings(args)
             if args.command == "serve":
-                asyncio.run(Daemon(settings).run())
+                try:
+                    asyncio.run(Daemon(settings).run())
+                except asyncio.CancelledError:  # a second SIGTERM/SIGINT: stopped at once
+                    return 1
             elif args.command == "transcribe":
                 asyncio.run(_transcribe(args, settings))
             elif args.command == "speak":

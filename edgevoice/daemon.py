@@ -181,6 +181,9 @@ class Daemon:
             self.notifier.status(f"Failed to load models: {exc}")
             raise
         self.hub = hub
+        if self._stop.is_set():  # SIGTERM while loading: never report READY
+            await hub.close()
+            return
         try:
             self.notifier.status("Models loaded; starting listeners")
             for section, factory in self._enabled(self.settings):

@@ -70,6 +70,13 @@ class NotifyListener:
         self.messages.append(message)
         return message
 
+    def pending(self) -> list[dict[str, str]]:
+        """Messages received but not taken yet (taken now)."""
+        out = []
+        while not self._queue.empty():
+            out.append(self._queue.get_nowait())
+        return out
+
     async def until(self, key: str, timeout_s: float = 120.0) -> dict[str, str]:
         """The next message carrying ``key``; WATCHDOG pings in between are kept."""
         async with asyncio.timeout(timeout_s):
@@ -273,6 +280,21 @@ async def test_reload_restarts_changed_protocol_servers(
         if not run.done():
             run.cancel()
             await asyncio.gather(run, return_exceptions=True)
+
+
+async def test_sigterm_while_loading_never_reports_ready(
+    make_settings: Callable[..., Settings], listener: NotifyListener, shared_cache: Path
+) -> None:
+    settings = make_settings(asr=[TINY_EN], tts=[], wake=[], vad=[], cache_dir=shared_cache)
+    daemon = Daemon(settings, notifier=SystemdNotifier({"NOTIFY_SOCKET": str(listener.path)}))
+    run = asyncio.create_task(daemon.run())
+    assert (await listener.next())["STATUS"] == "Loading models…"
+    daemon.request_stop()  # the model is loading in its worker thread
+    await asyncio.wait_for(run, 60)
+    assert "STOPPING" in await listener.next()
+    await asyncio.sleep(0.1)
+    assert listener.pending() == []  # no READY=1, no "Serving" status
+    assert not daemon.ready.is_set()
 
 
 async def test_no_notify_socket_is_a_no_op(make_settings: Callable[..., Settings]) -> None:
