@@ -170,8 +170,8 @@ async def test_ready_watchdog_reload_and_stop(
         assert slot.engine is None  # the old engine was closed once idle
         assert [s.key for s in hub.slots()] == [new_slot.key]
 
-        # Reload 3 and 4: a broken file and an unknown engine are rejected; the
-        # running configuration stays.
+        # Reloads 3-5: a broken file, an unknown engine, a model that does not load
+        # are rejected; the running configuration stays.
         configs.append(ConfigError("invalid configuration: log_level: bad"))
         configs.append(
             make_settings(
@@ -182,7 +182,18 @@ async def test_ready_watchdog_reload_and_stop(
                 cache_dir=shared_cache,
             )
         )
-        for _ in range(2):
+        # A model that fails to load: the engines loaded next to it are dropped.
+        broken = ModelConfig(name="broken", engine="faster-whisper", model="/nonexistent")
+        configs.append(
+            make_settings(
+                asr=[changed, TINY_EN.model_copy(update={"name": "t2", "aliases": []}), broken],
+                tts=[],
+                wake=[],
+                vad=[],
+                cache_dir=shared_cache,
+            )
+        )
+        for _ in range(3):
             reloads = daemon.reloads
             daemon.request_reload()
             await listener.until("RELOADING")
@@ -190,6 +201,7 @@ async def test_ready_watchdog_reload_and_stop(
             assert rejected["STATUS"].endswith("(reload rejected: see log)")
             assert daemon.reloads == reloads + 1
         assert hub.asr().slot is new_slot
+        assert hub.slots() == [new_slot]
         assert daemon.settings.asr == [changed]
         assert (await hub.transcribe(light)).text == LIGHT_EN_TEXT
 
