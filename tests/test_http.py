@@ -29,6 +29,7 @@ from edgevoice.daemon import Daemon
 from edgevoice.engines.base import EngineKind
 from edgevoice.hub import EngineHub
 from edgevoice.protocols.http import HttpServer, _read_api_key
+from edgevoice.protocols.http_common import STATE
 from edgevoice.testing import FakeTtsEngine
 from tests.conftest import (
     BASE,
@@ -375,6 +376,13 @@ async def test_speech_errors_and_voice_names(server: HttpServer) -> None:
             response_format="ogg",  # type: ignore[arg-type]
         )
     assert bad_format.value.param == "response_format"
+    oversized = {"model": "cloner", "input": "Hi.", "voice_sample": "A" * (2 << 20)}
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(url(server, "/v1/audio/speech"), json=oversized) as response,
+    ):
+        assert response.status == 413
+        assert (await response.json())["error"]["code"] == "request_too_large"
     async with (
         aiohttp.ClientSession() as session,
         session.post(
@@ -719,3 +727,37 @@ async def test_cors_is_off_by_default(server: HttpServer) -> None:
     ):
         assert response.status == 200
         assert "Access-Control-Allow-Origin" not in response.headers
+
+
+async def test_stop_drains_in_flight_requests(hub: EngineHub) -> None:
+    paragraph = "One sentence here. Another sentence follows. And a third one ends it."
+    srv = HttpServer(hub.settings, hub)
+    await srv.start()
+    port = srv.port
+    assert srv.app is not None
+    state = srv.app[STATE]
+
+    async def request() -> bytes:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(
+                f"http://127.0.0.1:{port}/v1/audio/speech",
+                json={"model": "joe", "input": paragraph, "response_format": "wav"},
+            ) as response,
+        ):
+            assert response.status == 200
+            return await response.read()
+
+    pending = asyncio.create_task(request())
+    for _ in range(1000):  # until the server has the request
+        if state.inflight:
+            break
+        await asyncio.sleep(0.01)
+    await srv.stop(30.0)
+    audio = await asyncio.to_thread(decode, await pending)
+    heard = await hub.transcribe(audio, model="tiny-en")
+    assert words(heard.text)[:2] == ["one", "sentence"] and "third" in words(heard.text)
+    assert srv.addresses == []
+    with pytest.raises(aiohttp.ClientConnectionError):
+        async with aiohttp.ClientSession() as session:
+            await session.get(f"http://127.0.0.1:{port}/health")
