@@ -43,7 +43,12 @@ from tests.conftest import (
     words,
 )
 
-pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.asyncio(loop_scope="module"),
+    # openai-python marks translations deprecated; the endpoint is what we test.
+    pytest.mark.filterwarnings("ignore:deprecated:DeprecationWarning"),
+]
 
 # Piper without its random noise: the same text gives the same audio every time.
 JOE_STEADY = JOE.model_copy(update={"options": {"noise_scale": 0.0, "noise_w_scale": 0.0}})
