@@ -60,12 +60,15 @@ def pytest_configure(config: pytest.Config) -> None:
 
 @pytest.fixture
 def make_settings(tmp_path: Path) -> Callable[..., Settings]:
-    """Settings with temp dirs and every protocol off unless overridden."""
+    """Settings with temp dirs, every protocol off and no wake/VAD models unless
+    overridden (tests load only the models they name)."""
 
     def factory(**overrides: Any) -> Settings:
         values: dict[str, Any] = {
             "cache_dir": tmp_path / "cache",
             "state_dir": tmp_path / "state",
+            "wake": [],
+            "vad": [],
             "wyoming": {"enabled": False},
             "http": {"enabled": False},
             "mqtt": {"enabled": False},
