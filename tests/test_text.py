@@ -39,3 +39,18 @@ def test_sentence_buffer_waits_after_abbreviation() -> None:
     buf = SentenceBuffer()
     assert list(buf.feed("Call Dr. ")) == []
     assert list(buf.feed("Smith now. ")) == ["Call Dr. Smith now."]
+
+
+def test_split_for_streaming_lead_words() -> None:
+    text = "The weather today is sunny with a light breeze. Later it rains."
+    assert split_for_streaming(text, lead_words=3) == [
+        "The weather today",
+        "is sunny with a light breeze.",
+        "Later it rains.",
+    ]
+    # Too short to be worth a lead chunk; and 0 disables it.
+    assert split_for_streaming("Turn on the lamp.", lead_words=3) == ["Turn on the lamp."]
+    assert split_for_streaming(text) == [
+        "The weather today is sunny with a light breeze.",
+        "Later it rains.",
+    ]

@@ -52,6 +52,9 @@ class PiperOptions(EngineOptions):
     normalize_audio: bool = True
     sentence_silence_s: float = Field(default=0.0, ge=0, le=5)
     """Silence appended after each sentence."""
+    first_chunk_words: int = Field(default=3, ge=0, le=20)
+    """Speak the first N words of a long first sentence as their own chunk, so
+    audio starts about twice as soon; 0 keeps whole sentences (best prosody)."""
 
 
 def resolve_voice(model: str, cache_dir: Path, offline: bool) -> Path:
@@ -187,7 +190,7 @@ class PiperTtsEngine:
             dtype=np.float32,
         )
         produced = False
-        for piece in split_for_streaming(text):
+        for piece in split_for_streaming(text, lead_words=self._options.first_chunk_words):
             for chunk in self._voice.synthesize(piece, syn_config=config):
                 audio: FloatAudio = chunk.audio_float_array
                 if len(audio) == 0:
