@@ -180,32 +180,22 @@ class EngineHub:
         loop = asyncio.get_running_loop()
         for kind in EngineKind:
             for entry in self._selected(kind):
-                try:
-                    plugin = self._registry.get(entry.engine, kind)
-                except (LookupError, RuntimeError) as exc:
-                    await self.close()
-                    raise HubStartError(f"{kind.value} model {entry.name!r}: {exc}") from None
                 options = validated[(kind, entry.name)]
                 key = self._slot_key(kind, entry, options)
                 pending.append((kind, entry, key))
                 if key in self._slots:
-                    slot = self._slots[key]
-                    slot.max_concurrency = max(slot.max_concurrency, entry.max_concurrency)
+                    self._grow(self._slots[key], entry.max_concurrency)
                     continue
-                executor = ThreadPoolExecutor(
-                    max_workers=entry.max_concurrency, thread_name_prefix=f"ev-{entry.name}"
-                )
-                slot = EngineSlot(
-                    key,
-                    plugin,
-                    cast(Engine, None),
-                    DeviceChoice("cpu", ""),
-                    executor,
-                    entry.max_concurrency,
-                )
+                try:
+                    slot = self._new_slot(kind, entry, key)
+                except HubStartError:
+                    await self.close()
+                    raise
                 self._slots[key] = slot
                 loads.append(
-                    loop.run_in_executor(executor, self._load_slot, slot, kind, entry, options)
+                    loop.run_in_executor(
+                        slot.executor, self._load_slot, slot, kind, entry, options, self.settings
+                    )
                 )
         results = await asyncio.gather(*loads, return_exceptions=True)
         errors = [r for r in results if isinstance(r, BaseException)]
@@ -216,20 +206,52 @@ class EngineHub:
             self._bind(kind, entry, self._slots[key])
         self._finish_defaults()
 
+    def _new_slot(self, kind: EngineKind, entry: ModelConfig, key: str) -> EngineSlot:
+        """An unloaded slot for ``entry`` with its own worker pool."""
+        try:
+            plugin = self._registry.get(entry.engine, kind)
+        except (LookupError, RuntimeError) as exc:
+            raise HubStartError(f"{kind.value} model {entry.name!r}: {exc}") from None
+        executor = ThreadPoolExecutor(
+            max_workers=entry.max_concurrency, thread_name_prefix=f"ev-{entry.name}"
+        )
+        return EngineSlot(
+            key,
+            plugin,
+            cast(Engine, None),
+            DeviceChoice("cpu", ""),
+            executor,
+            entry.max_concurrency,
+        )
+
+    @staticmethod
+    def _grow(slot: EngineSlot, max_concurrency: int) -> None:
+        """Let a shared slot serve the largest ``max_concurrency`` of its entries."""
+        if max_concurrency > slot.max_concurrency:
+            # ThreadPoolExecutor starts further workers on demand.
+            slot.executor._max_workers = max_concurrency
+            slot.max_concurrency = max_concurrency
+
     def _load_slot(
-        self, slot: EngineSlot, kind: EngineKind, entry: ModelConfig, options: Any
+        self,
+        slot: EngineSlot,
+        kind: EngineKind,
+        entry: ModelConfig,
+        options: Any,
+        settings: Settings,
     ) -> None:
-        """Blocking: pick the device, build and load the engine."""
+        """Blocking: pick the device, build and load the engine (with ``settings``,
+        which on a reload are the new ones)."""
         label = f"{kind.value} model {entry.name!r} ({entry.engine} {entry.model})"
         try:
             facts = probe_machine(slot.plugin.runtime)
-            slot.device = select_device(self.settings.device_for(entry), slot.plugin.devices, facts)
+            slot.device = select_device(settings.device_for(entry), slot.plugin.devices, facts)
             _LOGGER.info("Loading %s on %s (%s)", label, slot.device.device, slot.device.reason)
             context = EngineContext(
                 model=entry,
                 device=slot.device.device,
-                cache_dir=self.settings.cache_dir,
-                offline=self.settings.offline,
+                cache_dir=settings.cache_dir,
+                offline=settings.offline,
             )
             started = time.monotonic()
             engine = slot.plugin.factory(context, options)
@@ -295,29 +317,18 @@ class EngineHub:
                 slot = self._slots.get(key) or fresh.get(key)
                 if slot is None:
                     try:
-                        plugin = self._registry.get(entry.engine, kind)
-                    except (LookupError, RuntimeError) as exc:
+                        slot = self._new_slot(kind, entry, key)
+                    except HubStartError:
                         await self._close_slots(list(fresh.values()))
-                        raise HubStartError(f"{kind.value} model {entry.name!r}: {exc}") from None
-                    executor = ThreadPoolExecutor(
-                        max_workers=entry.max_concurrency, thread_name_prefix=f"ev-{entry.name}"
-                    )
-                    slot = EngineSlot(
-                        key,
-                        plugin,
-                        cast(Engine, None),
-                        DeviceChoice("cpu", ""),
-                        executor,
-                        entry.max_concurrency,
-                    )
+                        raise
                     fresh[key] = slot
                     loads.append(
-                        loop.run_in_executor(executor, self._load_slot, slot, kind, entry, options)
+                        loop.run_in_executor(
+                            slot.executor, self._load_slot, slot, kind, entry, options, settings
+                        )
                     )
-                elif entry.max_concurrency > slot.max_concurrency:
-                    # ThreadPoolExecutor starts further workers on demand.
-                    slot.executor._max_workers = entry.max_concurrency
-                    slot.max_concurrency = entry.max_concurrency
+                else:
+                    self._grow(slot, entry.max_concurrency)
                 plan.append((kind, entry, slot))
         try:
             results = await asyncio.gather(*loads, return_exceptions=True)
