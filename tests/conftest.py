@@ -37,25 +37,33 @@ def words(text: str) -> list[str]:
 def _no_blocking_event_loop(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
     """Fail any test whose event loop ran a callback longer than SLOW_CALLBACK_S.
 
-    asyncio's debug mode logs such callbacks; PYTHONASYNCIODEBUG is set for the
-    session in pytest_configure.
+    asyncio's debug mode (``asyncio_debug = true``) logs such callbacks on the
+    ``asyncio`` logger; ``event_loop_policy`` below sets the threshold.
     """
     caplog.set_level(logging.WARNING, logger="asyncio")
     yield
+    records = [r for when in ("setup", "call") for r in caplog.get_records(when)]
     slow = [
         r.getMessage()
-        for r in caplog.records
+        for r in [*records, *caplog.records]
         if r.name == "asyncio" and "took" in r.getMessage() and "seconds" in r.getMessage()
     ]
     assert not slow, f"event loop blocked: {slow}"
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    import os
+class _GuardedLoopPolicy(asyncio.DefaultEventLoopPolicy):
+    """Test loops log callbacks slower than SLOW_CALLBACK_S (debug mode is on
+    through ``asyncio_debug = true`` in pyproject.toml)."""
 
-    os.environ.setdefault("PYTHONASYNCIODEBUG", "1")
-    # Debug mode's threshold (default 0.1 s) is our guard's.
-    asyncio.base_events.BaseEventLoop.slow_callback_duration = SLOW_CALLBACK_S
+    def new_event_loop(self) -> asyncio.AbstractEventLoop:
+        loop = super().new_event_loop()
+        loop.slow_callback_duration = SLOW_CALLBACK_S
+        return loop
+
+
+@pytest.fixture(scope="session")
+def event_loop_policy() -> asyncio.AbstractEventLoopPolicy:
+    return _GuardedLoopPolicy()
 
 
 @pytest.fixture
