@@ -38,7 +38,7 @@ def _no_blocking_event_loop(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
     """Fail any test whose event loop ran a callback longer than SLOW_CALLBACK_S.
 
     asyncio's debug mode (``asyncio_debug = true``) logs such callbacks on the
-    ``asyncio`` logger; ``event_loop_policy`` below sets the threshold.
+    ``asyncio`` logger; the loop factory below sets the threshold.
     """
     caplog.set_level(logging.WARNING, logger="asyncio")
     yield
@@ -51,19 +51,18 @@ def _no_blocking_event_loop(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
     assert not slow, f"event loop blocked: {slow}"
 
 
-class _GuardedLoopPolicy(asyncio.DefaultEventLoopPolicy):
+def _guarded_loop() -> asyncio.AbstractEventLoop:
     """Test loops log callbacks slower than SLOW_CALLBACK_S (debug mode is on
     through ``asyncio_debug = true`` in pyproject.toml)."""
-
-    def new_event_loop(self) -> asyncio.AbstractEventLoop:
-        loop = super().new_event_loop()
-        loop.slow_callback_duration = SLOW_CALLBACK_S
-        return loop
+    loop = asyncio.new_event_loop()
+    loop.slow_callback_duration = SLOW_CALLBACK_S
+    return loop
 
 
-@pytest.fixture(scope="session")
-def event_loop_policy() -> asyncio.AbstractEventLoopPolicy:
-    return _GuardedLoopPolicy()
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+    return {"guarded": _guarded_loop}
 
 
 @pytest.fixture
