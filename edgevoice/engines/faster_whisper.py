@@ -235,15 +235,11 @@ class FasterWhisperAsrEngine:
         self._model = None
 
 
-def _factory(context: EngineContext, options: Any) -> FasterWhisperAsrEngine:
-    return FasterWhisperAsrEngine(context, options)
-
-
 PLUGIN = EnginePlugin(
     name=ENGINE_NAME,
     kind=EngineKind.ASR,
     description="Whisper speech-to-text on CTranslate2 (int8 CPU, float16 CUDA)",
-    factory=_factory,
+    factory=FasterWhisperAsrEngine,
     options_model=FasterWhisperOptions,
     requires=("faster_whisper", "ctranslate2"),
     devices=("cpu", "cuda"),

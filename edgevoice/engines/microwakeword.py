@@ -146,15 +146,11 @@ class MicroWakeWordEngine:
         self.config_path = None
 
 
-def _factory(context: EngineContext, options: Any) -> MicroWakeWordEngine:
-    return MicroWakeWordEngine(context, options)
-
-
 PLUGIN = EnginePlugin(
     name=ENGINE_NAME,
     kind=EngineKind.WAKE,
     description="microWakeWord wake words (TFLite): okay_nabu, hey_jarvis, alexa, hey_mycroft",
-    factory=_factory,
+    factory=MicroWakeWordEngine,
     options_model=MicroWakeWordOptions,
     requires=("pymicro_wakeword",),
     extra=ENGINE_NAME,

@@ -204,15 +204,11 @@ class PiperTtsEngine:
         self._voice = None
 
 
-def _factory(context: EngineContext, options: Any) -> PiperTtsEngine:
-    return PiperTtsEngine(context, options)
-
-
 PLUGIN = EnginePlugin(
     name=ENGINE_NAME,
     kind=EngineKind.TTS,
     description="Piper neural text-to-speech (VITS voices on onnxruntime)",
-    factory=_factory,
+    factory=PiperTtsEngine,
     options_model=PiperOptions,
     requires=("piper", "onnxruntime"),
     devices=("cpu", "cuda"),

