@@ -617,22 +617,27 @@ def _env() -> dict[str, str]:
     return env
 
 
-async def test_wyoming_faster_whisper_procedure_over_stdio(
-    tmp_path: Path, shared_cache: Path
-) -> None:
-    config = _serve_config(tmp_path, shared_cache, "stdio://")
-    proc = await asyncio.create_subprocess_exec(
+async def _spawn_serve(config: Path, stdin: int) -> asyncio.subprocess.Process:
+    """``python -m edgevoice serve --config CONFIG`` with stdout/stderr piped."""
+    return await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "edgevoice",
         "serve",
         "--config",
         str(config),
-        stdin=asyncio.subprocess.PIPE,
+        stdin=stdin,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
         env=_env(),
     )
+
+
+async def test_wyoming_faster_whisper_procedure_over_stdio(
+    tmp_path: Path, shared_cache: Path
+) -> None:
+    config = _serve_config(tmp_path, shared_cache, "stdio://")
+    proc = await _spawn_serve(config, asyncio.subprocess.PIPE)
     assert proc.stdin is not None and proc.stdout is not None
     try:
         await _wfw_procedure(proc.stdout, proc.stdin, startup_s=TIMEOUT_S)
@@ -651,18 +656,7 @@ async def test_wyoming_faster_whisper_procedure_over_tcp(
     tmp_path: Path, shared_cache: Path
 ) -> None:
     config = _serve_config(tmp_path, shared_cache, "tcp://127.0.0.1:0")
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "edgevoice",
-        "serve",
-        "--config",
-        str(config),
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=_env(),
-    )
+    proc = await _spawn_serve(config, asyncio.subprocess.DEVNULL)
     assert proc.stderr is not None
     try:
         port = None
