@@ -5,6 +5,17 @@ accepts WAV (any rate/width/channels), FLAC, MP3, Ogg/Opus/Vorbis, M4A/AAC,
 WebM and whatever else FFmpeg (through PyAV) reads. Every failure to decode
 raises :class:`AudioError`, which protocols turn into client errors.
 
+Decoding is bounded: :func:`decode` reads the container's declared duration
+first and refuses a file over ``max_duration_s`` before decoding anything,
+then decodes block by block, downmixing and resampling each block into the
+target rate as it goes, with a running duration count that stops as soon as
+the limit is crossed (declared durations can lie). The source's full-rate
+multichannel float array never exists.
+
+Streams of raw PCM (Wyoming, WebSocket and satellite audio) go through
+:class:`PcmConverter` / :class:`StreamResampler`, the one streaming
+resampler every face uses.
+
 All functions here are blocking CPU work; protocols call them in worker threads
 when the input can be large.
 """
@@ -22,6 +33,7 @@ import numpy as np
 import numpy.typing as npt
 
 from edgevoice.engines.base import FloatAudio
+from edgevoice.errors import BadAudioError, LimitExceededError
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -43,9 +55,24 @@ _AV_OUTPUT: Final[dict[str, tuple[str, str, int | None]]] = {
     "aac": ("adts", "aac", None),
 }
 
+MAX_NATIVE_RATE_HZ: Final = 48000
+"""Without a target rate, audio is decoded at its own rate up to this one (speech
+needs no more; a 192 kHz file would otherwise cost four times the memory)."""
+_BLOCK_FRAMES: Final = 16384
+"""Source frames per libsndfile read (8 channels: 512 KiB of float32)."""
+PCM_WIDTHS: Final = (1, 2, 4)
+PCM_RATES_HZ: Final = (1000, 384000)
+"""Lowest and highest sample rate accepted for raw PCM input."""
+PCM_MAX_CHANNELS: Final = 32
 
-class AudioError(ValueError):
-    """Audio that is empty, corrupt, too long or in an unsupported format."""
+
+AudioError = BadAudioError
+"""Audio that is empty, corrupt or in an unsupported format."""
+
+
+def duration_limit_error(max_duration_s: float) -> LimitExceededError:
+    """The one error for audio longer than ``[limits] max_audio_s``."""
+    return LimitExceededError("max_audio_s", max_duration_s, what="audio duration", unit="s")
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,7 +95,7 @@ class Audio:
 
 
 def resample(samples: FloatAudio, from_hz: int, to_hz: int) -> FloatAudio:
-    """High-quality resampling with soxr (blocking)."""
+    """High-quality resampling of a whole clip with soxr (blocking)."""
     if from_hz == to_hz or len(samples) == 0:
         return samples.astype(np.float32, copy=False)
     import soxr
@@ -79,17 +106,110 @@ def resample(samples: FloatAudio, from_hz: int, to_hz: int) -> FloatAudio:
     return out
 
 
+class StreamResampler:
+    """Mono float32 chunks at ``from_hz`` → chunks at ``to_hz``, keeping filter state
+    across chunks (soxr ``ResampleStream``, HQ).
+
+    Blocking CPU work, cheap per chunk; one instance per stream, not thread-safe.
+    Equal rates pass chunks through untouched. :meth:`flush` returns the
+    filter's tail at the end of a stream and resets it for the next one.
+    """
+
+    def __init__(self, from_hz: int, to_hz: int) -> None:
+        if from_hz <= 0 or to_hz <= 0:
+            raise AudioError(f"invalid sample rate {from_hz} → {to_hz} Hz")
+        self.from_hz = from_hz
+        self.to_hz = to_hz
+        self._stream: Any = None
+        if from_hz != to_hz:
+            import soxr
+
+            self._stream = soxr.ResampleStream(from_hz, to_hz, 1, dtype="float32", quality="HQ")
+
+    def process(self, samples: FloatAudio) -> FloatAudio:
+        """Resample one chunk; the output may be a little shorter (filter delay)."""
+        if self._stream is None:
+            return samples.astype(np.float32, copy=False)
+        out: FloatAudio = self._stream.resample_chunk(
+            np.ascontiguousarray(samples, dtype=np.float32)
+        )
+        return out
+
+    def flush(self) -> FloatAudio:
+        """The remaining output at the end of a stream; the resampler starts afresh after."""
+        if self._stream is None:
+            return np.zeros(0, dtype=np.float32)
+        out: FloatAudio = self._stream.resample_chunk(np.zeros(0, dtype=np.float32), last=True)
+        self._stream.clear()
+        return out
+
+
+class PcmConverter:
+    """Client PCM chunks (any rate, width and channel count, which may change between
+    chunks) → mono float32 at ``target_hz``.
+
+    Blocking but cheap per chunk (call it on the loop for small chunks, in a
+    worker for big ones); one per stream, not thread-safe. Raises
+    :class:`AudioError` for a format it cannot take.
+    """
+
+    def __init__(self, target_hz: int) -> None:
+        self.target_hz = target_hz
+        self._resampler: StreamResampler | None = None
+        self.received_s = 0.0
+        """Seconds of input converted so far (at the input's own rate)."""
+
+    @staticmethod
+    def check_format(rate_hz: object, width: object, channels: object) -> None:
+        """Raise :class:`AudioError` unless this is a PCM format we convert."""
+        if width not in PCM_WIDTHS:
+            raise AudioError(f"unsupported sample width {width!r} (use 1, 2 or 4 bytes)")
+        low, high = PCM_RATES_HZ
+        if not isinstance(rate_hz, int) or isinstance(rate_hz, bool) or not low <= rate_hz <= high:
+            raise AudioError(f"unsupported sample rate {rate_hz!r} (use {low}–{high} Hz)")
+        if (
+            not isinstance(channels, int)
+            or isinstance(channels, bool)
+            or not 1 <= channels <= PCM_MAX_CHANNELS
+        ):
+            raise AudioError(f"unsupported channel count {channels!r}")
+
+    def convert(self, data: bytes, rate_hz: int, width: int, channels: int) -> FloatAudio:
+        """One chunk of little-endian PCM → mono float32 at ``target_hz``."""
+        self.check_format(rate_hz, width, channels)
+        samples = pcm_to_float(data, width, channels)
+        self.received_s += len(samples) / rate_hz
+        head = np.zeros(0, dtype=np.float32)
+        if self._resampler is None or self._resampler.from_hz != rate_hz:
+            if self._resampler is not None:
+                head = self._resampler.flush()  # the old rate's tail comes first
+            self._resampler = StreamResampler(rate_hz, self.target_hz)
+        out = self._resampler.process(samples)
+        return np.concatenate([head, out]) if len(head) else out
+
+    def flush(self) -> FloatAudio:
+        """The resampler's tail at the end of a stream (then ready for the next one)."""
+        if self._resampler is None:
+            return np.zeros(0, dtype=np.float32)
+        out = self._resampler.flush()
+        self._resampler = None
+        self.received_s = 0.0
+        return out
+
+
 def to_mono(samples: npt.NDArray[np.float32]) -> FloatAudio:
     """(frames, channels) or (frames,) → (frames,) by averaging channels."""
     if samples.ndim == 1:
         return samples
+    if samples.shape[1] == 1:
+        return samples[:, 0]
     mono: FloatAudio = samples.mean(axis=1, dtype=np.float32)
     return mono
 
 
 def pcm_to_float(data: bytes, width: int, channels: int = 1) -> FloatAudio:
     """Raw little-endian signed PCM (width 1=u8, 2, 4 bytes) → mono float32."""
-    if width not in (1, 2, 4):
+    if width not in PCM_WIDTHS:
         raise AudioError(f"unsupported sample width {width} bytes (use 1, 2 or 4)")
     if channels < 1:
         raise AudioError(f"invalid channel count {channels}")
@@ -114,63 +234,133 @@ def float_to_pcm16(samples: FloatAudio) -> bytes:
     return (clipped * 32767.0).astype("<i2").tobytes()
 
 
-def silence(duration_s: float, rate_hz: int) -> FloatAudio:
-    return np.zeros(round(duration_s * rate_hz), dtype=np.float32)
-
-
 # ----------------------------------------------------------------- decoding
 
 
-def _decode_soundfile(data: bytes) -> Audio | None:
-    """WAV/FLAC through libsndfile (exact for every WAV sample format)."""
-    if not data.startswith((b"RIFF", b"RF64", b"fLaC")):
-        return None
+class _Collector:
+    """Mono blocks at the source rate → one clip at the target rate, counting
+    the source duration and stopping as soon as it crosses the limit."""
+
+    def __init__(self, rate_hz: int | None, max_duration_s: float | None) -> None:
+        self._rate_hz = rate_hz
+        self._max_duration_s = max_duration_s
+        self._resampler: StreamResampler | None = None
+        self._chunks: list[FloatAudio] = []
+        self.source_s = 0.0
+
+    def add(self, mono: FloatAudio, source_hz: int) -> None:
+        if len(mono) == 0:
+            return
+        if source_hz <= 0:
+            raise AudioError("audio stream has no sample rate")
+        self.source_s += len(mono) / source_hz
+        if self._max_duration_s is not None and self.source_s > self._max_duration_s:
+            raise duration_limit_error(self._max_duration_s)
+        if not np.isfinite(mono).all():
+            raise AudioError("audio contains NaN or infinite samples")
+        if self._resampler is None or self._resampler.from_hz != source_hz:
+            target = self._rate_hz or (
+                self._resampler.to_hz
+                if self._resampler is not None
+                else min(source_hz, MAX_NATIVE_RATE_HZ)
+            )
+            if self._resampler is not None:
+                self._chunks.append(self._resampler.flush())
+            self._resampler = StreamResampler(source_hz, target)
+        out = self._resampler.process(mono)
+        if len(out):
+            # A copy: the block may be a view into a decoder buffer or a big read.
+            self._chunks.append(np.array(out, dtype=np.float32, copy=True))
+
+    def finish(self) -> Audio:
+        if self._resampler is None:
+            raise AudioError("audio input contains no samples")
+        self._chunks.append(self._resampler.flush())
+        samples = np.concatenate(self._chunks)
+        self._chunks.clear()
+        if len(samples) == 0:
+            raise AudioError("audio input contains no samples")
+        return Audio(samples, self._resampler.to_hz)
+
+
+def _check_declared(declared_s: float | None, max_duration_s: float | None) -> None:
+    if max_duration_s is not None and declared_s is not None and declared_s > max_duration_s:
+        _LOGGER.debug("Audio declares %.1f s; refused before decoding", declared_s)
+        raise duration_limit_error(max_duration_s)
+
+
+def _decode_soundfile(source: io.BytesIO | str, collector: _Collector, max_s: float | None) -> bool:
+    """WAV through libsndfile (exact for every WAV sample format), block by block.
+
+    False when libsndfile cannot open it (FFmpeg reads some WAVs it refuses).
+    """
     import soundfile as sf
 
     try:
-        samples, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
-    except (sf.LibsndfileError, RuntimeError, TypeError, ValueError, MemoryError):
-        return None  # let FFmpeg try (it reads some WAVs libsndfile refuses)
-    return Audio(to_mono(samples), int(rate))
+        handle = sf.SoundFile(source)
+    except (sf.LibsndfileError, RuntimeError, TypeError, ValueError):
+        if isinstance(source, io.BytesIO):
+            source.seek(0)
+        return False
+    with handle:
+        rate = int(handle.samplerate)
+        if rate <= 0:
+            raise AudioError("audio stream has no sample rate")
+        # libsndfile derives WAV frames from the header, clamped to the data present.
+        _check_declared(handle.frames / rate if handle.frames > 0 else None, max_s)
+        try:
+            while True:
+                block = handle.read(_BLOCK_FRAMES, dtype="float32", always_2d=True)
+                if len(block) == 0:
+                    break
+                collector.add(to_mono(block), rate)
+        except (sf.LibsndfileError, RuntimeError) as exc:
+            raise AudioError(f"could not decode audio: {exc}") from None
+    return True
 
 
-def _decode_pyav(data: bytes) -> Audio:
+def _declared_s(container: Any, stream: Any) -> float | None:
+    """The duration the container claims (header, last Ogg page, bitrate estimate)."""
+    if stream.duration and stream.time_base:
+        return float(stream.duration * stream.time_base)
+    if container.duration:
+        return float(container.duration) / 1_000_000
+    return None
+
+
+def _decode_pyav(source: io.BytesIO | str, collector: _Collector, max_s: float | None) -> None:
     import av
 
-    chunks: list[FloatAudio] = []
+    declared_s: float | None = None
     try:
-        with av.open(io.BytesIO(data), mode="r") as container:
+        with av.open(source, mode="r") as container:
             if not container.streams.audio:
                 raise AudioError("no audio stream found in the input")
             stream = container.streams.audio[0]
-            rate = stream.codec_context.sample_rate or stream.sample_rate
-            if not rate:
-                raise AudioError("audio stream has no sample rate")
-            # Downmix and convert to packed float in FFmpeg; rate stays native so
-            # resampling happens once, in soxr.
-            declared_s = container.duration / 1_000_000 if container.duration else None
-            resampler = av.AudioResampler(format="flt", layout="mono", rate=rate)
+            declared_s = _declared_s(container, stream)
+            _check_declared(declared_s, max_s)
+            # FFmpeg converts each frame to packed float and downmixes; the rate
+            # stays native so resampling happens once, in soxr.
+            converter = av.AudioResampler(format="flt", layout="mono")
             for frame in container.decode(stream):
-                for out in resampler.resample(frame):
-                    chunks.append(out.to_ndarray().reshape(-1).astype(np.float32, copy=False))
-            for out in resampler.resample(None):
-                chunks.append(out.to_ndarray().reshape(-1).astype(np.float32, copy=False))
-    except AudioError:
+                for out in converter.resample(frame):
+                    collector.add(out.to_ndarray().reshape(-1), int(out.sample_rate))
+            for out in converter.resample(None):
+                collector.add(out.to_ndarray().reshape(-1), int(out.sample_rate))
+    except (AudioError, LimitExceededError):
         raise
     except av.error.FFmpegError as exc:
         raise AudioError(f"could not decode audio: {exc.strerror or exc!s}") from None
     except (ValueError, OSError, EOFError) as exc:
         raise AudioError(f"could not decode audio: {exc}") from None
-    if not chunks:
+    if collector.source_s == 0:
         raise AudioError("could not decode audio: no audio samples in the input")
-    audio = Audio(np.concatenate(chunks), int(rate))
     # A cut-off download still decodes its first frames; the container's own
     # duration tells us most of it is missing.
-    if declared_s and declared_s > 1.0 and audio.duration_s < 0.5 * declared_s:
+    if declared_s and declared_s > 1.0 and collector.source_s < 0.5 * declared_s:
         raise AudioError(
-            f"audio is truncated: decoded {audio.duration_s:.1f} s of {declared_s:.1f} s"
+            f"audio is truncated: decoded {collector.source_s:.1f} s of {declared_s:.1f} s"
         )
-    return audio
 
 
 def decode(
@@ -179,30 +369,37 @@ def decode(
     rate_hz: int | None = None,
     max_duration_s: float | None = None,
 ) -> Audio:
-    """Decode a whole audio file to mono float32, resampled to ``rate_hz``.
+    """Decode an audio file (bytes or a path) to mono float32 at ``rate_hz``.
 
-    Raises :class:`AudioError` for empty, corrupt, unsupported or too long input.
+    Without ``rate_hz`` the result keeps the source rate, capped at
+    :data:`MAX_NATIVE_RATE_HZ`. With ``max_duration_s``, a file whose header
+    declares more is refused before decoding, and decoding stops as soon as
+    the running count of decoded source audio crosses it. Memory stays in the
+    order of the *output* (at most ``max_duration_s`` at the target rate),
+    whatever the source's rate and channel count. Blocking.
+
+    Raises :class:`AudioError` for empty, corrupt or unsupported input and
+    :class:`~edgevoice.errors.LimitExceededError` (``max_audio_s``) for too long.
     """
+    source: io.BytesIO | str
     if isinstance(data, Path):
-        path = data
         try:
-            data = path.read_bytes()
+            with data.open("rb") as handle:
+                magic = handle.read(4)
         except OSError as exc:
-            raise AudioError(f"cannot read {path}: {exc.strerror or exc!s}") from None
-    if not data:
+            raise AudioError(f"cannot read {data}: {exc.strerror or exc!s}") from None
+        source = str(data)
+    else:
+        magic = data[:4]
+        source = io.BytesIO(data)
+    if not magic:
         raise AudioError("empty audio input (0 bytes)")
-    # libsndfile reads WAV/FLAC/Ogg exactly (all WAV sample formats); FFmpeg
-    # covers the rest (mp3, m4a, webm, opus, ...).
-    audio = _decode_soundfile(data) or _decode_pyav(data)
-    if len(audio.samples) == 0:
-        raise AudioError("audio input contains no samples")
-    if max_duration_s is not None and audio.duration_s > max_duration_s:
-        raise AudioError(
-            f"audio is {audio.duration_s:.1f} s long; the limit is {max_duration_s:.0f} s"
-        )
-    if not np.all(np.isfinite(audio.samples)):
-        raise AudioError("audio contains NaN or infinite samples")
-    return audio.at_rate(rate_hz) if rate_hz else audio
+    collector = _Collector(rate_hz, max_duration_s)
+    # libsndfile reads every WAV sample format exactly; FFmpeg covers the rest
+    # (FLAC, mp3, m4a, webm, ogg, ...) and WAVs libsndfile refuses.
+    if not (magic in (b"RIFF", b"RF64") and _decode_soundfile(source, collector, max_duration_s)):
+        _decode_pyav(source, collector, max_duration_s)
+    return collector.finish()
 
 
 # ----------------------------------------------------------------- encoding
@@ -254,14 +451,13 @@ class StreamEncoder:
     ``pcm`` is bare s16le; the other formats go through FFmpeg.
     """
 
-    def __init__(self, fmt: str, rate_hz: int, *, streaming: bool = True) -> None:
+    def __init__(self, fmt: str, rate_hz: int) -> None:
         if fmt not in OUTPUT_FORMATS:
             raise AudioError(
                 f"unsupported output format {fmt!r}; use one of {', '.join(OUTPUT_FORMATS)}"
             )
         self.format = fmt
         self.rate_hz = rate_hz
-        self._streaming = streaming
         self._header_sent = False
         self._closed = False
         self._container: Any = None
@@ -332,7 +528,7 @@ def encode(samples: FloatAudio, rate_hz: int, fmt: str) -> bytes:
     if fmt == "wav":
         pcm = float_to_pcm16(samples)
         return wav_header(rate_hz, len(pcm)) + pcm
-    encoder = StreamEncoder(fmt, rate_hz, streaming=False)
+    encoder = StreamEncoder(fmt, rate_hz)
     return encoder.write(samples) + encoder.close()
 
 

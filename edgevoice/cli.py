@@ -21,15 +21,15 @@ from edgevoice.config import (
 )
 from edgevoice.daemon import Daemon, setup_logging
 from edgevoice.engines.base import (
-    EngineError,
     EngineKind,
     EngineRequestError,
     SynthesizeOptions,
     TranscribeOptions,
 )
 from edgevoice.engines.registry import default_registry
+from edgevoice.errors import EngineError, UnknownModelError
 from edgevoice.formats import TRANSCRIPT_FORMATS, format_transcript
-from edgevoice.hub import EngineHub, HubStartError, UnknownModelError
+from edgevoice.hub import EngineHub, HubStartError
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -157,7 +157,7 @@ async def _speak(args: argparse.Namespace, settings: Settings) -> None:
     async with EngineHub(settings, only=only) as hub:
         options = SynthesizeOptions(voice=args.voice, speaker=args.speaker, speed=args.speed)
         _model, rate, chunks = await hub.synthesize(text, options)
-        encoder = StreamEncoder(fmt, rate, streaming=False)
+        encoder = StreamEncoder(fmt, rate)
         partial = args.output.with_name(args.output.name + ".partial")
         try:
             with partial.open("wb") as out:

@@ -92,8 +92,6 @@ class WyomingConfig(_Strict):
     """Advertise ``_wyoming._tcp.local.`` so Home Assistant discovers us (tcp only)."""
     zeroconf_name: str | None = None
     """Service name; default ``edgevoice-<node_id>``."""
-    max_audio_s: float = Field(default=300.0, gt=0)
-    """Longest audio accepted in one transcribe/detect request."""
     end_of_speech_s: float = Field(default=0.3, gt=0, le=5)
     """Silence after speech (per the VAD) that starts speculative decoding."""
 
@@ -106,8 +104,6 @@ class HttpConfig(_Strict):
     """When set, requests need ``Authorization: Bearer <api_key>``."""
     api_key_file: Path | None = None
     """Read the key from a file (systemd ``LoadCredential=``)."""
-    max_upload_mb: float = Field(default=25.0, gt=0)
-    max_input_chars: int = Field(default=4096, ge=1)
     cors_origins: list[str] = Field(default_factory=list)
     """Allowed CORS origins; empty disables CORS."""
 
@@ -137,10 +133,44 @@ class MqttConfig(_Strict):
     reconnect_max_s: float = Field(default=30.0, gt=0)
     protocol: Literal["auto", "5", "3.1.1"] = "auto"
     """``auto`` tries MQTT 5 and falls back to 3.1.1 when the broker refuses it."""
-    max_input_chars: int = Field(default=4096, ge=1)
-    """Longest text accepted in one speak request."""
+
+
+class LimitsConfig(_Strict):
+    """``[limits]``: one policy every face applies, each in its own error shape.
+
+    Every bound is checked before the work it guards (declared duration before
+    decoding, text length before phonemizing), so a hostile request costs
+    little and the daemon keeps serving everyone else.
+    """
+
     max_audio_s: float = Field(default=300.0, gt=0)
-    """Longest audio accepted in one transcribe request (or Hermes listening session)."""
+    """Longest audio in one transcription (HTTP upload, Wyoming stream, MQTT, Hermes);
+    decoding stops as soon as it is crossed."""
+    max_upload_bytes: int = Field(default=25 * 1024 * 1024, ge=1024)
+    """Largest HTTP request body / MQTT audio payload."""
+    max_input_chars: int = Field(default=4096, ge=1)
+    """Longest text in one synthesis request (HTTP, Wyoming, MQTT), and the most text
+    a streaming synthesis may hold unspoken."""
+    max_sentence_chars: int = Field(default=300, ge=20, le=10000)
+    """Longer sentences are cut at clause, then word boundaries before synthesis."""
+    max_ws_message_bytes: int = Field(default=1024 * 1024, ge=1024)
+    """Largest WebSocket message."""
+    max_pending_per_client: int = Field(default=8, ge=1, le=1024)
+    """Requests one client (connection, MQTT client id) may have queued or running."""
+    max_connections: int = Field(default=256, ge=1)
+    """Open connections per face (Wyoming, HTTP WebSockets); more are refused."""
+    idle_timeout_s: float = Field(default=300.0, gt=0)
+    """A connection that sends nothing for this long is closed (Wyoming; HTTP keep-alive)."""
+    header_timeout_s: float = Field(default=10.0, gt=0)
+    """Time a client has to send an HTTP request's headers (slowloris)."""
+    session_timeout_s: float = Field(default=60.0, gt=0)
+    """Streaming sessions (Hermes listening, speech streams) with no traffic expire."""
+    max_voices: int = Field(default=100, ge=0)
+    """Voices the voice library holds."""
+    max_voice_library_bytes: int = Field(default=200 * 1024 * 1024, ge=0)
+    """Bytes the voice library's reference clips may take together."""
+    max_mqtt_outbox_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+    """Bytes of MQTT messages held while the broker is unreachable (oldest dropped)."""
 
 
 def _default_asr() -> list[ModelConfig]:
@@ -213,6 +243,7 @@ class Settings(BaseSettings):
     wyoming: WyomingConfig = Field(default_factory=WyomingConfig)
     http: HttpConfig = Field(default_factory=HttpConfig)
     mqtt: MqttConfig = Field(default_factory=MqttConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
 
     @model_validator(mode="after")
     def _check_models(self) -> Settings:

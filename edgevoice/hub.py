@@ -11,11 +11,12 @@ and exposes the capabilities protocols advertise.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar, cast
@@ -45,6 +46,8 @@ from edgevoice.engines.base import (
     WakeEngine,
 )
 from edgevoice.engines.registry import EngineRegistry, default_registry
+from edgevoice.errors import UnknownModelError
+from edgevoice.fairness import FairLimiter
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -54,17 +57,6 @@ E = TypeVar("E")
 
 class HubStartError(RuntimeError):
     """An engine the config selects could not be loaded; the message says why."""
-
-
-class UnknownModelError(LookupError):
-    """A request named a model or voice that is not configured."""
-
-    def __init__(self, kind: EngineKind, name: str, known: Sequence[str]) -> None:
-        what = "voice" if kind is EngineKind.TTS else f"{kind.value} model"
-        super().__init__(f"unknown {what} {name!r}; available: {', '.join(known) or 'none'}")
-        self.kind = kind
-        self.name = name
-        self.known = list(known)
 
 
 @dataclass
@@ -77,6 +69,8 @@ class EngineSlot:
     device: DeviceChoice
     executor: ThreadPoolExecutor
     max_concurrency: int
+    limiter: FairLimiter
+    """Permits for calls into the engine, shared fairly between faces and clients."""
     requests: int = 0
     busy_s: float = 0.0
     audio_s: float = 0.0
@@ -222,6 +216,7 @@ class EngineHub:
             DeviceChoice("cpu", ""),
             executor,
             entry.max_concurrency,
+            FairLimiter(entry.max_concurrency),
         )
 
     @staticmethod
@@ -231,6 +226,7 @@ class EngineHub:
             # ThreadPoolExecutor starts further workers on demand.
             slot.executor._max_workers = max_concurrency
             slot.max_concurrency = max_concurrency
+            slot.limiter.permits = max_concurrency
 
     def _load_slot(
         self,
@@ -492,7 +488,14 @@ class EngineHub:
     # ------------------------------------------------------- thread boundary
 
     async def run(self, model: LoadedModel[Any], fn: Callable[..., T], *args: Any) -> T:
-        """Run blocking ``fn(*args)`` in ``model``'s worker pool."""
+        """Run blocking ``fn(*args)`` in ``model``'s worker pool.
+
+        The call waits for a fair turn (:mod:`edgevoice.fairness`): callers
+        queue per face and client, so one busy client cannot starve others.
+        The turn is held until the worker thread is done, even when the
+        awaiting task is cancelled, so the pool never runs more than
+        ``max_concurrency`` calls.
+        """
         slot = model.slot
         loop = asyncio.get_running_loop()
 
@@ -503,9 +506,20 @@ class EngineHub:
             finally:
                 slot.busy_s += time.monotonic() - started
 
+        def release(_future: object) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+                loop.call_soon_threadsafe(slot.limiter.release)
+
         slot.active += 1
         try:
-            return await loop.run_in_executor(slot.executor, timed)
+            await slot.limiter.acquire()
+            try:
+                future = slot.executor.submit(timed)
+            except BaseException:
+                slot.limiter.release()
+                raise
+            future.add_done_callback(release)
+            return await asyncio.wrap_future(future)
         finally:
             slot.active -= 1
 

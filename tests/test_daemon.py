@@ -243,7 +243,7 @@ async def test_reload_restarts_changed_protocol_servers(
 
     configs = [
         settings(),  # models only: the server keeps running and is told
-        settings(max_input_chars=100),  # same port: stop, then start
+        settings(cors_origins=["http://x.test"]),  # same port: stop, then start
         settings(port=0),  # a new port: the new server starts before the old stops
         settings(enabled=False),
     ]
@@ -272,7 +272,7 @@ async def test_reload_restarts_changed_protocol_servers(
         assert second is not first
         assert first.addresses == []  # stopped
         assert await _connects(("127.0.0.1", port))
-        assert daemon.settings.http.max_input_chars == 100
+        assert daemon.settings.http.cors_origins == ["http://x.test"]
 
         daemon.request_reload()
         ready = await listener.until("READY")

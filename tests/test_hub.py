@@ -16,7 +16,8 @@ from edgevoice.engines.base import (
     SynthesizeOptions,
     TranscribeOptions,
 )
-from edgevoice.hub import EngineHub, HubStartError, UnknownModelError
+from edgevoice.errors import UnknownModelError
+from edgevoice.hub import EngineHub, HubStartError
 from tests.conftest import (
     HOTWORDS_MP3,
     JOE,

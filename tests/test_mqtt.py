@@ -193,7 +193,7 @@ async def make_bridge(hub: EngineHub, mosquitto: Mosquitto) -> AsyncIterator[Bri
     """Start bridges with a unique node id/topic prefix; stopped at the end."""
     bridges: list[MqttBridge] = []
 
-    async def factory(**overrides: Any) -> MqttBridge:
+    async def factory(limits: dict[str, Any] | None = None, **overrides: Any) -> MqttBridge:
         values: dict[str, Any] = {
             "enabled": True,
             "url": mosquitto.url,
@@ -204,7 +204,10 @@ async def make_bridge(hub: EngineHub, mosquitto: Mosquitto) -> AsyncIterator[Bri
             "reconnect_max_s": 0.5,
         }
         values.update(overrides)
-        settings = hub.settings.model_copy(update={"mqtt": MqttConfig(**values)})
+        update: dict[str, Any] = {"mqtt": MqttConfig(**values)}
+        if limits:
+            update["limits"] = hub.settings.limits.model_copy(update=limits)
+        settings = hub.settings.model_copy(update=update)
         bridge = MqttBridge(settings, hub)
         await bridge.start()
         bridges.append(bridge)
@@ -436,7 +439,7 @@ async def test_discovery_availability_and_events(
 async def test_bad_payloads_reported_and_bridge_keeps_working(
     make_bridge: BridgeFactory, probe: Probe
 ) -> None:
-    bridge = await make_bridge(max_input_chars=50)
+    bridge = await make_bridge(limits={"max_input_chars": 50})
     base = bridge.base
     await probe.subscribe(f"{base}/error", f"{base}/tts/done", f"{base}/asr/transcript")
     junk_b64 = base64.b64encode(b"definitely not audio").decode()

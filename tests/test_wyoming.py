@@ -491,7 +491,7 @@ async def test_bad_input(
 
 async def test_ten_minutes_of_audio_is_refused(hub: EngineHub) -> None:
     settings = hub.settings.model_copy(
-        update={"wyoming": hub.settings.wyoming.model_copy(update={"max_audio_s": 20.0})}
+        update={"limits": hub.settings.limits.model_copy(update={"max_audio_s": 20.0})}
     )
     async with WyomingServer(settings, hub) as small:
         reader, writer = await _raw(small)

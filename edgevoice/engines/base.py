@@ -23,6 +23,8 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict
 
+from edgevoice.errors import UnsupportedRequestError
+
 if TYPE_CHECKING:
     from edgevoice.config import ModelConfig
 
@@ -39,16 +41,9 @@ class EngineKind(enum.StrEnum):
     VAD = "vad"
 
 
-class EngineError(RuntimeError):
-    """An engine failed while serving a request (a server-side fault)."""
-
-
-class EngineRequestError(ValueError):
-    """The request cannot be served by this engine (a client-side fault).
-
-    For example: translation asked of an English-only model, an unknown
-    speaker, text that phonemizes to nothing.
-    """
+# Engines raise these two from the shared taxonomy (edgevoice.errors).
+EngineRequestError = UnsupportedRequestError
+"""The request cannot be served by this engine (a client-side fault)."""
 
 
 class EngineOptions(BaseModel):

@@ -54,7 +54,8 @@ from edgevoice.engines.base import (
     SynthesizeOptions,
     TranscribeOptions,
 )
-from edgevoice.hub import EngineHub, UnknownModelError
+from edgevoice.errors import UnknownModelError
+from edgevoice.hub import EngineHub
 from edgevoice.protocols.base import ProtocolServer
 from edgevoice.protocols.mqtt_discovery import discovery_config, discovery_topic
 
@@ -815,10 +816,10 @@ class MqttBridge(ProtocolServer):
             payload = message.payload if isinstance(message.payload, bytes) else b""
             request_id, request = await asyncio.to_thread(_parse_say_with_id, payload)
             request_id = request.id or ctx.user.get("id")
-            if len(request.text) > self.config.max_input_chars:
+            if len(request.text) > self.settings.limits.max_input_chars:
                 raise MqttRequestError(
                     f"text is {len(request.text)} characters; the limit is "
-                    f"{self.config.max_input_chars}"
+                    f"{self.settings.limits.max_input_chars}"
                 )
             await self.speak(request, request_id or _new_id(), ctx)
         except _PartialRequestError as exc:
@@ -889,7 +890,7 @@ class MqttBridge(ProtocolServer):
             model = (request.model if request else None) or ctx.user.get("model")
             self.hub.asr(model)  # unknown model → error before decoding
             audio = await asyncio.to_thread(
-                decode, audio_bytes, max_duration_s=self.config.max_audio_s
+                decode, audio_bytes, max_duration_s=self.settings.limits.max_audio_s
             )
             options = TranscribeOptions(
                 language=language or None,

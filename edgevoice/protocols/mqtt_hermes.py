@@ -30,7 +30,7 @@ import numpy as np
 
 from edgevoice.audio import Audio, AudioError, encode, pcm_to_float
 from edgevoice.engines.base import EngineRequestError, TranscribeOptions
-from edgevoice.hub import UnknownModelError
+from edgevoice.errors import UnknownModelError
 
 if TYPE_CHECKING:
     from edgevoice.protocols.mqtt import MqttBridge, Route
@@ -141,8 +141,8 @@ class HermesAdapter:
         if not isinstance(text, str) or not text.strip():
             self._report(topic, "text: missing or empty", "tts", session_id, request_id)
             return
-        if len(text) > self.bridge.config.max_input_chars:
-            limit = self.bridge.config.max_input_chars
+        if len(text) > self.bridge.settings.limits.max_input_chars:
+            limit = self.bridge.settings.limits.max_input_chars
             self._report(
                 topic,
                 f"text is {len(text)} characters; the limit is {limit}",
@@ -212,7 +212,7 @@ class HermesAdapter:
             for session in targets:
                 session.error = session.error or str(exc)
             return
-        max_frames = self.bridge.config.max_audio_s * fmt[0]
+        max_frames = self.bridge.settings.limits.max_audio_s * fmt[0]
         for session in targets:
             if session.error:
                 continue
@@ -222,9 +222,7 @@ class HermesAdapter:
                 session.error = f"audio frame format changed from {session.format} to {fmt}"
                 continue
             if session.frames + len(pcm) // (fmt[1] * fmt[2]) > max_frames:
-                session.error = (
-                    f"listening session is longer than {self.bridge.config.max_audio_s:.0f} s"
-                )
+                session.error = f"listening session is longer than {self.bridge.settings.limits.max_audio_s:.0f} s"
                 continue
             session.chunks.append(pcm)
             session.frames += len(pcm) // (fmt[1] * fmt[2])

@@ -75,7 +75,6 @@ from edgevoice.audio import Audio, AudioError, float_to_pcm16, pcm_to_float
 from edgevoice.config import Settings
 from edgevoice.engines.base import (
     AsrEngine,
-    EngineError,
     EngineKind,
     EngineRequestError,
     FloatAudio,
@@ -87,7 +86,8 @@ from edgevoice.engines.base import (
     WakeEngine,
     WakeStream,
 )
-from edgevoice.hub import EngineHub, LoadedModel, UnknownModelError
+from edgevoice.errors import EngineError, UnknownModelError
+from edgevoice.hub import EngineHub, LoadedModel
 from edgevoice.protocols.base import ProtocolServer
 from edgevoice.text import SentenceBuffer
 
@@ -695,7 +695,7 @@ class _Connection:
             duration_s = chunk.seconds
         except ZeroDivisionError:
             duration_s = 0.0
-        limit = self.server.settings.wyoming.max_audio_s
+        limit = self.server.settings.limits.max_audio_s
         if session.received_s + duration_s > limit:
             session.rejected = True
             session.drop_speculation()
