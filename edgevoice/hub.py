@@ -16,17 +16,21 @@ import dataclasses
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar, cast
+from types import TracebackType
+from typing import Any, Generic, Self, TypeVar, cast
 
-from edgevoice.audio import Audio
+import numpy as np
+
+from edgevoice.audio import Audio, duration_limit_error, resample
 from edgevoice.config import ConfigError, ModelConfig, Settings, validate_engines
 from edgevoice.devices import DeviceChoice, probe_machine, select_device
 from edgevoice.engines.base import (
     AsrCapabilities,
     AsrEngine,
+    Detection,
     Engine,
     EngineContext,
     EngineKind,
@@ -39,14 +43,14 @@ from edgevoice.engines.base import (
     TranscriptInfo,
     TtsCapabilities,
     TtsEngine,
-    VadCapabilities,
     VadEngine,
+    VadStream,
     VoiceInfo,
-    WakeCapabilities,
     WakeEngine,
+    WakeStream,
 )
 from edgevoice.engines.registry import EngineRegistry, default_registry
-from edgevoice.errors import UnknownModelError
+from edgevoice.errors import ShuttingDownError, UnknownModelError
 from edgevoice.fairness import FairLimiter
 
 _LOGGER = logging.getLogger(__name__)
@@ -57,6 +61,10 @@ E = TypeVar("E")
 
 class HubStartError(RuntimeError):
     """An engine the config selects could not be loaded; the message says why."""
+
+
+SESSION_MOVE_WAIT_S = 5.0
+"""How long closing a slot waits for a session's call in flight before moving it."""
 
 
 @dataclass
@@ -76,7 +84,12 @@ class EngineSlot:
     audio_s: float = 0.0
     load_s: float = 0.0
     active: int = 0
-    """Calls (and iterations) in flight; a slot retired by a reload closes at 0."""
+    """Calls in worker threads, iterations and open sessions; a slot retired by a
+    reload closes at 0 (or after ``shutdown_timeout_s``)."""
+    sessions: set[_Session] = field(default_factory=set)
+    """Sessions holding this slot (each also counts once in ``active``)."""
+    closed: bool = False
+    """Set when the slot starts closing: no new session may hold it."""
 
 
 @dataclass
@@ -372,19 +385,31 @@ class EngineHub:
         return summary
 
     async def _retire(self, slot: EngineSlot) -> None:
-        """Close an engine a reload dropped once nothing uses it (bounded wait)."""
+        """Close an engine a reload dropped once nothing uses it (bounded wait).
+
+        Open sessions keep the old engine until they end; those still open
+        after ``shutdown_timeout_s`` move to the model now serving their name
+        (or end with :class:`ShuttingDownError` when there is none).
+        """
         deadline = time.monotonic() + self.settings.shutdown_timeout_s
         # Polling keeps the request hot path a plain counter (no Event per call).
         while slot.active > 0 and time.monotonic() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.05)
-        if slot.active > 0:
-            _LOGGER.warning("Closing %s with %d calls still running", slot.plugin.name, slot.active)
+        calls = slot.active - len(slot.sessions)
+        if calls > 0:
+            _LOGGER.warning("Closing %s with %d calls still running", slot.plugin.name, calls)
         await self._close_slots([slot])
         self._retiring.pop(id(slot), None)
 
     async def _close_slots(self, slots: list[EngineSlot]) -> None:
         loop = asyncio.get_running_loop()
         for slot in slots:
+            slot.closed = True
+            for session in list(slot.sessions):
+                try:
+                    await session._slot_closing(slot)
+                except Exception:
+                    _LOGGER.exception("Moving a session off %s failed", slot.plugin.name)
             engine: Engine | None = slot.engine
             slot.engine = cast(Engine, None)  # closed once, even if this task is cancelled
             if engine is not None:
@@ -463,6 +488,13 @@ class EngineHub:
         except KeyError:
             raise UnknownModelError(EngineKind.TTS, name, self.voice_names()) from None
 
+    def _replacement(self, model: LoadedModel[E]) -> LoadedModel[E] | None:
+        """The model serving ``model``'s public name now, if on another open slot."""
+        current = self._names[model.kind].get(model.name)
+        if current is None or current.slot is model.slot or current.slot.closed:
+            return None
+        return cast(LoadedModel[E], current)
+
     def voice_names(self) -> list[str]:
         return list(self._voices)
 
@@ -471,12 +503,6 @@ class EngineHub:
 
     def tts_capabilities(self) -> list[tuple[LoadedModel[TtsEngine], TtsCapabilities]]:
         return [(m, m.engine.capabilities) for m in self._models[EngineKind.TTS]]
-
-    def wake_capabilities(self) -> list[tuple[LoadedModel[WakeEngine], WakeCapabilities]]:
-        return [(m, m.engine.capabilities) for m in self._models[EngineKind.WAKE]]
-
-    def vad_capabilities(self) -> list[tuple[LoadedModel[VadEngine], VadCapabilities]]:
-        return [(m, m.engine.capabilities) for m in self._models[EngineKind.VAD]]
 
     def all_voices(self) -> list[tuple[LoadedModel[TtsEngine], VoiceInfo]]:
         return [
@@ -487,14 +513,25 @@ class EngineHub:
 
     # ------------------------------------------------------- thread boundary
 
-    async def run(self, model: LoadedModel[Any], fn: Callable[..., T], *args: Any) -> T:
+    async def run(
+        self,
+        model: LoadedModel[Any],
+        fn: Callable[..., T],
+        *args: Any,
+        on_done: Callable[[], None] | None = None,
+    ) -> T:
         """Run blocking ``fn(*args)`` in ``model``'s worker pool.
 
         The call waits for a fair turn (:mod:`edgevoice.fairness`): callers
         queue per face and client, so one busy client cannot starve others.
         The turn is held until the worker thread is done, even when the
         awaiting task is cancelled, so the pool never runs more than
-        ``max_concurrency`` calls.
+        ``max_concurrency`` calls. A call cancelled before its turn never runs.
+
+        ``on_done`` is called on the event loop once the call no longer
+        occupies (or waits for) a worker: finished, failed, or cancelled before
+        it started; exactly once per call. A call on a closed slot raises
+        :class:`ShuttingDownError`.
         """
         slot = model.slot
         loop = asyncio.get_running_loop()
@@ -506,22 +543,38 @@ class EngineHub:
             finally:
                 slot.busy_s += time.monotonic() - started
 
-        def release(_future: object) -> None:
+        def finished() -> None:
+            slot.limiter.release()
+            slot.active -= 1
+            if on_done is not None:
+                on_done()
+
+        def release(_future: Future[T]) -> None:
             with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
-                loop.call_soon_threadsafe(slot.limiter.release)
+                loop.call_soon_threadsafe(finished)
 
         slot.active += 1
+        submitted = False
         try:
+            if slot.engine is None:
+                raise _gone(model)
             await slot.limiter.acquire()
             try:
                 future = slot.executor.submit(timed)
+            except RuntimeError:  # the pool was shut down (slot closed) meanwhile
+                slot.limiter.release()
+                raise _gone(model) from None
             except BaseException:
                 slot.limiter.release()
                 raise
+            submitted = True
             future.add_done_callback(release)
             return await asyncio.wrap_future(future)
         finally:
-            slot.active -= 1
+            if not submitted:
+                slot.active -= 1
+                if on_done is not None:
+                    on_done()
 
     async def iterate(self, model: LoadedModel[Any], iterator: Iterator[T]) -> AsyncIterator[T]:
         """Consume a blocking (lazy) iterator one ``next()`` at a time in the pool."""
@@ -573,18 +626,66 @@ class EngineHub:
         model: str | None = None,
     ) -> Transcript:
         """Transcribe a whole clip; the lazy segments are consumed in the worker."""
-        loaded = self.asr(model)
-        options = options or TranscribeOptions()
-        engine = loaded.engine
-        rate = engine.capabilities.sample_rate_hz
+        return await self._transcribe(self.asr(model), audio, options or TranscribeOptions())
+
+    async def _transcribe(
+        self,
+        loaded: LoadedModel[AsrEngine],
+        audio: Audio,
+        options: TranscribeOptions,
+        on_done: Callable[[], None] | None = None,
+    ) -> Transcript:
         loaded.slot.requests += 1
         loaded.slot.audio_s += audio.duration_s
 
         def work() -> Transcript:
+            engine = loaded.engine  # workers run only while the slot is open
+            rate = engine.capabilities.sample_rate_hz
             info, segments = engine.transcribe(audio.at_rate(rate).samples, options)
             return Transcript.from_segments(info, list(segments))
 
-        return await self.run(loaded, work)
+        return await self.run(loaded, work, on_done=on_done)
+
+    # ------------------------------------------------------------- sessions
+
+    def asr_session(
+        self,
+        model: str | LoadedModel[AsrEngine] | None = None,
+        options: TranscribeOptions | None = None,
+        *,
+        max_audio_s: float | None = None,
+    ) -> AsrSession:
+        """A transcription session on one ASR model (``async with``).
+
+        The model is resolved now (:class:`UnknownModelError` at once) and its
+        slot is held from ``__aenter__`` to ``__aexit__``. ``max_audio_s``
+        bounds the audio the session buffers (default ``[limits] max_audio_s``).
+        """
+        loaded = model if isinstance(model, LoadedModel) else self.asr(model)
+        limit = self.settings.limits.max_audio_s if max_audio_s is None else max_audio_s
+        return AsrSession(self, loaded, options or TranscribeOptions(), limit)
+
+    def wake_session(
+        self, models: Sequence[str | LoadedModel[WakeEngine]] | None = None
+    ) -> WakeSession:
+        """A wake-word detector over ``models`` (public names; all wake models for
+        ``None``/empty), one engine stream each (``async with``)."""
+        if not models:
+            resolved = self.models(EngineKind.WAKE)
+            if not resolved:
+                raise UnknownModelError(EngineKind.WAKE, "(any)", [])
+        else:
+            resolved = []
+            for item in models:
+                loaded = item if isinstance(item, LoadedModel) else self.wake(item)
+                if loaded not in resolved:
+                    resolved.append(loaded)
+        return WakeSession(self, resolved)
+
+    def vad_session(self, model: str | LoadedModel[VadEngine] | None = None) -> VadSession:
+        """A voice-activity stream on one VAD model (``async with``)."""
+        loaded = model if isinstance(model, LoadedModel) else self.vad(model)
+        return VadSession(self, loaded)
 
     # ------------------------------------------------------------------ TTS
 
@@ -611,8 +712,6 @@ class EngineHub:
 
     async def synthesize_all(self, text: str, options: SynthesizeOptions | None = None) -> Audio:
         """Synthesize and join all chunks (one worker call)."""
-        import numpy as np
-
         loaded, request = self._tts_request(options)
         engine = loaded.engine
 
@@ -622,3 +721,354 @@ class EngineHub:
 
         samples = await self.run(loaded, work)
         return Audio(samples, engine.capabilities.sample_rate_hz)
+
+
+# ------------------------------------------------------------------ sessions
+
+
+def _gone(model: LoadedModel[Any]) -> ShuttingDownError:
+    return ShuttingDownError(
+        f"{model.kind.value} model {model.name!r} is no longer loaded (shutdown or reload)"
+    )
+
+
+@dataclass(eq=False)
+class _Binding:
+    """One model a session holds, and its engine stream (wake word, VAD)."""
+
+    model: LoadedModel[Any]
+    stream: Any = None
+    busy: int = 0
+    """Calls of this binding queued or running in a worker."""
+    close_when_idle: Any = None
+    """A stream to close (in the worker pool) once ``busy`` drops to 0."""
+
+
+class _Session:
+    """Holds model slots from ``__aenter__`` to ``__aexit__`` (or :meth:`aclose`).
+
+    Event-loop only, one task at a time per session. While open, the session
+    counts in each slot's ``active``, so a reload that retires the slot lets
+    the session finish on it. A slot that closes under an open session (still
+    open ``shutdown_timeout_s`` after the reload, or a shutdown) moves the
+    session to the model now serving the same public name; when there is none,
+    the session's calls raise :class:`ShuttingDownError`.
+    """
+
+    def __init__(self, hub: EngineHub, models: Sequence[LoadedModel[Any]]) -> None:
+        for model in models:
+            if model.slot.engine is None or model.slot.closed:
+                raise _gone(model)
+        self._hub = hub
+        self._bound = [_Binding(model) for model in models]
+        self._lost: list[str] = []
+        self._lock = asyncio.Lock()  # stream calls and slot moves, one at a time
+        self._state = "new"  # -> "open" -> "closed"
+
+    @property
+    def models(self) -> list[LoadedModel[Any]]:
+        """The models serving this session now (after any move)."""
+        return [b.model for b in self._bound]
+
+    @property
+    def is_open(self) -> bool:
+        return self._state == "open"
+
+    async def __aenter__(self) -> Self:
+        if self._state != "new":
+            raise RuntimeError("a session is entered once")
+        for bound in self._bound:
+            if bound.model.slot.closed:
+                raise _gone(bound.model)
+        for bound in self._bound:
+            self._hold(bound.model.slot)
+        self._state = "open"
+        try:
+            await self._open_streams()
+        except BaseException:
+            await self.aclose()
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Release the slots and close engine streams; idempotent, never raises."""
+        if self._state == "closed":
+            return
+        was_open = self._state == "open"
+        self._state = "closed"
+        bound_list, self._bound = self._bound, []
+        for bound in bound_list:
+            self._close_stream(bound)
+            if was_open:
+                self._release(bound.model.slot)
+
+    async def _open_streams(self) -> None:
+        """Start the engine streams (in the worker pools)."""
+
+    def _new_stream(self, model: LoadedModel[Any]) -> Any:
+        """Blocking: a fresh engine stream for ``model`` (runs in its pool)."""
+        return None
+
+    # ------------------------------------------------------------ plumbing
+
+    def _hold(self, slot: EngineSlot) -> None:
+        slot.active += 1
+        slot.sessions.add(self)
+
+    def _release(self, slot: EngineSlot) -> None:
+        slot.active -= 1
+        if not any(b.model.slot is slot for b in self._bound):
+            slot.sessions.discard(self)
+
+    def _require_open(self) -> None:
+        if self._state != "open":
+            raise RuntimeError("the session is not open (use `async with`)")
+        if not self._bound:
+            raise ShuttingDownError(
+                f"{', '.join(self._lost) or 'the model'} is no longer loaded (shutdown or reload)"
+            )
+
+    async def _call(self, bound: _Binding, fn: Callable[..., T], *args: Any) -> T:
+        """``hub.run`` for this binding, counting its calls in flight."""
+
+        def done() -> None:
+            bound.busy -= 1
+            if bound.busy == 0 and bound.close_when_idle is not None:
+                stream, bound.close_when_idle = bound.close_when_idle, None
+                _close_in_pool(bound.model.slot, stream)
+
+        bound.busy += 1
+        return await self._hub.run(bound.model, fn, *args, on_done=done)
+
+    def _close_stream(self, bound: _Binding) -> None:
+        """Close ``bound``'s stream in its pool, after its calls in flight."""
+        stream, bound.stream = bound.stream, None
+        if stream is None:
+            return
+        if bound.busy:
+            bound.close_when_idle = stream
+        else:
+            _close_in_pool(bound.model.slot, stream)
+
+    async def _slot_closing(self, slot: EngineSlot) -> None:
+        """Called by the hub before ``slot``'s engine closes: move or drop bindings."""
+        if self._state != "open":
+            return
+        try:
+            await asyncio.wait_for(self._lock.acquire(), SESSION_MOVE_WAIT_S)
+        except TimeoutError:
+            locked = False
+        else:
+            locked = True
+        try:
+            for bound in [b for b in self._bound if b.model.slot is slot]:
+                old = bound.model
+                # The old binding keeps its own count of calls in flight, so its
+                # stream is closed in the old pool once they are done.
+                self._close_stream(bound)
+                index = self._bound.index(bound)
+                replacement = self._hub._replacement(old)
+                if replacement is None:
+                    del self._bound[index]
+                    self._lost.append(f"{old.kind.value} model {old.name!r}")
+                    _LOGGER.info("%s model %s closed under an open session", old.kind, old.name)
+                else:
+                    self._bound[index] = _Binding(replacement)
+                    self._hold(replacement.slot)
+                    _LOGGER.info(
+                        "Open session moved to the reloaded %s model %s", old.kind, old.name
+                    )
+                self._release(slot)
+        finally:
+            if locked:
+                self._lock.release()
+
+
+def _close_in_pool(slot: EngineSlot, stream: Any) -> None:
+    """Close an engine stream in the worker pool that ran it (fire and forget)."""
+    close = getattr(stream, "close", None)
+    if close is None:
+        return
+    try:
+        slot.executor.submit(close)
+    except RuntimeError:  # pool already shut down: the engine is gone with it
+        _LOGGER.debug("Stream of a closed %s engine not closed explicitly", slot.plugin.name)
+
+
+class AsrSession(_Session):
+    """Audio buffered for one utterance and decoded on a held ASR model slot.
+
+    Feed mono float32 at :attr:`rate_hz` with :meth:`append`; :meth:`transcribe`
+    decodes all of it (or a given clip). The buffer is bounded by
+    ``max_audio_s`` (:class:`LimitExceededError` past it). Event-loop only.
+    """
+
+    def __init__(
+        self,
+        hub: EngineHub,
+        model: LoadedModel[AsrEngine],
+        options: TranscribeOptions,
+        max_audio_s: float,
+    ) -> None:
+        super().__init__(hub, [model])
+        self.options = options
+        self.max_audio_s = max_audio_s
+        self.rate_hz: int = model.engine.capabilities.sample_rate_hz
+        """Rate of the audio this session buffers (the model's)."""
+        self._chunks: list[FloatAudio] = []
+        self._samples = 0
+        self.decoding = 0
+        """This session's decodes queued or running in a worker."""
+
+    @property
+    def model(self) -> LoadedModel[AsrEngine]:
+        self._require_open()
+        return cast(LoadedModel[AsrEngine], self._bound[0].model)
+
+    @property
+    def samples(self) -> int:
+        """Samples buffered."""
+        return self._samples
+
+    @property
+    def duration_s(self) -> float:
+        return self._samples / self.rate_hz
+
+    def check_room(self, duration_s: float) -> None:
+        """Raise :class:`LimitExceededError` if ``duration_s`` more would cross ``max_audio_s``."""
+        if self.duration_s + duration_s > self.max_audio_s + 1e-6:
+            raise duration_limit_error(self.max_audio_s)
+
+    def append(self, samples: FloatAudio) -> None:
+        """Buffer ``samples`` (mono float32 at :attr:`rate_hz`)."""
+        self.check_room(len(samples) / self.rate_hz)
+        if len(samples):
+            self._chunks.append(samples)
+            self._samples += len(samples)
+
+    def audio(self) -> Audio:
+        """Everything buffered, as one clip."""
+        if len(self._chunks) > 1:
+            self._chunks = [np.concatenate(self._chunks)]
+        samples = self._chunks[0] if self._chunks else np.zeros(0, dtype=np.float32)
+        return Audio(samples, self.rate_hz)
+
+    def keep_last(self, samples: int) -> None:
+        """Drop all but the last ``samples`` buffered (pre-roll while waiting for speech)."""
+        if self._samples <= samples:
+            return
+        tail = self.audio().samples[self._samples - samples :] if samples > 0 else None
+        self._chunks = [tail.copy()] if tail is not None else []
+        self._samples = max(samples, 0)
+
+    async def transcribe(self, audio: Audio | None = None) -> Transcript:
+        """Decode ``audio`` (default: everything buffered) on the held model."""
+        model = self.model
+        clip = self.audio() if audio is None else audio
+
+        def done() -> None:
+            self.decoding -= 1
+
+        self.decoding += 1
+        return await self._hub._transcribe(model, clip, self.options, on_done=done)
+
+
+class WakeSession(_Session):
+    """Wake-word detection over one or more wake models, one engine stream each.
+
+    Event-loop only; :meth:`process` calls run one at a time.
+    """
+
+    def __init__(self, hub: EngineHub, models: Sequence[LoadedModel[WakeEngine]]) -> None:
+        super().__init__(hub, models)
+        self.rate_hz: int = models[0].engine.capabilities.sample_rate_hz
+        """The rate callers should feed (the first model's)."""
+
+    async def _open_streams(self) -> None:
+        async with self._lock:
+            for bound in self._bound:
+                bound.stream = await self._call(bound, _start_wake_stream, bound.model)
+
+    async def process(self, samples: FloatAudio, rate_hz: int) -> list[Detection]:
+        """Feed the next chunk (mono float32 at ``rate_hz``); detections in it."""
+        async with self._lock:
+            self._require_open()
+            detections: list[Detection] = []
+            for bound in list(self._bound):
+                if bound.stream is None:  # moved to a reloaded model: fresh state
+                    bound.stream = await self._call(bound, _start_wake_stream, bound.model)
+                found = await self._call(
+                    bound, _feed_wake, bound.model, bound.stream, samples, rate_hz
+                )
+                detections.extend(found)
+            return detections
+
+
+def _start_wake_stream(model: LoadedModel[WakeEngine]) -> WakeStream:
+    return model.engine.start_stream(None)
+
+
+def _feed_wake(
+    model: LoadedModel[WakeEngine], stream: WakeStream, samples: FloatAudio, rate_hz: int
+) -> list[Detection]:
+    return stream.process(resample(samples, rate_hz, model.engine.capabilities.sample_rate_hz))
+
+
+class VadSession(_Session):
+    """A voice-activity stream on one VAD model. Event-loop only."""
+
+    def __init__(self, hub: EngineHub, model: LoadedModel[VadEngine]) -> None:
+        super().__init__(hub, [model])
+        self.rate_hz: int = model.engine.capabilities.sample_rate_hz
+
+    async def _open_streams(self) -> None:
+        async with self._lock:
+            bound = self._bound[0]
+            bound.stream = await self._call(bound, _start_vad_stream, bound.model)
+
+    async def process(self, samples: FloatAudio, rate_hz: int) -> float | None:
+        """Feed the next chunk; the highest speech probability of the frames it
+        completed, or ``None`` when it completed none."""
+        (probability,) = await self.process_pieces(samples, rate_hz, max(len(samples), 1))
+        return probability
+
+    async def process_pieces(
+        self, samples: FloatAudio, rate_hz: int, piece_samples: int
+    ) -> list[float | None]:
+        """Feed ``samples`` in pieces of ``piece_samples`` (at ``rate_hz``); one
+        probability (or ``None``) per piece, all in one worker call."""
+        async with self._lock:
+            self._require_open()
+            bound = self._bound[0]
+            if bound.stream is None:  # moved to a reloaded model: fresh state
+                bound.stream = await self._call(bound, _start_vad_stream, bound.model)
+            return await self._call(
+                bound, _feed_vad, bound.model, bound.stream, samples, rate_hz, piece_samples
+            )
+
+
+def _start_vad_stream(model: LoadedModel[VadEngine]) -> VadStream:
+    return model.engine.start_stream()
+
+
+def _feed_vad(
+    model: LoadedModel[VadEngine],
+    stream: VadStream,
+    samples: FloatAudio,
+    rate_hz: int,
+    piece_samples: int,
+) -> list[float | None]:
+    vad_hz = model.engine.capabilities.sample_rate_hz
+    audio = resample(samples, rate_hz, vad_hz)
+    step = max(1, round(piece_samples * vad_hz / rate_hz))
+    if not len(audio):
+        return [None]
+    return [stream.process(audio[i : i + step]) for i in range(0, len(audio), step)]

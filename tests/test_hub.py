@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from typing import Any
 
+import numpy as np
 import pytest
 
-from edgevoice.audio import decode
+from edgevoice.audio import Audio, decode
 from edgevoice.config import ModelConfig, Settings
 from edgevoice.engines.base import (
     EngineKind,
@@ -16,9 +18,10 @@ from edgevoice.engines.base import (
     SynthesizeOptions,
     TranscribeOptions,
 )
-from edgevoice.errors import UnknownModelError
-from edgevoice.hub import EngineHub, HubStartError
+from edgevoice.errors import LimitExceededError, ShuttingDownError, UnknownModelError
+from edgevoice.hub import EngineHub, HubStartError, WakeSession
 from tests.conftest import (
+    GERMAN_KEYWORDS,
     HOTWORDS_MP3,
     JOE,
     LAMP_TEXT,
@@ -27,7 +30,8 @@ from tests.conftest import (
     LIGHT_EN_TEXT,
     LIGHT_EN_WAV,
     TINY_EN,
-    words,
+    TRANSLATION_KEYWORDS,
+    assert_means,
 )
 
 
@@ -53,11 +57,11 @@ async def test_multilingual_base_detects_german_and_translates(real_hub: EngineH
     audio = await asyncio.to_thread(decode, LIGHT_DE_WAV)
     german = await real_hub.transcribe(audio, model="base")
     assert german.language == "de"
-    assert german.text == "Schalte das Wohnzimmerlicht ein."
+    assert_means(german.text, *GERMAN_KEYWORDS)
     # Beam search: greedy decoding of this clip falls back to random sampling.
     translate = TranscribeOptions(task="translate", beam_size=5)
     english = await real_hub.transcribe(audio, translate, model="base")
-    assert words(english.text) == words("Turn the living room light on.")
+    assert_means(english.text, *TRANSLATION_KEYWORDS)
     with pytest.raises(EngineRequestError, match="English-only"):
         await real_hub.transcribe(audio, TranscribeOptions(task="translate"))
 
@@ -170,3 +174,136 @@ async def test_engine_failure_surfaces_and_hub_keeps_serving(
         assert (await hub.transcribe(audio, model="good")).text == "all good"
         with pytest.raises(RuntimeError, match="fake engine failure"):
             await hub.transcribe(audio, model="broken")
+
+
+# ---------------------------------------------------------------- sessions
+
+FAKE = ModelConfig(name="fake", engine="test-asr", model="-", options={"text": "old engine"})
+SILERO = ModelConfig(name="silero", engine="silero-vad", model="silero")
+
+
+def _wake_entry(name: str, **options: float) -> ModelConfig:
+    return ModelConfig(name=name, engine="microwakeword", model=name, options=options)
+
+
+def _session_settings(
+    make_settings: Callable[..., Settings], *, asr_text: str, wake: list[ModelConfig], **extra: Any
+) -> Settings:
+    fake = FAKE.model_copy(update={"options": {"text": asr_text}})
+    return make_settings(asr=[fake], tts=[JOE], wake=wake, vad=[SILERO], **extra)
+
+
+async def _hey_jarvis(hub: EngineHub) -> np.ndarray:
+    """Joe saying the wake phrase, at 16 kHz, with silence around it."""
+    audio = await hub.synthesize_all("Hey Jarvis, turn on the lights.")
+    silence = np.zeros(8000, np.float32)
+    return np.concatenate([silence, audio.at_rate(16000).samples, silence])
+
+
+async def _detect(session: WakeSession, audio: np.ndarray) -> list[str]:
+    found: list[str] = []
+    for i in range(0, len(audio), 1024):
+        found += [d.name for d in await session.process(audio[i : i + 1024], 16000)]
+    return found
+
+
+async def test_open_sessions_finish_on_the_old_engine_across_a_reload(
+    make_settings: Callable[..., Settings],
+) -> None:
+    # A long shutdown timeout: the retired engines wait for the open sessions.
+    wake = [_wake_entry("hey_jarvis"), _wake_entry("alexa")]
+    before = _session_settings(make_settings, asr_text="old engine", wake=wake)
+    after = _session_settings(
+        make_settings, asr_text="new engine", wake=wake[1:], shutdown_timeout_s=600.0
+    )
+    async with EngineHub(before) as hub:
+        phrase = await _hey_jarvis(hub)
+        old_asr_slot = hub.asr("fake").slot
+        async with (
+            hub.asr_session("fake") as asr,
+            hub.wake_session(["hey_jarvis"]) as detector,
+            hub.vad_session() as vad,
+        ):
+            assert old_asr_slot.active >= 1 and asr in old_asr_slot.sessions
+            asr.append(phrase)
+            summary = await hub.reload(after)
+            assert summary.retired == 2  # the old fake ASR and hey_jarvis
+            # The open sessions go on with the engines they started with...
+            assert (await asr.transcribe()).text == "old engine"
+            assert await _detect(detector, phrase) == ["hey_jarvis"]
+            assert await vad.process(phrase[8000:24000], 16000) is not None
+            assert not old_asr_slot.closed
+            # ...while new requests and sessions get the new configuration.
+            assert (await hub.transcribe(Audio(phrase, 16000), model="fake")).text == "new engine"
+            async with hub.asr_session("fake") as fresh:
+                fresh.append(phrase)
+                assert (await fresh.transcribe()).text == "new engine"
+            with pytest.raises(UnknownModelError):
+                hub.wake_session(["hey_jarvis"])
+        # Closing the sessions lets the old engines go without waiting out the timeout.
+        await asyncio.wait_for(hub.wait_retired(), 60)
+        assert old_asr_slot.closed and old_asr_slot.active == 0
+
+
+async def test_sessions_outliving_the_reload_timeout_move_or_end_cleanly(
+    make_settings: Callable[..., Settings],
+) -> None:
+    wake = [_wake_entry("hey_jarvis"), _wake_entry("alexa")]
+    before = _session_settings(make_settings, asr_text="old engine", wake=wake)
+    # hey_jarvis changes (a new engine under the same name); alexa goes away.
+    after = _session_settings(
+        make_settings,
+        asr_text="new engine",
+        wake=[_wake_entry("hey_jarvis", refractory_s=1.0)],
+        shutdown_timeout_s=0.2,
+    )
+    async with EngineHub(before) as hub:
+        phrase = await _hey_jarvis(hub)
+        async with (
+            hub.asr_session("fake") as asr,
+            hub.wake_session(["hey_jarvis"]) as jarvis,
+            hub.wake_session(["alexa"]) as alexa,
+        ):
+            asr.append(phrase)
+            old_jarvis = jarvis.models[0]
+            await hub.reload(after)
+            await asyncio.wait_for(hub.wait_retired(), 60)
+            assert old_jarvis.slot.closed
+            # Moved to the engines now serving the same names: detection goes on.
+            assert jarvis.models[0] is hub.wake("hey_jarvis")
+            assert await _detect(jarvis, phrase) == ["hey_jarvis"]
+            assert (await asr.transcribe()).text == "new engine"
+            # No engine serves alexa any more: a clean error, not a pool failure.
+            with pytest.raises(ShuttingDownError, match="alexa"):
+                await alexa.process(phrase[:1024], 16000)
+        # Leaving the sessions raised nothing.
+
+
+async def test_a_closed_hub_answers_shutting_down(make_settings: Callable[..., Settings]) -> None:
+    settings = make_settings(asr=[FAKE], tts=[], wake=[_wake_entry("alexa")])
+    hub = EngineHub(settings)
+    await hub.start()
+    model = hub.asr("fake")
+    async with hub.wake_session() as detector:
+        await detector.process(np.zeros(1600, np.float32), 16000)
+        await hub.close()
+        with pytest.raises(ShuttingDownError):
+            await detector.process(np.zeros(1600, np.float32), 16000)
+    with pytest.raises(ShuttingDownError):
+        await hub.run(model, time.sleep, 0)
+    with pytest.raises(ShuttingDownError):
+        hub.asr_session(model)
+
+
+async def test_asr_session_buffer_is_bounded(make_settings: Callable[..., Settings]) -> None:
+    hub = EngineHub(make_settings(asr=[FAKE], tts=[]))
+    async with hub, hub.asr_session(max_audio_s=2.0) as session:
+        session.append(np.zeros(16000, np.float32))
+        with pytest.raises(LimitExceededError, match="max_audio_s"):
+            session.append(np.zeros(16001, np.float32))
+        session.check_room(1.0)
+        session.keep_last(8000)
+        assert session.duration_s == 0.5
+        session.append(np.zeros(16000, np.float32))
+        assert (await session.transcribe()).text == "old engine"
+        assert session.decoding == 0
