@@ -447,7 +447,7 @@ async def test_bad_payloads_reported_and_bridge_keeps_working(
     cases: list[tuple[str, bytes | str, str, str | None]] = [
         ("tts/say", b'{"text": ', "not valid JSON", None),
         ("tts/say", json.dumps({"voice": "joe", "id": "m1"}), "text", "m1"),
-        ("tts/say", json.dumps({"text": "x" * 51, "id": "long1"}), "limit is 50", "long1"),
+        ("tts/say", json.dumps({"text": "x" * 51, "id": "long1"}), "limit of 50", "long1"),
         ("tts/say", json.dumps({"text": "Hi", "voice": "nobody", "id": "v1"}), "nobody", "v1"),
         ("tts/say", json.dumps({"text": "Hi", "format": "xyz", "id": "f1"}), "format", "f1"),
         ("tts/say", json.dumps({"text": "Hi", "speed": 10, "id": "s1"}), "speed", "s1"),

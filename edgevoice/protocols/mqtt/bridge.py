@@ -11,82 +11,95 @@ Topics (``<base>`` = ``<topic_prefix>/<node_id>``):
 - ``<base>/wake/detected``, ``<base>/asr/transcript``, ``<base>/state``: events
   the local voice loop publishes through :meth:`MqttBridge.publish_wake` etc.
 - ``<base>/voice/set`` → ``<base>/voice`` (retained): the default voice.
-- ``<base>/error``: every rejected request, ``{"error", "topic", "id"?}``.
+- ``<base>/error``: every rejected request, ``{"error", "code", "topic", "id"?,
+  "param"?, "limit"?}`` (:func:`~edgevoice.protocols.mqtt.messages.error_fields`).
 - With ``pool``: ``$share/<pool>/<topic_prefix>/pool/<pool>/{tts/say,asr/transcribe}``.
-- Home Assistant discovery (:mod:`mqtt_discovery`) and Hermes (:mod:`mqtt_hermes`).
+- Home Assistant discovery (:mod:`.discovery`) and Hermes (:mod:`.hermes`).
+
+Bounds (``[limits]``): a payload is at most ``max_upload_bytes``; a request
+waits in a bounded queue (``max_pending_per_client`` per client, see
+:attr:`RequestContext.client_key`, and :data:`MAX_QUEUED_REQUESTS` in all)
+and gets its task only when one of :data:`MAX_CONCURRENT_REQUESTS` turns is
+free, round-robin over clients; more is refused with ``busy``. Each request
+runs in ``client_scope("mqtt", client)``, so the hub's engine turns are shared
+fairly with the other faces.
 
 The bridge owns one connection task that reconnects with exponential backoff.
-Replies produced while the broker is away wait in an outbox and are published,
-in order, right after the next connect (or reported when they expire).
+Replies produced while the broker is away wait in an outbox capped in bytes
+(``max_mqtt_outbox_bytes``) and are published, in order, right after the next
+connect (or reported when they expire).
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import contextlib
+import functools
 import json
 import logging
 import math
 import os
 import ssl
-import time
-import uuid
-from collections import deque
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from collections import OrderedDict, deque
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 from urllib.parse import unquote, urlsplit
 
 import aiomqtt
 from aiomqtt.exceptions import MqttConnectError
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from edgevoice.audio import OUTPUT_FORMATS, AudioError, decode, encode
+from edgevoice.audio import OUTPUT_FORMATS, decode, encode
 from edgevoice.config import MqttConfig, Settings
-from edgevoice.engines.base import (
-    EngineKind,
-    EngineRequestError,
-    SynthesizeOptions,
-    TranscribeOptions,
+from edgevoice.engines.base import EngineKind, SynthesizeOptions, TranscribeOptions
+from edgevoice.errors import (
+    BusyError,
+    ClientError,
+    EdgeVoiceError,
+    LimitExceededError,
+    PayloadTooLargeError,
+    ShuttingDownError,
+    UnknownModelError,
 )
-from edgevoice.errors import UnknownModelError
+from edgevoice.fairness import client_scope
 from edgevoice.hub import EngineHub
 from edgevoice.protocols.base import ProtocolServer
-from edgevoice.protocols.mqtt_discovery import discovery_config, discovery_topic
+from edgevoice.protocols.mqtt.discovery import discovery_config, discovery_topic
+from edgevoice.protocols.mqtt.hermes import HermesAdapter
+from edgevoice.protocols.mqtt.messages import (
+    Handler,
+    MqttRequestError,
+    RequestContext,
+    Route,
+    SayRequest,
+    error_fields,
+    new_id,
+    parse_say,
+    parse_transcribe,
+    valid_id,
+)
+from edgevoice.protocols.mqtt.outbox import Outbox, OutgoingMessage
 
 _LOGGER = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 VoiceState = Literal["idle", "listening", "processing", "speaking"]
 VOICE_STATES: tuple[str, ...] = ("idle", "listening", "processing", "speaking")
-# Requests handled at once (decode/encode/engine work); more wait their turn.
 MAX_CONCURRENT_REQUESTS = 8
-# Messages kept for publishing after a reconnect; the oldest go first when full.
-OUTBOX_LIMIT = 1000
+"""Requests handled at once (parse, decode, engine turns, encode); each has one task."""
+MAX_QUEUED_REQUESTS = 256
+"""Requests waiting for a turn, all clients together; more are refused as ``busy``."""
+MAX_INCOMING_BACKLOG = 1024
+"""Messages the MQTT client buffers before the reader takes them (it never waits on work)."""
 PUBLISH_TIMEOUT_S = 10.0
-REQUEST_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,64}$"
+# Payloads up to this size are parsed on the event loop; larger ones in a worker thread.
+_INLINE_PARSE_BYTES = 64 * 1024
 # CONNACK codes meaning "I don't speak this protocol version" (3.1.1 and 5).
 _UNSUPPORTED_PROTOCOL_CODES = {1, 0x84}
-
-
-class MqttRequestError(ValueError):
-    """A request payload the bridge rejects; the message goes to ``<base>/error``."""
-
-
-class _PartialRequestError(MqttRequestError):
-    """A rejected request whose id could still be read (for the error report)."""
-
-    def __init__(self, message: str, request_id: str | None) -> None:
-        super().__init__(message)
-        self.request_id = request_id
-
-
-class RequestExpiredError(MqttRequestError):
-    """The request's MQTT 5 message expiry passed before its reply was ready."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,176 +154,27 @@ def read_password(config: MqttConfig) -> str | None:
     return path.read_text(encoding="utf-8").strip()
 
 
-# ------------------------------------------------------------------ requests
-
-
-def _error_text(exc: ValidationError) -> str:
-    err = exc.errors()[0]
-    where = ".".join(str(p) for p in err["loc"])
-    return f"{where}: {err['msg']}" if where else str(err["msg"])
-
-
-class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    id: str | None = Field(default=None, pattern=REQUEST_ID_PATTERN)
-
-    @field_validator("id", mode="before")
-    @classmethod
-    def _id_to_str(cls, value: Any) -> Any:
-        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
-
-
-class SayRequest(_Request):
-    text: str = Field(min_length=1)
-    voice: str | None = None
-    speed: float = Field(default=1.0, ge=0.25, le=4.0)
-    format: Literal["wav", "flac", "mp3", "opus", "aac", "pcm"] = "wav"
-    play: bool = False
-
-
-class TranscribeRequest(_Request):
-    audio_b64: str = Field(min_length=1)
-    language: str | None = None
-    model: str | None = None
-    task: Literal["transcribe", "translate"] = "transcribe"
-    prompt: str | None = None
-
-
-def _json_object(payload: bytes) -> dict[str, Any]:
-    try:
-        data = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise MqttRequestError(f"payload is not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise MqttRequestError("JSON payload must be an object")
-    return data
-
-
-def _request_id(data: dict[str, Any]) -> str | None:
-    """The id of a (maybe invalid) request, for error reports."""
-    value = data.get("id")
-    return str(value) if isinstance(value, str | int) and not isinstance(value, bool) else None
-
-
-def parse_say(payload: bytes) -> SayRequest:
-    """A speak request: a JSON object, or plain text meaning ``{"text": payload}``."""
-    stripped = payload.strip()
-    if stripped[:1] == b"{":
-        data = _json_object(stripped)
-        try:
-            return SayRequest.model_validate(data)
-        except ValidationError as exc:
-            raise MqttRequestError(_error_text(exc)) from None
-    try:
-        text = stripped.decode("utf-8")
-    except UnicodeDecodeError:
-        raise MqttRequestError("speak payload is neither JSON nor UTF-8 text") from None
-    if not text:
-        raise MqttRequestError("text: empty speak request")
-    return SayRequest(text=text)
-
-
-def _parse_say_with_id(payload: bytes) -> tuple[str | None, SayRequest]:
-    """Blocking for large payloads: the request; a parse error carries the id it saw."""
-    request_id = None
-    if payload.strip()[:1] == b"{":
-        with contextlib.suppress(ValueError):
-            data = json.loads(payload)
-            request_id = _request_id(data) if isinstance(data, dict) else None
-    try:
-        return request_id, parse_say(payload)
-    except _PartialRequestError:
-        raise
-    except MqttRequestError as exc:
-        raise _PartialRequestError(str(exc), request_id) from None
-
-
-def _new_id() -> str:
-    return uuid.uuid4().hex[:12]
-
-
-# ------------------------------------------------------------------- outbox
-
-
 @dataclass(slots=True)
-class OutgoingMessage:
-    """One publish, kept until the broker has it (or it expires)."""
+class _Queued:
+    """A request admitted but not started: no task exists for it yet."""
 
+    client_key: str
     topic: str
-    payload: bytes
-    qos: int = 1
-    retain: bool = False
-    correlation: bytes | None = None
-    deadline: float | None = None
-    """``time.monotonic()`` after which the message is stale (MQTT 5 expiry)."""
-    what: str = ""
-    """For logs and error reports: what this message answers."""
-    topic_for_error: str = ""
-    request_id: str | None = None
-
-    def remaining_s(self) -> float | None:
-        return None if self.deadline is None else self.deadline - time.monotonic()
-
-
-@dataclass(slots=True)
-class RequestContext:
-    """Where a request came from and where its answers go."""
-
-    topic: str
-    response_topic: str | None = None
-    correlation: bytes | None = None
-    deadline: float | None = None
-    qos: int = 1
-    user: dict[str, str] = field(default_factory=dict)
-    received: float = field(default_factory=time.monotonic)
-
-    @classmethod
-    def from_message(cls, message: aiomqtt.Message) -> RequestContext:
-        props = message.properties
-        ctx = cls(topic=str(message.topic), qos=1)
-        if props is not None:
-            ctx.response_topic = getattr(props, "ResponseTopic", None) or None
-            correlation = getattr(props, "CorrelationData", None)
-            ctx.correlation = bytes(correlation) if correlation is not None else None
-            expiry = getattr(props, "MessageExpiryInterval", None)
-            if expiry is not None:
-                ctx.deadline = ctx.received + float(expiry)
-            for key, value in getattr(props, "UserProperty", None) or []:
-                ctx.user[str(key)] = str(value)
-        return ctx
-
-    def check_expiry(self) -> None:
-        if self.deadline is not None and time.monotonic() > self.deadline:
-            raise RequestExpiredError(
-                "request expired (MQTT message expiry) before its reply was ready"
-            )
-
-
-Handler = Callable[[aiomqtt.Message], None]
-
-
-@dataclass(frozen=True, slots=True)
-class Route:
-    filter: str
-    """Topic filter the message must match (no ``$share`` prefix)."""
-    handler: Handler
-    subscription: str = ""
-    """What to subscribe to; defaults to ``filter``."""
-
-    @property
-    def subscribe_to(self) -> str:
-        return self.subscription or self.filter
+    work: Callable[[], Awaitable[None]]
+    size_bytes: int
+    ctx: RequestContext | None
 
 
 # ------------------------------------------------------------------- bridge
 
 
 class MqttBridge(ProtocolServer):
-    """Joins the broker as one device; see the module docstring for topics.
+    """Joins the broker as one device; see the module docstring for topics and bounds.
 
     Other parts of the daemon publish voice-loop events with
     :meth:`publish_wake`, :meth:`publish_transcript` and :meth:`publish_state`.
+    Everything runs on the event loop; blocking work (parsing large payloads,
+    decoding, encoding, engines) goes to worker threads.
     """
 
     name = "mqtt"
@@ -324,6 +188,12 @@ class MqttBridge(ProtocolServer):
         self.base = f"{self.config.topic_prefix}/{self.node_id}"
         self.status_topic = f"{self.base}/status"
         self.error_topic = f"{self.base}/error"
+        self.reserved_prefixes: list[str] = [
+            self.config.topic_prefix,
+            self.config.discovery_prefix,
+        ]
+        """Response topics under these are refused: the daemon's own topics, Home
+        Assistant's discovery, Hermes (when on)."""
         self._use_v5 = self.config.protocol != "3.1.1"
         self._client: aiomqtt.Client | None = None
         self._online = asyncio.Event()
@@ -331,10 +201,17 @@ class MqttBridge(ProtocolServer):
         self._stop_requested = asyncio.Event()
         self._first_attempt = asyncio.Event()
         self._accepting = True
-        self._outbox: deque[OutgoingMessage] = deque()
+        self._outbox = Outbox(settings.limits.max_mqtt_outbox_bytes)
+        # Admission: client key -> requests waiting (round robin), and queued + running.
+        self._queue: OrderedDict[str, deque[_Queued]] = OrderedDict()
+        self._queued = 0
+        self._queued_bytes = 0
+        self._pending: dict[str, int] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._background: set[asyncio.Task[None]] = set()
+        self._idle = asyncio.Event()
+        self._idle.set()
         self._runner: asyncio.Task[None] | None = None
-        self._slots = asyncio.Semaphore(MAX_CONCURRENT_REQUESTS)
         self._password: str | None = None
         self._voice: str | None = None
         self._state: VoiceState = "idle"
@@ -343,11 +220,10 @@ class MqttBridge(ProtocolServer):
         self.protocol_version: Literal["5", "3.1.1"] | None = None
         """The protocol of the current/last connection."""
         self._routes = self._build_routes()
-        self.hermes: Any = None
+        self.hermes: HermesAdapter | None = None
         if self.config.hermes:
-            from edgevoice.protocols.mqtt_hermes import HermesAdapter
-
-            self.hermes = HermesAdapter(self)
+            self.reserved_prefixes.append("hermes")
+            self.hermes = HermesAdapter(self, self.config.hermes_site_id)
             self._routes.extend(self.hermes.routes())
 
     # ------------------------------------------------------------ lifecycle
@@ -362,12 +238,26 @@ class MqttBridge(ProtocolServer):
 
     @property
     def in_flight(self) -> int:
-        """Requests being handled now."""
+        """Requests being handled now (each has a task; at most MAX_CONCURRENT_REQUESTS)."""
         return len(self._tasks)
+
+    @property
+    def queued(self) -> int:
+        """Requests admitted and waiting for a turn (no task yet)."""
+        return self._queued
 
     @property
     def outbox_size(self) -> int:
         return len(self._outbox)
+
+    @property
+    def outbox_bytes(self) -> int:
+        return self._outbox.size_bytes
+
+    @property
+    def outbox_dropped(self) -> int:
+        """Messages dropped because the outbox was full (since start)."""
+        return self._outbox.dropped
 
     async def wait_online(self, timeout_s: float | None = None) -> None:
         await asyncio.wait_for(self._online.wait(), timeout_s)
@@ -390,7 +280,7 @@ class MqttBridge(ProtocolServer):
             )
 
     async def stop(self, timeout_s: float) -> None:
-        """Stop taking requests, finish in-flight ones, publish ``offline``, disconnect."""
+        """Stop taking requests, finish admitted ones, publish ``offline``, disconnect."""
         if self._runner is None:
             return
         loop = asyncio.get_running_loop()
@@ -403,17 +293,15 @@ class MqttBridge(ProtocolServer):
                 await asyncio.wait_for(
                     client.unsubscribe([r.subscribe_to for r in self._request_routes()]), 2.0
                 )
-        if self._tasks:
-            _, pending = await asyncio.wait(
-                set(self._tasks), timeout=max(0.0, deadline - loop.time())
-            )
-            for task in pending:
-                task.cancel()
-            if pending:
-                _LOGGER.warning(
-                    "Cancelled %d MQTT request(s) still running at shutdown", len(pending)
-                )
-                await asyncio.wait(pending)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), max(0.0, deadline - loop.time()))
+        if not self._idle.is_set():
+            await self._abandon_requests()
+        if self.hermes is not None:
+            self.hermes.close()
+        for task in self._background:
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
         self._stop_requested.set()
         try:
             await asyncio.wait_for(self._runner, max(2.0, deadline - loop.time()))
@@ -425,9 +313,41 @@ class MqttBridge(ProtocolServer):
             _LOGGER.error(
                 "%d MQTT message(s) could not be published before shutdown: %s",
                 len(self._outbox),
-                ", ".join(m.what or m.topic for m in self._outbox),
+                self._outbox.describe(),
             )
         self._runner = None
+
+    async def _abandon_requests(self) -> None:
+        """At the stop timeout: refuse what is still queued, cancel what runs."""
+        waiting = [item for items in self._queue.values() for item in items]
+        self._queue.clear()
+        self._queued = self._queued_bytes = 0
+        for item in waiting:
+            self._release(item.client_key)
+        if waiting:
+            _LOGGER.warning("Refused %d queued MQTT request(s) at shutdown", len(waiting))
+        for item in waiting:
+            await self.report_error(
+                item.topic, ShuttingDownError("node is shutting down"), None, item.ctx
+            )
+        pending = set(self._tasks)
+        if pending:
+            _LOGGER.warning("Cancelled %d MQTT request(s) still running at shutdown", len(pending))
+            for task in pending:
+                task.cancel()
+            await asyncio.wait(pending)
+
+    async def hub_reloaded(self) -> None:
+        """Models changed: republish the voice select's options and the current voice."""
+        if self._voice is not None:
+            try:
+                self.hub.voice(self._voice)
+            except UnknownModelError:
+                _LOGGER.info("Voice %s is gone after the reload; using the default", self._voice)
+                self._voice = None
+        await self.publish(self._voice_message())
+        if self.config.discovery:
+            await self.publish(self._discovery_message())
 
     # ----------------------------------------------------------- connection
 
@@ -453,6 +373,7 @@ class MqttBridge(ProtocolServer):
             timeout=PUBLISH_TIMEOUT_S,
             tls_params=tls_params,
             tls_insecure=self.config.tls_insecure if self.broker.tls else None,
+            max_queued_incoming_messages=MAX_INCOMING_BACKLOG,
         )
 
     async def _run(self) -> None:
@@ -530,7 +451,7 @@ class MqttBridge(ProtocolServer):
 
     async def _read(self, client: aiomqtt.Client) -> None:
         async for message in client.messages:
-            self._dispatch(message)
+            await self._dispatch(message)
 
     async def _goodbye(self, client: aiomqtt.Client) -> None:
         try:
@@ -586,15 +507,19 @@ class MqttBridge(ProtocolServer):
 
     async def _flush(self, client: aiomqtt.Client) -> None:
         while self._outbox:
-            message = self._outbox[0]
+            message = self._outbox.peek()
             remaining = message.remaining_s()
             if remaining is not None and remaining <= 0:
                 self._outbox.popleft()
                 _LOGGER.warning("Dropped %s: it expired while the broker was away", message.what)
                 if message.topic_for_error:
-                    self._enqueue(
+                    self._outbox.append(
                         self._error_message(
-                            f"{message.what or 'reply'} expired while the broker was unreachable",
+                            {
+                                "error": f"{message.what or 'reply'} expired while the broker "
+                                "was unreachable",
+                                "code": "expired",
+                            },
                             message.topic_for_error,
                             message.request_id,
                         )
@@ -602,12 +527,6 @@ class MqttBridge(ProtocolServer):
                 continue
             await self._send(client, message)
             self._outbox.popleft()
-
-    def _enqueue(self, message: OutgoingMessage) -> None:
-        if len(self._outbox) >= OUTBOX_LIMIT:
-            dropped = self._outbox.popleft()
-            _LOGGER.error("MQTT outbox full; dropped %s", dropped.what or dropped.topic)
-        self._outbox.append(message)
 
     async def publish(self, message: OutgoingMessage) -> None:
         """Publish, or keep the message for after the reconnect when the broker is away."""
@@ -619,11 +538,11 @@ class MqttBridge(ProtocolServer):
             except aiomqtt.MqttError as exc:
                 _LOGGER.info(
                     "Publishing %s failed (%s); keeping it for the reconnect",
-                    message.what or message.topic,
+                    message.describe(),
                     exc,
                 )
-        self._enqueue(message)
-        _LOGGER.debug("Queued %s until the broker is back", message.what or message.topic)
+        self._outbox.append(message)
+        _LOGGER.debug("Queued %s until the broker is back", message.describe())
 
     async def publish_json(self, topic: str, data: dict[str, Any], *, retain: bool = False) -> None:
         await self.publish(OutgoingMessage(topic, json.dumps(data).encode(), retain=retain))
@@ -645,7 +564,7 @@ class MqttBridge(ProtocolServer):
             "text": text,
             "language": language,
             "duration_s": round(duration_s, 3),
-            "id": id or _new_id(),
+            "id": id or new_id(),
             "node_id": self.node_id,
         }
         await self.publish_json(f"{self.base}/asr/transcript", payload)
@@ -693,8 +612,8 @@ class MqttBridge(ProtocolServer):
 
     def _build_routes(self) -> list[Route]:
         routes = [
-            Route(f"{self.base}/tts/say", self._spawn_handler(self._handle_say)),
-            Route(f"{self.base}/asr/transcribe", self._spawn_handler(self._handle_transcribe)),
+            Route(f"{self.base}/tts/say", self._request_handler(self._handle_say)),
+            Route(f"{self.base}/asr/transcribe", self._request_handler(self._handle_transcribe)),
             Route(f"{self.base}/voice/set", self._handle_voice_set),
         ]
         if self.config.pool:
@@ -703,79 +622,174 @@ class MqttBridge(ProtocolServer):
             routes += [
                 Route(
                     f"{pool_base}/tts/say",
-                    self._spawn_handler(self._handle_say),
+                    self._request_handler(self._handle_say),
                     f"$share/{pool}/{pool_base}/tts/say",
                 ),
                 Route(
                     f"{pool_base}/asr/transcribe",
-                    self._spawn_handler(self._handle_transcribe),
+                    self._request_handler(self._handle_transcribe),
                     f"$share/{pool}/{pool_base}/asr/transcribe",
                 ),
             ]
         if self.config.discovery:
-            routes.append(Route(f"{self.config.discovery_prefix}/status", self._handle_ha_status))
+            routes.append(
+                Route(
+                    f"{self.config.discovery_prefix}/status", self._handle_ha_status, request=False
+                )
+            )
         return routes
 
     def _request_routes(self) -> list[Route]:
-        return [r for r in self._routes if r.handler is not self._handle_ha_status]
+        return [r for r in self._routes if r.request]
 
     def _active_routes(self) -> list[Route]:
         return self._routes
 
-    def _dispatch(self, message: aiomqtt.Message) -> None:
+    async def _dispatch(self, message: aiomqtt.Message) -> None:
+        """Route one message (on the reader: quick; request work is queued, not awaited)."""
         for route in self._routes:
             if message.topic.matches(route.filter):
-                if message.retain and route.handler is not self._handle_ha_status:
+                if message.retain and route.request:
                     # A retained request would re-run on every reconnect.
-                    self._report_soon(str(message.topic), "retained requests are ignored", None)
+                    await self.report_error(
+                        str(message.topic), MqttRequestError("retained requests are ignored"), None
+                    )
                     return
                 try:
-                    route.handler(message)
+                    await route.handler(message)
                 except Exception:
                     _LOGGER.exception("Error handling MQTT message on %s", message.topic)
                 return
 
-    def _spawn_handler(
+    def _request_handler(
         self, handler: Callable[[aiomqtt.Message, RequestContext], Awaitable[None]]
     ) -> Handler:
-        def start(message: aiomqtt.Message) -> None:
-            ctx = RequestContext.from_message(message)
-            if not self._accepting:
-                self._report_soon(ctx.topic, "node is shutting down", None, ctx)
-                return
-            self.spawn(self._guarded(handler, message, ctx), name=f"mqtt {ctx.topic}")
+        """Check a request's properties and size, then queue ``handler`` for a turn."""
 
-        return start
-
-    def spawn(self, coro: Awaitable[None], name: str) -> None:
-        """Run a request coroutine as an owned task (awaited at stop)."""
-
-        async def run() -> None:
-            await coro
-
-        task = asyncio.create_task(run(), name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _guarded(
-        self,
-        handler: Callable[[aiomqtt.Message, RequestContext], Awaitable[None]],
-        message: aiomqtt.Message,
-        ctx: RequestContext,
-    ) -> None:
-        async with self._slots:
+        async def admit(message: aiomqtt.Message) -> None:
+            ctx = RequestContext.from_message(message, self.reserved_prefixes)
+            payload = message.payload if isinstance(message.payload, bytes) else b""
+            limits = self.settings.limits
             try:
-                await handler(message, ctx)
+                if ctx.problem is not None:
+                    raise ctx.problem
+                if len(payload) > limits.max_upload_bytes:
+                    raise PayloadTooLargeError(
+                        "max_upload_bytes",
+                        limits.max_upload_bytes,
+                        what=f"payload of {len(payload)} bytes",
+                        unit="bytes",
+                    )
+
+                async def work() -> None:
+                    await handler(message, ctx)
+
+                self.submit(ctx.client_key, ctx.topic, work, len(payload), ctx)
+            except EdgeVoiceError as exc:
+                await self.report_error(ctx.topic, exc, ctx.user.get("id"), ctx)
+
+        return admit
+
+    # ------------------------------------------------------------ admission
+
+    def submit(
+        self,
+        client_key: str,
+        topic: str,
+        work: Callable[[], Awaitable[None]],
+        size_bytes: int,
+        ctx: RequestContext | None = None,
+    ) -> None:
+        """Admit a request: it gets a task when a turn is free (round robin over clients).
+
+        Raises :class:`BusyError` when the client already has
+        ``limits.max_pending_per_client`` requests queued or running, or the
+        queue is full (:data:`MAX_QUEUED_REQUESTS`, twice ``max_upload_bytes``
+        of payloads); :class:`ShuttingDownError` after :meth:`stop` began.
+        ``work`` reports its own errors; it runs in ``client_scope("mqtt", client_key)``.
+        """
+        if not self._accepting:
+            raise ShuttingDownError("node is shutting down")
+        limit = self.settings.limits.max_pending_per_client
+        pending = self._pending.get(client_key, 0)
+        if pending >= limit:
+            who = "this client" if client_key else "clients without an identity"
+            raise BusyError(
+                f"{pending} requests of {who} are pending "
+                f"(limits.max_pending_per_client = {limit}); retry later"
+            )
+        max_bytes = 2 * self.settings.limits.max_upload_bytes
+        if self._queued >= MAX_QUEUED_REQUESTS or (
+            self._queued and self._queued_bytes + size_bytes > max_bytes
+        ):
+            raise BusyError("too many requests are queued on this node; retry later")
+        self._pending[client_key] = pending + 1
+        self._queue.setdefault(client_key, deque()).append(
+            _Queued(client_key, topic, work, size_bytes, ctx)
+        )
+        self._queued += 1
+        self._queued_bytes += size_bytes
+        self._idle.clear()
+        self._start_next()
+
+    def _start_next(self) -> None:
+        """Start queued requests while turns are free: the task is created only now."""
+        while len(self._tasks) < MAX_CONCURRENT_REQUESTS and self._queue:
+            client_key, waiting = next(iter(self._queue.items()))
+            item = waiting.popleft()
+            if waiting:
+                self._queue.move_to_end(client_key)
+            else:
+                del self._queue[client_key]
+            self._queued -= 1
+            self._queued_bytes -= item.size_bytes
+            task = asyncio.create_task(self._run_request(item), name=f"mqtt {item.topic}")
+            self._tasks.add(task)
+            task.add_done_callback(functools.partial(self._request_done, client_key=client_key))
+
+    def _request_done(self, task: asyncio.Task[None], *, client_key: str) -> None:
+        self._tasks.discard(task)
+        self._release(client_key)
+        self._start_next()
+
+    def _release(self, client_key: str) -> None:
+        left = self._pending.get(client_key, 1) - 1
+        if left > 0:
+            self._pending[client_key] = left
+        else:
+            self._pending.pop(client_key, None)
+        if not self._tasks and not self._queue:
+            self._idle.set()
+
+    async def _run_request(self, item: _Queued) -> None:
+        with client_scope("mqtt", item.client_key):
+            try:
+                await item.work()
             except asyncio.CancelledError:
                 await asyncio.shield(
-                    self.report_error(ctx.topic, "request cancelled at shutdown", None, ctx)
+                    self.report_error(
+                        item.topic,
+                        ShuttingDownError("request cancelled at shutdown"),
+                        None,
+                        item.ctx,
+                    )
                 )
                 raise
+            except Exception as exc:  # handlers report their own errors; this is a last resort
+                await self.report_error(item.topic, exc, None, item.ctx)
+
+    def spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        """Run a small bookkeeping coroutine (an error report from a timer) as an owned task."""
+        task = asyncio.create_task(coro, name=name)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     # --------------------------------------------------------------- errors
 
-    def _error_message(self, error: str, topic: str, request_id: str | None) -> OutgoingMessage:
-        data: dict[str, Any] = {"error": error, "topic": topic}
+    def _error_message(
+        self, fields: dict[str, Any], topic: str, request_id: str | None
+    ) -> OutgoingMessage:
+        data: dict[str, Any] = {**fields, "topic": topic}
         if request_id is not None:
             data["id"] = request_id
         return OutgoingMessage(self.error_topic, json.dumps(data).encode(), what="error report")
@@ -783,15 +797,26 @@ class MqttBridge(ProtocolServer):
     async def report_error(
         self,
         topic: str,
-        error: str,
+        exc: BaseException,
         request_id: str | None,
         ctx: RequestContext | None = None,
     ) -> None:
-        """A rejected request → ``<base>/error`` (and the MQTT 5 response topic, if any)."""
-        _LOGGER.info("MQTT request on %s rejected: %s", topic, error)
-        await self.publish(self._error_message(error, topic, request_id))
+        """A failed request → ``<base>/error`` (and the MQTT 5 response topic, if any).
+
+        ``request_id`` is only included when it is a valid id; ``ctx``'s
+        response topic was checked when the request came in.
+        """
+        fields = error_fields(exc)
+        if isinstance(exc, ClientError):
+            _LOGGER.info("MQTT request on %s rejected: %s", topic, exc)
+        elif isinstance(exc, EdgeVoiceError | asyncio.CancelledError):
+            _LOGGER.warning("MQTT request on %s failed: %s", topic, fields["error"])
+        else:
+            _LOGGER.error("MQTT request on %s failed", topic, exc_info=exc)
+        request_id = valid_id(request_id)
+        await self.publish(self._error_message(fields, topic, request_id))
         if ctx is not None and ctx.response_topic:
-            reply: dict[str, Any] = {"error": error, "node_id": self.node_id}
+            reply: dict[str, Any] = {**fields, "node_id": self.node_id}
             if request_id is not None:
                 reply["id"] = request_id
             await self.publish(
@@ -803,37 +828,40 @@ class MqttBridge(ProtocolServer):
                 )
             )
 
-    def _report_soon(
-        self, topic: str, error: str, request_id: str | None, ctx: RequestContext | None = None
-    ) -> None:
-        self.spawn(self.report_error(topic, error, request_id, ctx), name="mqtt error report")
-
     # ------------------------------------------------------------- handlers
 
+    @staticmethod
+    async def _parse(parse: Callable[[bytes], T], payload: bytes) -> T:
+        """Parse inline when small, in a worker thread when large (JSON of megabytes)."""
+        if len(payload) <= _INLINE_PARSE_BYTES:
+            return parse(payload)
+        return await asyncio.to_thread(parse, payload)
+
     async def _handle_say(self, message: aiomqtt.Message, ctx: RequestContext) -> None:
-        request_id: str | None = None
+        request_id = ctx.user.get("id")
         try:
             payload = message.payload if isinstance(message.payload, bytes) else b""
-            request_id, request = await asyncio.to_thread(_parse_say_with_id, payload)
-            request_id = request.id or ctx.user.get("id")
-            if len(request.text) > self.settings.limits.max_input_chars:
-                raise MqttRequestError(
-                    f"text is {len(request.text)} characters; the limit is "
-                    f"{self.settings.limits.max_input_chars}"
+            request = await self._parse(parse_say, payload)
+            request_id = request.id or request_id
+            limit = self.settings.limits.max_input_chars
+            if len(request.text) > limit:
+                raise LimitExceededError(
+                    "max_input_chars",
+                    limit,
+                    what=f"text of {len(request.text)} characters",
+                    unit="characters",
+                    param="text",
                 )
-            await self.speak(request, request_id or _new_id(), ctx)
-        except _PartialRequestError as exc:
-            await self.report_error(ctx.topic, str(exc), exc.request_id, ctx)
-        except (MqttRequestError, UnknownModelError, AudioError, EngineRequestError) as exc:
-            await self.report_error(ctx.topic, str(exc), request_id, ctx)
+            await self.speak(request, request_id or new_id(), ctx)
+        except MqttRequestError as exc:
+            await self.report_error(ctx.topic, exc, exc.request_id or request_id, ctx)
         except Exception as exc:
-            _LOGGER.exception("Speak request on %s failed", ctx.topic)
-            await self.report_error(ctx.topic, f"internal error: {exc}", request_id, ctx)
+            await self.report_error(ctx.topic, exc, request_id, ctx)
 
-    async def synthesize(
+    async def render_speech(
         self, text: str, voice: str | None, speed: float, fmt: str
     ) -> tuple[bytes, float]:
-        """Synthesize and encode (in worker threads): (encoded audio, duration in s)."""
+        """Synthesize (the hub's speak pipeline) and encode: (encoded audio, duration in s)."""
         audio = await self.hub.synthesize_all(
             text, SynthesizeOptions(voice=voice or self._voice or None, speed=speed)
         )
@@ -842,7 +870,7 @@ class MqttBridge(ProtocolServer):
 
     async def speak(self, request: SayRequest, request_id: str, ctx: RequestContext) -> None:
         self.hub.voice(request.voice or self._voice or None)  # unknown voice → error now
-        encoded, duration_s = await self.synthesize(
+        encoded, duration_s = await self.render_speech(
             request.text, request.voice, request.speed, request.format
         )
         ctx.check_expiry()
@@ -883,15 +911,17 @@ class MqttBridge(ProtocolServer):
         request_id: str | None = ctx.user.get("id")
         payload = message.payload if isinstance(message.payload, bytes) else b""
         try:
-            request, audio_bytes = await asyncio.to_thread(_parse_transcribe, payload)
+            request, audio_bytes = await self._parse(parse_transcribe, payload)
             if request is not None:
                 request_id = request.id or request_id
             language = (request.language if request else None) or ctx.user.get("language")
             model = (request.model if request else None) or ctx.user.get("model")
             self.hub.asr(model)  # unknown model → error before decoding
+            # Stops as soon as the audio is longer than the limit (declared or counted).
             audio = await asyncio.to_thread(
                 decode, audio_bytes, max_duration_s=self.settings.limits.max_audio_s
             )
+            del audio_bytes
             options = TranscribeOptions(
                 language=language or None,
                 task=request.task if request else "transcribe",
@@ -899,7 +929,7 @@ class MqttBridge(ProtocolServer):
             )
             transcript = await self.hub.transcribe(audio, options, model=model)
             ctx.check_expiry()
-            request_id = request_id or _new_id()
+            request_id = request_id or new_id()
             reply = {
                 "text": transcript.text,
                 "language": transcript.language,
@@ -919,54 +949,33 @@ class MqttBridge(ProtocolServer):
                     request_id=request_id,
                 )
             )
-        except _PartialRequestError as exc:
-            await self.report_error(ctx.topic, str(exc), exc.request_id or request_id, ctx)
-        except (MqttRequestError, UnknownModelError, AudioError, EngineRequestError) as exc:
-            await self.report_error(ctx.topic, str(exc), request_id, ctx)
+        except MqttRequestError as exc:
+            await self.report_error(ctx.topic, exc, exc.request_id or request_id, ctx)
         except Exception as exc:
-            _LOGGER.exception("Transcribe request on %s failed", ctx.topic)
-            await self.report_error(ctx.topic, f"internal error: {exc}", request_id, ctx)
+            await self.report_error(ctx.topic, exc, request_id, ctx)
 
-    def _handle_voice_set(self, message: aiomqtt.Message) -> None:
+    async def _handle_voice_set(self, message: aiomqtt.Message) -> None:
         topic = str(message.topic)
         payload = message.payload if isinstance(message.payload, bytes) else b""
         try:
-            name = payload.decode("utf-8").strip()
-        except UnicodeDecodeError:
-            self._report_soon(topic, "voice name is not UTF-8 text", None)
-            return
-        try:
+            if len(payload) > 1024:
+                raise MqttRequestError("voice name is longer than 1024 bytes")
+            try:
+                name = payload.decode("utf-8").strip()
+            except UnicodeDecodeError:
+                raise MqttRequestError("voice name is not UTF-8 text") from None
             self.hub.voice(name or None)
-        except UnknownModelError as exc:
-            self._report_soon(topic, str(exc), None)
+        except EdgeVoiceError as exc:
+            await self.report_error(topic, exc, None)
             return
         self._voice = name or None
         _LOGGER.info("Default voice for MQTT speak requests: %s", self._current_voice())
-        self.spawn(self.publish(self._voice_message()), name="mqtt voice state")
+        await self.publish(self._voice_message())
 
-    def _handle_ha_status(self, message: aiomqtt.Message) -> None:
+    async def _handle_ha_status(self, message: aiomqtt.Message) -> None:
         if message.payload == b"online":
             _LOGGER.info("Home Assistant came online; republishing discovery")
-            self.spawn(self.publish(self._discovery_message()), name="mqtt discovery")
-
-
-def _parse_transcribe(payload: bytes) -> tuple[TranscribeRequest | None, bytes]:
-    """Blocking (large payloads): the JSON form with ``audio_b64``, or raw audio bytes."""
-    if not payload:
-        raise MqttRequestError("empty transcribe request (0 bytes)")
-    if payload.lstrip()[:1] != b"{":
-        return None, payload
-    data = _json_object(payload)
-    request_id = _request_id(data)
-    try:
-        request = TranscribeRequest.model_validate(data)
-    except ValidationError as exc:
-        raise _PartialRequestError(_error_text(exc), request_id) from None
-    try:
-        audio = base64.b64decode(request.audio_b64, validate=True)
-    except (binascii.Error, ValueError):
-        raise _PartialRequestError("audio_b64 is not valid base64", request_id) from None
-    return request, audio
+            await self.publish(self._discovery_message())
 
 
 def _code(exc: aiomqtt.MqttCodeError) -> int | None:
@@ -979,11 +988,8 @@ def _code(exc: aiomqtt.MqttCodeError) -> int | None:
 
 
 __all__ = [
+    "MAX_CONCURRENT_REQUESTS",
     "OUTPUT_FORMATS",
     "MqttBridge",
-    "MqttRequestError",
-    "OutgoingMessage",
-    "SayRequest",
     "parse_broker_url",
-    "parse_say",
 ]

@@ -9,8 +9,15 @@
 
 Fields are camelCase; a missing ``siteId`` means ``"default"``. The node
 serves one site, ``mqtt.hermes_site_id``; requests for other sites are left to
-other services. Listening ends on ``stopListening`` (there is no
-silence detection here).
+other services. Listening ends on ``stopListening`` (there is no silence
+detection here), or expires after ``limits.session_timeout_s`` without audio;
+at most ``limits.max_pending_per_client`` sessions are open at once, each
+holding at most ``limits.max_audio_s`` and ``limits.max_upload_bytes`` of audio.
+``id`` and ``sessionId`` go into topics, so they must match the request id
+pattern.
+
+This module does not import the bridge: it talks to it through
+:class:`HermesHost`.
 """
 
 from __future__ import annotations
@@ -22,22 +29,75 @@ import logging
 import math
 import time
 import wave
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import aiomqtt
 import numpy as np
 
 from edgevoice.audio import Audio, AudioError, encode, pcm_to_float
-from edgevoice.engines.base import EngineRequestError, TranscribeOptions
-from edgevoice.errors import UnknownModelError
-
-if TYPE_CHECKING:
-    from edgevoice.protocols.mqtt import MqttBridge, Route
+from edgevoice.config import Settings
+from edgevoice.engines.base import TranscribeOptions
+from edgevoice.errors import (
+    BusyError,
+    ClientError,
+    EdgeVoiceError,
+    LimitExceededError,
+    PayloadTooLargeError,
+)
+from edgevoice.hub import EngineHub
+from edgevoice.protocols.mqtt.messages import (
+    MqttRequestError,
+    RequestContext,
+    Route,
+    checked_id,
+    error_fields,
+    new_id,
+)
+from edgevoice.protocols.mqtt.outbox import OutgoingMessage
 
 _LOGGER = logging.getLogger(__name__)
 
 DEFAULT_SITE = "default"
+# JSON payloads up to this size are parsed on the event loop; larger ones in a thread.
+_INLINE_JSON_BYTES = 64 * 1024
+
+
+class HermesHost(Protocol):
+    """What Hermes needs from the bridge."""
+
+    settings: Settings
+    hub: EngineHub
+
+    async def publish(self, message: OutgoingMessage) -> None: ...
+
+    async def publish_json(
+        self, topic: str, data: dict[str, Any], *, retain: bool = False
+    ) -> None: ...
+
+    async def report_error(
+        self,
+        topic: str,
+        exc: BaseException,
+        request_id: str | None,
+        ctx: RequestContext | None = None,
+    ) -> None: ...
+
+    def submit(
+        self,
+        client_key: str,
+        topic: str,
+        work: Callable[[], Awaitable[None]],
+        size_bytes: int,
+        ctx: RequestContext | None = None,
+    ) -> None: ...
+
+    def spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None: ...
+
+    async def render_speech(
+        self, text: str, voice: str | None, speed: float, fmt: str
+    ) -> tuple[bytes, float]: ...
 
 
 @dataclass(slots=True)
@@ -52,11 +112,19 @@ class _Listening:
     format: tuple[int, int, int] | None = None
     """(rate_hz, sample width in bytes, channels) of the frames."""
     frames: int = 0
-    error: str | None = None
+    bytes: int = 0
+    error: EdgeVoiceError | None = None
+    last_audio: float = field(default_factory=time.monotonic)
+    """``time.monotonic()`` of the start or the last audio frame."""
+    timer: asyncio.TimerHandle | None = None
+
+    def fail(self, error: EdgeVoiceError) -> None:
+        self.error = self.error or error
+        self.chunks.clear()  # nothing more will be transcribed: free the audio now
 
 
 def _wav_frame(data: bytes) -> tuple[tuple[int, int, int], bytes]:
-    """Parse one small WAV chunk (cheap; runs inline)."""
+    """Parse one WAV chunk (a memory copy; runs inline)."""
     try:
         with wave.open(io.BytesIO(data), "rb") as wav:
             fmt = (wav.getframerate(), wav.getsampwidth(), wav.getnchannels())
@@ -65,17 +133,26 @@ def _wav_frame(data: bytes) -> tuple[tuple[int, int, int], bytes]:
         raise AudioError(f"audio frame is not a WAV chunk: {exc}") from None
 
 
-class HermesAdapter:
-    """Hermes topics on top of an :class:`MqttBridge`."""
+def _text_or_none(value: object) -> str | None:
+    return value if isinstance(value, str) and value else None
 
-    def __init__(self, bridge: MqttBridge) -> None:
-        self.bridge = bridge
-        self.site_id = bridge.config.hermes_site_id
+
+class HermesAdapter:
+    """Hermes topics on top of the bridge (see the module docstring)."""
+
+    def __init__(self, host: HermesHost, site_id: str) -> None:
+        self.host = host
+        self.site_id = site_id
+        self.client_key = f"hermes:{site_id}"
+        """All Hermes requests count as one client (the site) for bounds and fair turns."""
         self._sessions: dict[str | None, _Listening] = {}
 
-    def routes(self) -> list[Route]:
-        from edgevoice.protocols.mqtt import Route
+    @property
+    def sessions(self) -> int:
+        """Listening sessions open now."""
+        return len(self._sessions)
 
+    def routes(self) -> list[Route]:
         site = self.site_id
         return [
             Route("hermes/tts/say", self._on_say),
@@ -85,117 +162,181 @@ class HermesAdapter:
             Route(f"hermes/audioServer/{site}/audioSessionFrame/+", self._on_frame),
         ]
 
+    def close(self) -> None:
+        """Forget open listening sessions (at stop)."""
+        for session in self._sessions.values():
+            if session.timer is not None:
+                session.timer.cancel()
+        self._sessions.clear()
+
     # ------------------------------------------------------------- helpers
 
-    def _parse(self, message: aiomqtt.Message) -> dict[str, Any] | None:
+    async def _parse(self, message: aiomqtt.Message, component: str) -> dict[str, Any] | None:
         """The JSON object of a Hermes message, or None (after reporting) when invalid."""
         topic = str(message.topic)
+        payload = message.payload if isinstance(message.payload, bytes) else b""
+        limits = self.host.settings.limits
         try:
-            data = json.loads(message.payload if isinstance(message.payload, bytes) else b"")
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            self._report(
-                topic, f"payload is not valid JSON: {exc}", "asr" if "asr" in topic else "tts"
-            )
-            return None
-        if not isinstance(data, dict):
-            self._report(topic, "JSON payload must be an object", "tts")
+            if len(payload) > limits.max_upload_bytes:
+                raise PayloadTooLargeError(
+                    "max_upload_bytes",
+                    limits.max_upload_bytes,
+                    what=f"payload of {len(payload)} bytes",
+                    unit="bytes",
+                )
+            try:
+                if len(payload) > _INLINE_JSON_BYTES:
+                    data = await asyncio.to_thread(json.loads, payload)
+                else:
+                    data = json.loads(payload)
+            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+                raise MqttRequestError(f"payload is not valid JSON: {exc}") from None
+            if not isinstance(data, dict):
+                raise MqttRequestError("JSON payload must be an object")
+        except ClientError as exc:
+            await self._report(topic, exc, component)
             return None
         return data
 
     def _mine(self, data: dict[str, Any]) -> bool:
         return str(data.get("siteId") or DEFAULT_SITE) == self.site_id
 
-    def _report(
+    async def _report(
         self,
         topic: str,
-        error: str,
+        exc: BaseException,
         component: str,
         session_id: str | None = None,
         request_id: str | None = None,
     ) -> None:
-        async def report() -> None:
-            await self.bridge.publish_json(
-                f"hermes/error/{component}",
-                {"error": error, "context": topic, "siteId": self.site_id, "sessionId": session_id},
-            )
-            await self.bridge.report_error(topic, error, request_id)
-
-        self.bridge.spawn(report(), name="hermes error report")
+        await self.host.publish_json(
+            f"hermes/error/{component}",
+            {
+                "error": error_fields(exc)["error"],
+                "context": topic,
+                "siteId": self.site_id,
+                "sessionId": session_id,
+            },
+        )
+        await self.host.report_error(topic, exc, request_id)
 
     async def publish_wake(self, wake_word: str) -> None:
-        await self.bridge.publish_json(
+        await self.host.publish_json(
             f"hermes/hotword/{wake_word}/detected",
             {"siteId": self.site_id, "modelId": wake_word, "currentSensitivity": 1.0},
         )
 
     # ----------------------------------------------------------------- TTS
 
-    def _on_say(self, message: aiomqtt.Message) -> None:
-        data = self._parse(message)
+    async def _on_say(self, message: aiomqtt.Message) -> None:
+        data = await self._parse(message, "tts")
         if data is None or not self._mine(data):
             return
         topic = str(message.topic)
-        text = data.get("text")
-        request_id = str(data.get("id") or "") or None
-        session_id = data.get("sessionId")
-        if not isinstance(text, str) or not text.strip():
-            self._report(topic, "text: missing or empty", "tts", session_id, request_id)
-            return
-        if len(text) > self.bridge.settings.limits.max_input_chars:
-            limit = self.bridge.settings.limits.max_input_chars
-            self._report(
-                topic,
-                f"text is {len(text)} characters; the limit is {limit}",
-                "tts",
-                session_id,
-                request_id,
-            )
-            return
-        self.bridge.spawn(self._say(topic, text, request_id, session_id), name="hermes say")
-
-    async def _say(
-        self, topic: str, text: str, request_id: str | None, session_id: str | None
-    ) -> None:
-        from edgevoice.protocols.mqtt import OutgoingMessage, _new_id
-
-        request_id = request_id or _new_id()
+        session_id: str | None = None
+        request_id: str | None = None
+        limits = self.host.settings.limits
         try:
-            wav, _ = await self.bridge.synthesize(text, None, 1.0, "wav")
-        except (UnknownModelError, AudioError, EngineRequestError) as exc:
-            self._report(topic, str(exc), "tts", session_id, request_id)
-            return
+            session_id = checked_id(data.get("sessionId"), "sessionId")
+            request_id = checked_id(data.get("id"), "id")
+            text = data.get("text")
+            if not isinstance(text, str) or not text.strip():
+                raise MqttRequestError("text: missing or empty", param="text")
+            if len(text) > limits.max_input_chars:
+                raise LimitExceededError(
+                    "max_input_chars",
+                    limits.max_input_chars,
+                    what=f"text of {len(text)} characters",
+                    unit="characters",
+                    param="text",
+                )
+            say_id = request_id or new_id()
+
+            async def work() -> None:
+                await self._say(topic, text, say_id, session_id)
+
+            self.host.submit(self.client_key, topic, work, len(text))
+        except ClientError as exc:
+            await self._report(topic, exc, "tts", session_id, request_id)
+
+    async def _say(self, topic: str, text: str, request_id: str, session_id: str | None) -> None:
+        try:
+            wav, _ = await self.host.render_speech(text, None, 1.0, "wav")
         except Exception as exc:
-            _LOGGER.exception("Hermes say failed")
-            self._report(topic, f"internal error: {exc}", "tts", session_id, request_id)
+            await self._report(topic, exc, "tts", session_id, request_id)
             return
-        await self.bridge.publish(
+        await self.host.publish(
             OutgoingMessage(
                 f"hermes/audioServer/{self.site_id}/playBytes/{request_id}",
                 wav,
                 what=f"Hermes playBytes {request_id}",
             )
         )
-        await self.bridge.publish_json(
+        await self.host.publish_json(
             "hermes/tts/sayFinished",
             {"id": request_id, "sessionId": session_id, "siteId": self.site_id},
         )
 
     # ----------------------------------------------------------------- ASR
 
-    def _on_start(self, message: aiomqtt.Message) -> None:
-        data = self._parse(message)
+    async def _on_start(self, message: aiomqtt.Message) -> None:
+        data = await self._parse(message, "asr")
         if data is None or not self._mine(data):
             return
-        session_id = data.get("sessionId")
-        self._sessions[session_id] = _Listening(
+        topic = str(message.topic)
+        limits = self.host.settings.limits
+        try:
+            session_id = checked_id(data.get("sessionId"), "sessionId")
+        except MqttRequestError as exc:
+            await self._report(topic, exc, "asr")
+            return
+        previous = self._sessions.pop(session_id, None)
+        if previous is not None and previous.timer is not None:
+            previous.timer.cancel()
+        if len(self._sessions) >= limits.max_pending_per_client:
+            busy = BusyError(
+                f"{len(self._sessions)} Hermes listening sessions are open "
+                "(limits.max_pending_per_client); stop one or retry later"
+            )
+            await self._report(topic, busy, "asr", session_id)
+            return
+        session = _Listening(
             session_id=session_id,
-            wakeword_id=data.get("wakewordId"),
-            lang=data.get("lang"),
-            send_audio_captured=bool(data.get("sendAudioCaptured", False)),
+            wakeword_id=_text_or_none(data.get("wakewordId")),
+            lang=_text_or_none(data.get("lang")),
+            send_audio_captured=data.get("sendAudioCaptured") is True,
         )
+        self._sessions[session_id] = session
+        self._arm_timer(session, limits.session_timeout_s)
         _LOGGER.debug("Hermes listening started (session %s)", session_id)
 
-    def _on_frame(self, message: aiomqtt.Message) -> None:
+    def _arm_timer(self, session: _Listening, delay_s: float) -> None:
+        loop = asyncio.get_running_loop()
+        session.timer = loop.call_later(delay_s, self._check_idle, session)
+
+    def _check_idle(self, session: _Listening) -> None:
+        """Timer: expire a session without audio for ``session_timeout_s``, else re-arm."""
+        if self._sessions.get(session.session_id) is not session:
+            return
+        timeout_s = self.host.settings.limits.session_timeout_s
+        idle_s = time.monotonic() - session.last_audio
+        if idle_s < timeout_s:
+            self._arm_timer(session, timeout_s - idle_s)
+            return
+        del self._sessions[session.session_id]
+        _LOGGER.info("Hermes listening session %s expired", session.session_id)
+        expired = LimitExceededError(
+            "session_timeout_s",
+            timeout_s,
+            what="time without audio in a listening session",
+            unit="s",
+        )
+        self.host.spawn(
+            self._report("hermes/asr/startListening", expired, "asr", session.session_id),
+            name="hermes session expired",
+        )
+
+    async def _on_frame(self, message: aiomqtt.Message) -> None:
         if not self._sessions:
             return
         levels = str(message.topic).split("/")
@@ -206,64 +347,112 @@ class HermesAdapter:
         )
         if not targets:
             return
+        now = time.monotonic()
+        limits = self.host.settings.limits
+        payload = message.payload if isinstance(message.payload, bytes) else b""
+        for session in targets:
+            session.last_audio = now
+        if len(payload) > limits.max_upload_bytes:
+            for session in targets:
+                session.fail(
+                    PayloadTooLargeError(
+                        "max_upload_bytes",
+                        limits.max_upload_bytes,
+                        what=f"audio frame of {len(payload)} bytes",
+                        unit="bytes",
+                    )
+                )
+            return
         try:
-            fmt, pcm = _wav_frame(message.payload if isinstance(message.payload, bytes) else b"")
+            fmt, pcm = _wav_frame(payload)
         except AudioError as exc:
             for session in targets:
-                session.error = session.error or str(exc)
+                session.fail(exc)
             return
-        max_frames = self.bridge.settings.limits.max_audio_s * fmt[0]
+        rate_hz, width, channels = fmt
+        frames = len(pcm) // max(1, width * channels)
         for session in targets:
             if session.error:
                 continue
             if session.format is None:
                 session.format = fmt
             elif session.format != fmt:
-                session.error = f"audio frame format changed from {session.format} to {fmt}"
+                session.fail(
+                    AudioError(f"audio frame format changed from {session.format} to {fmt}")
+                )
                 continue
-            if session.frames + len(pcm) // (fmt[1] * fmt[2]) > max_frames:
-                session.error = f"listening session is longer than {self.bridge.settings.limits.max_audio_s:.0f} s"
+            if session.frames + frames > limits.max_audio_s * rate_hz:
+                session.fail(
+                    LimitExceededError(
+                        "max_audio_s",
+                        limits.max_audio_s,
+                        what="listening session audio",
+                        unit="s",
+                    )
+                )
+                continue
+            if session.bytes + len(pcm) > limits.max_upload_bytes:
+                session.fail(
+                    PayloadTooLargeError(
+                        "max_upload_bytes",
+                        limits.max_upload_bytes,
+                        what="listening session audio",
+                        unit="bytes",
+                    )
+                )
                 continue
             session.chunks.append(pcm)
-            session.frames += len(pcm) // (fmt[1] * fmt[2])
+            session.frames += frames
+            session.bytes += len(pcm)
 
-    def _on_stop(self, message: aiomqtt.Message) -> None:
-        data = self._parse(message)
+    async def _on_stop(self, message: aiomqtt.Message) -> None:
+        data = await self._parse(message, "asr")
         if data is None or not self._mine(data):
             return
-        session_id = data.get("sessionId")
-        session = self._sessions.pop(session_id, None)
         topic = str(message.topic)
-        if session is None:
-            self._report(topic, f"no listening session {session_id!r}", "asr", session_id)
+        try:
+            session_id = checked_id(data.get("sessionId"), "sessionId")
+        except MqttRequestError as exc:
+            await self._report(topic, exc, "asr")
             return
-        if session.error or session.format is None:
-            self._report(topic, session.error or "no audio frames were received", "asr", session_id)
-            return
-        self.bridge.spawn(self._transcribe(topic, session), name="hermes transcribe")
+        session = self._sessions.pop(session_id, None)
+        if session is not None and session.timer is not None:
+            session.timer.cancel()
+        try:
+            if session is None:
+                raise MqttRequestError(f"no listening session {session_id!r}")
+            if session.error:
+                raise session.error
+            if session.format is None:
+                raise AudioError("no audio frames were received")
+            listening = session
+
+            async def work() -> None:
+                await self._transcribe(topic, listening)
+
+            self.host.submit(self.client_key, topic, work, session.bytes)
+        except EdgeVoiceError as exc:
+            await self._report(topic, exc, "asr", session_id)
 
     async def _transcribe(self, topic: str, session: _Listening) -> None:
         assert session.format is not None
         rate, width, channels = session.format
         started = time.monotonic()
         try:
-            samples = await asyncio.to_thread(
-                pcm_to_float, b"".join(session.chunks), width, channels
-            )
+            pcm = b"".join(session.chunks)
+            session.chunks.clear()
+            samples = await asyncio.to_thread(pcm_to_float, pcm, width, channels)
+            del pcm
             audio = Audio(samples, rate)
-            transcript = await self.bridge.hub.transcribe(
+            transcript = await self.host.hub.transcribe(
                 audio, TranscribeOptions(language=session.lang or None)
             )
-        except (UnknownModelError, AudioError, EngineRequestError) as exc:
-            self._report(topic, str(exc), "asr", session.session_id)
-            return
         except Exception as exc:
-            _LOGGER.exception("Hermes transcription failed")
-            self._report(topic, f"internal error: {exc}", "asr", session.session_id)
+            await self._report(topic, exc, "asr", session.session_id)
             return
         logprobs = [s.avg_logprob for s in transcript.segments]
         likelihood = float(np.exp(np.mean(logprobs))) if logprobs else 0.0
-        await self.bridge.publish_json(
+        await self.host.publish_json(
             "hermes/asr/textCaptured",
             {
                 "text": transcript.text,
@@ -276,11 +465,10 @@ class HermesAdapter:
             },
         )
         if session.send_audio_captured:
-            from edgevoice.protocols.mqtt import OutgoingMessage
-
             wav = await asyncio.to_thread(encode, samples, rate, "wav")
-            await self.bridge.publish(
+            await self.host.publish(
                 OutgoingMessage(
-                    f"hermes/asr/{self.site_id}/{session.session_id}/audioCaptured", wav
+                    f"hermes/asr/{self.site_id}/{session.session_id or DEFAULT_SITE}/audioCaptured",
+                    wav,
                 )
             )
