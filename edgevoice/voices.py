@@ -7,6 +7,12 @@ sanitized name (``voice_<slug>``), so a request can never name a path outside
 the library: every lookup checks the id against :data:`VOICE_ID_PATTERN`
 before touching the filesystem.
 
+The library is bounded: ``limits.max_voices`` voices and
+``limits.max_voice_library_bytes`` of stored samples, checked before a new
+voice is written. Errors belong to the shared taxonomy (bad samples are
+client errors; an unknown id is an :class:`~edgevoice.errors.UnknownModelError`
+that names that id only, never the other stored ones).
+
 Every method is blocking (file I/O, decoding); the HTTP API calls them in
 worker threads.
 """
@@ -28,6 +34,12 @@ import numpy as np
 
 from edgevoice.audio import Audio, AudioError, decode, float_to_pcm16, wav_header
 from edgevoice.engines.base import VoiceReference
+from edgevoice.errors import (
+    ClientError,
+    LimitExceededError,
+    PayloadTooLargeError,
+    UnknownModelError,
+)
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -40,12 +52,17 @@ MAX_TRANSCRIPT_CHARS: Final = 2000
 _PEAK: Final = 10 ** (-1 / 20)  # -1 dBFS
 
 
-class VoiceLibraryError(ValueError):
+class VoiceLibraryError(ClientError, ValueError):
     """A bad voice name, transcript or reference sample (a client fault)."""
 
+    code = "invalid_voice"
 
-class VoiceNotFoundError(LookupError):
-    """No stored voice has this id."""
+
+class VoiceNotFoundError(UnknownModelError):
+    """No stored voice has this id (the message names this id only)."""
+
+    def __init__(self, voice_id: str) -> None:
+        super().__init__("tts", voice_id, param="voice")
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,15 +134,62 @@ def decode_reference(data: bytes) -> Audio:
     Raises :class:`AudioError` when undecodable, :class:`VoiceLibraryError`
     when too short, too long or silent.
     """
-    return normalize_reference(decode(data))
+    try:
+        audio = decode(data, max_duration_s=MAX_REFERENCE_S + 1.0)
+    except LimitExceededError:
+        raise VoiceLibraryError(
+            f"reference audio is longer than {MAX_REFERENCE_S:.0f} s; it must be "
+            f"{MIN_REFERENCE_S:.0f}-{MAX_REFERENCE_S:.0f} s"
+        ) from None
+    return normalize_reference(audio)
 
 
 class VoiceLibrary:
-    """Stored reference voices. Blocking; thread-safe."""
+    """Stored reference voices, at most ``max_voices`` and ``max_bytes``. Blocking; thread-safe."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(
+        self, root: Path, *, max_voices: int = 100, max_bytes: int = 200 * 1024 * 1024
+    ) -> None:
         self.root = root
+        self.max_voices = max_voices
+        self.max_bytes = max_bytes
         self._lock = threading.Lock()
+
+    def usage(self) -> tuple[int, int]:
+        """``(voices, bytes)`` stored now (sample and metadata files)."""
+        if not self.root.is_dir():
+            return 0, 0
+        count = 0
+        size = 0
+        for path in self.root.iterdir():
+            if not path.name.startswith("voice_"):
+                continue
+            if path.suffix == ".json":
+                count += 1
+            if path.suffix in (".json", ".wav"):
+                try:
+                    size += path.stat().st_size
+                except OSError:
+                    continue  # deleted meanwhile
+        return count, size
+
+    def _check_quota(self, new_bytes: int) -> None:
+        """Raise when one more voice of ``new_bytes`` would not fit."""
+        count, size = self.usage()
+        if count >= self.max_voices:
+            raise LimitExceededError(
+                "max_voices",
+                self.max_voices,
+                what="the voice library",
+                unit="voices; delete one first",
+            )
+        if size + new_bytes > self.max_bytes:
+            raise PayloadTooLargeError(
+                "max_voice_library_bytes",
+                self.max_bytes,
+                what=f"the voice library ({size} bytes stored, {new_bytes} more)",
+                unit="bytes; delete a voice first",
+            )
 
     def _paths(self, voice_id: str) -> tuple[Path, Path]:
         if not valid_voice_id(voice_id):
@@ -138,9 +202,12 @@ class VoiceLibrary:
         text = " ".join(transcript.split()) if transcript else None
         if text and len(text) > MAX_TRANSCRIPT_CHARS:
             raise VoiceLibraryError(f"transcript is longer than {MAX_TRANSCRIPT_CHARS} characters")
+        self._check_quota(0)  # a full library refuses before decoding anything
         audio = decode_reference(audio_data)
         pcm = float_to_pcm16(audio.samples)
         with self._lock:
+            # Checked again under the lock: concurrent uploads cannot both squeeze in.
+            self._check_quota(len(pcm) + 44 + 1024)
             self.root.mkdir(parents=True, exist_ok=True)
             base = f"voice_{slugify(display)}"
             voice_id, n = base, 1
@@ -201,9 +268,10 @@ class VoiceLibrary:
         voice = self.get(voice_id)
         wav_path, _meta = self._paths(voice_id)
         try:
-            audio = decode(wav_path)
+            audio = decode(wav_path, max_duration_s=MAX_REFERENCE_S + 1.0)
         except AudioError as exc:
-            raise VoiceNotFoundError(f"{voice_id}: {exc}") from None
+            _LOGGER.warning("Unreadable voice sample %s: %s", wav_path, exc)
+            raise VoiceNotFoundError(voice_id) from None
         return VoiceReference(
             audio=audio.samples, sample_rate_hz=audio.rate_hz, text=voice.transcript
         )

@@ -1,55 +1,44 @@
-"""OpenAI-compatible audio API over aiohttp (``[http]`` in the config).
+"""The aiohttp application: routes, and the middleware every request passes.
 
-Routes: ``/v1/audio/transcriptions``, ``/v1/audio/translations``,
-``/v1/audio/speech`` (+ WebSocket ``/v1/audio/speech/stream``),
-``/v1/audio/voices``, ``/v1/models``, ``/health``, ``/metrics``,
-``/openapi.json`` and ``/docs``. Handlers live in :mod:`http_audio`; this
-module builds the app (errors, auth, CORS, metrics) and owns its lifecycle
-with aiohttp's Runner/Site split.
+The middleware attributes the request to its client for fair engine turns
+(``client_scope("http", remote address)``), bounds the requests one client
+has in flight (``limits.max_pending_per_client`` → 429), checks the API key,
+answers CORS preflights, turns every failure into OpenAI's error shape
+(:func:`~edgevoice.protocols.http.errors.to_api_error`) and records metrics.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import hmac
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, Final
+from typing import Final
 
 from aiohttp import hdrs, web
 
 from edgevoice.config import Settings
 from edgevoice.engines.base import EngineKind
-from edgevoice.hub import EngineHub, LoadedModel
-from edgevoice.protocols.base import ProtocolServer
-from edgevoice.protocols.http_audio import (
-    create_voice,
-    delete_voice,
-    get_voice,
-    list_voices,
-    speech,
-    speech_stream,
-    transcriptions,
-    translations,
-)
-from edgevoice.protocols.http_common import (
-    STATE,
-    ApiError,
-    Metrics,
-    ServerState,
-    api_error_from,
-    not_found,
-    state,
-)
-from edgevoice.protocols.http_openapi import build_spec, render_docs
+from edgevoice.fairness import client_scope
+from edgevoice.hub import EngineHub
+from edgevoice.protocols.http.errors import ApiError, to_api_error
+from edgevoice.protocols.http.forms import ClientGone
+from edgevoice.protocols.http.metrics import Metrics
+from edgevoice.protocols.http.models import get_model, list_models
+from edgevoice.protocols.http.openapi import build_spec, render_docs
+from edgevoice.protocols.http.speech import speech
+from edgevoice.protocols.http.speech_stream import STREAM_PATH, speech_stream
+from edgevoice.protocols.http.state import STATE, ServerState, state
+from edgevoice.protocols.http.transcription import transcriptions, translations
+from edgevoice.protocols.http.voices import create_voice, delete_voice, get_voice, list_voices
 from edgevoice.voices import VoiceLibrary
 
 _LOGGER = logging.getLogger(__name__)
 
 PUBLIC_PATHS: Final = frozenset({"/health", "/openapi.json", "/docs"})
 """Served without the API key (they reveal nothing secret)."""
+UNCOUNTED_PATHS: Final = frozenset({"/health", "/metrics", "/openapi.json", "/docs"})
+"""Cheap routes outside ``max_pending_per_client``: probes must answer a busy client too."""
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -64,7 +53,7 @@ def _check_auth(request: web.Request, api_key: str | None) -> None:
         return
     header = request.headers.get(hdrs.AUTHORIZATION, "")
     scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" and request.path == "/v1/audio/speech/stream":
+    if scheme.lower() != "bearer" and request.path == STREAM_PATH:
         token = request.query.get("api_key", "")  # browsers cannot set WebSocket headers
     elif scheme.lower() != "bearer":
         token = ""
@@ -87,56 +76,69 @@ def _cors_origin(request: web.Request, origins: list[str]) -> str | None:
     return origin if origin in origins else None
 
 
+def _preflight(request: web.Request, st: ServerState) -> web.Response | None:
+    if (
+        request.method == hdrs.METH_OPTIONS
+        and hdrs.ACCESS_CONTROL_REQUEST_METHOD in request.headers
+        and _cors_origin(request, st.settings.http.cors_origins) is not None
+    ):
+        return web.Response(
+            status=204,
+            headers={
+                hdrs.ACCESS_CONTROL_ALLOW_METHODS: "GET, POST, DELETE, OPTIONS",
+                hdrs.ACCESS_CONTROL_ALLOW_HEADERS: "Authorization, Content-Type",
+                hdrs.ACCESS_CONTROL_MAX_AGE: "600",
+            },
+        )
+    return None
+
+
+async def _serve(request: web.Request, handler: Handler, st: ServerState) -> web.StreamResponse:
+    if (preflight := _preflight(request, st)) is not None:
+        return preflight
+    _check_auth(request, st.api_key)
+    if request.path in UNCOUNTED_PATHS:
+        return await handler(request)
+    client = request.remote or "unknown"
+    st.admit(client)
+    try:
+        return await handler(request)
+    finally:
+        st.release(client)
+
+
 @web.middleware
 async def api_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Auth, CORS preflight, OpenAI-shaped errors and request metrics."""
+    """Fairness scope, per-client bound, auth, CORS, OpenAI-shaped errors, metrics."""
     st = state(request)
     started = time.monotonic()
     status = 500
     st.request_started()
     try:
-        if (
-            request.method == hdrs.METH_OPTIONS
-            and hdrs.ACCESS_CONTROL_REQUEST_METHOD in request.headers
-            and _cors_origin(request, st.settings.http.cors_origins) is not None
-        ):
-            response: web.StreamResponse = web.Response(
-                status=204,
-                headers={
-                    hdrs.ACCESS_CONTROL_ALLOW_METHODS: "GET, POST, DELETE, OPTIONS",
-                    hdrs.ACCESS_CONTROL_ALLOW_HEADERS: "Authorization, Content-Type",
-                    hdrs.ACCESS_CONTROL_MAX_AGE: "600",
-                },
-            )
-        else:
-            _check_auth(request, st.api_key)
-            response = await handler(request)
+        with client_scope("http", request.remote or "unknown"):
+            response = await _serve(request, handler, st)
         status = response.status
         return response
     except web.HTTPException as exc:
-        if exc.status < 400:
-            status = exc.status
-            raise
         status = exc.status
-        code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
-        message = (
-            exc.text
-            if exc.status == 413 and exc.text
-            else f"{exc.reason}: {request.method} {request.path}"
-        )
-        return ApiError(exc.status, message, code=code.get(exc.status)).response()
-    except asyncio.CancelledError:
-        status = 499  # client went away
+        if exc.status < 400:
+            raise
+        return to_api_error(exc, request).response()
+    except ClientGone as exc:
+        status = 499  # nobody is left to answer
+        _LOGGER.debug("HTTP %s %s: client went away (%s)", request.method, request.path, exc)
+        return ApiError(400, "the client went away mid-request").response()
+    except ConnectionError as exc:
+        status = 499
+        _LOGGER.debug("HTTP %s %s: connection lost (%s)", request.method, request.path, exc)
         raise
     except Exception as exc:
-        error = api_error_from(exc)
+        error = to_api_error(exc, request)
         status = error.status
-        if status >= 500:
-            _LOGGER.exception("Request %s %s failed", request.method, request.path)
+        if status >= 500 and status != 503:
+            _LOGGER.exception("HTTP %s %s failed", request.method, request.path)
         else:
-            _LOGGER.debug(
-                "Request %s %s: %s %s", request.method, request.path, status, error.message
-            )
+            _LOGGER.debug("HTTP %s %s: %s %s", request.method, request.path, status, error.message)
         return error.response()
     finally:
         st.request_finished()
@@ -153,59 +155,6 @@ async def _on_prepare(request: web.Request, response: web.StreamResponse) -> Non
 
 
 # ------------------------------------------------------------ small routes
-
-
-def _model_json(model: LoadedModel[Any], kind: EngineKind, created: int) -> dict[str, Any]:
-    caps: dict[str, Any]
-    if kind is EngineKind.ASR:
-        asr = model.engine.capabilities
-        caps = {
-            "languages": list(asr.languages),
-            "translate": asr.translate,
-            "word_timestamps": asr.word_timestamps,
-            "streaming": asr.streaming,
-        }
-    else:
-        tts = model.engine.capabilities
-        caps = {
-            "voices": [v.name for v in tts.voices],
-            "sample_rate_hz": tts.sample_rate_hz,
-            "streaming": tts.streaming,
-            "cloning": tts.cloning,
-            "instructions": tts.instructions,
-        }
-    return {
-        "id": model.name,
-        "object": "model",
-        "created": created,
-        "owned_by": "edgevoice",
-        "kind": kind.value,
-        "engine": model.slot.plugin.name,
-        "aliases": list(model.config.aliases),
-        "default": model.default,
-        "capabilities": caps,
-    }
-
-
-async def list_models(request: web.Request) -> web.Response:
-    st = state(request)
-    created = int(st.started_at)
-    data = [
-        _model_json(m, kind, created)
-        for kind in (EngineKind.ASR, EngineKind.TTS)
-        for m in st.hub.models(kind)
-    ]
-    return web.json_response({"object": "list", "data": data})
-
-
-async def get_model(request: web.Request) -> web.Response:
-    st = state(request)
-    model_id = request.match_info["model_id"]
-    for kind in (EngineKind.ASR, EngineKind.TTS):
-        for model in st.hub.models(kind):
-            if model_id in model.public_names:
-                return web.json_response(_model_json(model, kind, int(st.started_at)))
-    raise not_found(f"unknown model {model_id!r}", "model_id", "model_not_found")
 
 
 async def health(request: web.Request) -> web.Response:
@@ -230,16 +179,18 @@ async def metrics(request: web.Request) -> web.Response:
     )  # fmt: skip
 
 
-_SPEC: Final = build_spec()
-_DOCS: Final = render_docs(_SPEC)
+def _document_routes(settings: Settings) -> tuple[Handler, Handler]:
+    """``/openapi.json`` and ``/docs``, rendered once with the configured limits."""
+    spec = build_spec(settings.limits)
+    page = render_docs(spec)
 
+    async def openapi(_request: web.Request) -> web.StreamResponse:
+        return web.json_response(spec)
 
-async def openapi(_request: web.Request) -> web.Response:
-    return web.json_response(_SPEC)
+    async def docs(_request: web.Request) -> web.StreamResponse:
+        return web.Response(text=page, content_type="text/html", charset="utf-8")
 
-
-async def docs(_request: web.Request) -> web.Response:
-    return web.Response(text=_DOCS, content_type="text/html", charset="utf-8")
+    return openapi, docs
 
 
 # ---------------------------------------------------------------- the app
@@ -247,13 +198,20 @@ async def docs(_request: web.Request) -> web.Response:
 
 def build_app(settings: Settings, hub: EngineHub, api_key: str | None = None) -> web.Application:
     """The aiohttp application (routes, middleware); no sockets."""
-    limit = int(settings.http.max_upload_mb * (1 << 20))
+    limits = settings.limits
     # JSON bodies may carry a base64 voice sample (4/3 of the upload limit).
-    app = web.Application(middlewares=[api_middleware], client_max_size=limit * 4 // 3 + (1 << 16))
+    app = web.Application(
+        middlewares=[api_middleware],
+        client_max_size=limits.max_upload_bytes * 4 // 3 + (1 << 16),
+    )
     app[STATE] = ServerState(
         settings=settings,
         hub=hub,
-        library=VoiceLibrary(settings.state_dir / "voices"),
+        library=VoiceLibrary(
+            settings.state_dir / "voices",
+            max_voices=limits.max_voices,
+            max_bytes=limits.max_voice_library_bytes,
+        ),
         metrics=Metrics(),
         api_key=api_key,
     )
@@ -261,7 +219,7 @@ def build_app(settings: Settings, hub: EngineHub, api_key: str | None = None) ->
     app.router.add_post("/v1/audio/transcriptions", transcriptions)
     app.router.add_post("/v1/audio/translations", translations)
     app.router.add_post("/v1/audio/speech", speech)
-    app.router.add_get("/v1/audio/speech/stream", speech_stream)
+    app.router.add_get(STREAM_PATH, speech_stream)
     app.router.add_get("/v1/audio/voices", list_voices)
     app.router.add_post("/v1/audio/voices", create_voice)
     app.router.add_get("/v1/audio/voices/{voice_id}", get_voice)
@@ -270,12 +228,13 @@ def build_app(settings: Settings, hub: EngineHub, api_key: str | None = None) ->
     app.router.add_get("/v1/models/{model_id}", get_model)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
+    openapi, docs = _document_routes(settings)
     app.router.add_get("/openapi.json", openapi)
     app.router.add_get("/docs", docs)
     return app
 
 
-def _read_api_key(settings: Settings) -> str | None:
+def read_api_key(settings: Settings) -> str | None:
     """Blocking: the key from ``api_key`` or ``api_key_file`` (stripped)."""
     http = settings.http
     if http.api_key is not None and http.api_key.get_secret_value():
@@ -286,77 +245,8 @@ def _read_api_key(settings: Settings) -> str | None:
         except OSError as exc:
             raise RuntimeError(
                 f"http.api_key_file {http.api_key_file}: {exc.strerror or exc}"
-            ) from exc
+            ) from None
         if not key:
             raise RuntimeError(f"http.api_key_file {http.api_key_file} is empty")
         return key
     return None
-
-
-class HttpServer(ProtocolServer):
-    """The OpenAI-compatible API; ``addresses`` reports the bound port (port 0 works)."""
-
-    name = "http"
-
-    def __init__(self, settings: Settings, hub: EngineHub) -> None:
-        self.settings = settings
-        self.hub = hub
-        self.app: web.Application | None = None
-        self._runner: web.AppRunner | None = None
-        self._site: web.TCPSite | None = None
-
-    async def start(self) -> None:
-        api_key = await asyncio.to_thread(_read_api_key, self.settings)
-        self.app = build_app(self.settings, self.hub, api_key)
-        # In-flight requests are drained in stop(); what is still running after
-        # that is cancelled quickly.
-        self._runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=1.0)
-        await self._runner.setup()
-        http = self.settings.http
-        self._site = web.TCPSite(self._runner, http.host, http.port)
-        try:
-            await self._site.start()
-        except OSError:
-            await self._runner.cleanup()
-            self._runner = None
-            raise
-        if api_key is None and http.host not in ("127.0.0.1", "localhost", "::1"):
-            _LOGGER.info("HTTP API has no api_key: anyone on the network can use it")
-
-    async def stop(self, timeout_s: float) -> None:
-        runner, self._runner = self._runner, None
-        if runner is None:
-            return
-        app = self.app
-        assert app is not None
-        st = app[STATE]
-        if self._site is not None:
-            await self._site.stop()  # stop accepting
-        for ws in list(st.websockets):
-            await ws.close(code=1001, message=b"server shutting down")
-        # The middleware counts open requests; WebSockets just closed drop out.
-        if st.inflight:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(st.idle.wait(), timeout_s)
-        if st.inflight:
-            _LOGGER.warning(
-                "HTTP: %d request(s) still running after %.1f s", st.inflight, timeout_s
-            )
-        await runner.cleanup()
-
-    @property
-    def addresses(self) -> list[str]:
-        if self._runner is None:
-            return []
-        out = []
-        for address in self._runner.addresses:
-            host, port = address[0], address[1]
-            out.append(f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}")
-        return out
-
-    @property
-    def port(self) -> int:
-        """The bound port (useful after binding port 0)."""
-        for address in self._runner.addresses if self._runner else []:
-            return int(address[1])
-        raise RuntimeError("HTTP server is not listening")

@@ -3,20 +3,27 @@
 
 from __future__ import annotations
 
+import copy
 import html
 import json
 from typing import Any
 
 from edgevoice import __version__ as VERSION
+from edgevoice.config import LimitsConfig
 
 _ERROR_RESPONSES = {
-    "400": "Bad field (OpenAI error shape)",
+    "400": "Bad field, or a `[limits]` bound crossed (audio longer than `limits.max_audio_s`, text longer than `limits.max_input_chars`, ...)",
     "401": "Missing or wrong API key (when `api_key` is set)",
-    "404": "Unknown model or voice",
-    "413": "Upload larger than `max_upload_mb`",
-    "415": "Audio that cannot be decoded",
+    "404": "Unknown model or voice (the message lists configured names only)",
+    "413": "Upload larger than `limits.max_upload_bytes` (or a full voice library: `limits.max_voice_library_bytes`)",
+    "415": "Audio that cannot be decoded, or a body that is not multipart/form-data",
+    "426": "Plain HTTP request to the WebSocket route",
+    "429": "`limits.max_pending_per_client` requests of this client are in flight (see `Retry-After`)",
     "500": "Engine failure (the daemon keeps serving)",
+    "503": "The model is being retired by a reload, or the daemon is stopping (see `Retry-After`)",
 }
+_COMMON = ("401", "429", "500")
+"""Any counted route can answer these."""
 AUDIO_TYPES = {
     "audio/mpeg": "mp3",
     "audio/ogg": "opus",
@@ -37,7 +44,7 @@ def _errors(*codes: str) -> dict[str, Any]:
             "description": _ERROR_RESPONSES[code],
             "content": {"application/json": {"schema": _ref("Error")}},
         }
-        for code in codes
+        for code in sorted({*codes, *_COMMON})
     }
 
 
@@ -155,8 +162,9 @@ _SCHEMAS: dict[str, Any] = {
             },
             "input": {
                 "type": "string",
+                "minLength": 1,
                 "maxLength": 4096,
-                "description": "Text to speak (limit `max_input_chars`).",
+                "description": "Text to speak, not blank (limit `limits.max_input_chars`).",
             },
             "voice": {
                 "oneOf": [
@@ -314,8 +322,11 @@ _SCHEMAS: dict[str, Any] = {
 }
 
 
-def build_spec() -> dict[str, Any]:
-    """The OpenAPI 3.1 document for every route the server registers."""
+def build_spec(limits: LimitsConfig | None = None) -> dict[str, Any]:
+    """The OpenAPI 3.1 document for every route the server registers, with ``limits``."""
+    limits = limits or LimitsConfig()
+    schemas = copy.deepcopy(_SCHEMAS)
+    schemas["SpeechRequest"]["properties"]["input"]["maxLength"] = limits.max_input_chars
     audio_content = {t: {"schema": {"type": "string", "format": "binary"}} for t in AUDIO_TYPES}
     transcript_content = {
         "application/json": {
@@ -338,7 +349,7 @@ def build_spec() -> dict[str, Any]:
                 },
                 "responses": {
                     "200": {"description": "The transcript", "content": transcript_content},
-                    **_errors("400", "401", "404", "413", "415", "500"),
+                    **_errors("400", "404", "413", "415", "503"),
                 },
             }
         },
@@ -354,7 +365,7 @@ def build_spec() -> dict[str, Any]:
                 },
                 "responses": {
                     "200": {"description": "The English transcript", "content": transcript_content},
-                    **_errors("400", "401", "404", "413", "415", "500"),
+                    **_errors("400", "404", "413", "415", "503"),
                 },
             }
         },
@@ -379,7 +390,7 @@ def build_spec() -> dict[str, Any]:
                             "text/event-stream": {"schema": _ref("SpeechStreamEvent")},
                         },
                     },
-                    **_errors("400", "401", "404", "413", "415", "500"),
+                    **_errors("400", "404", "413", "415", "503"),
                 },
             }
         },
@@ -389,7 +400,10 @@ def build_spec() -> dict[str, Any]:
                 "tags": ["audio"],
                 "summary": "WebSocket: stream text in, audio out",
                 "description": 'Upgrade to a WebSocket. First message: JSON options (`model`, `voice`, `response_format` default `pcm`, `speed`, `instructions`, `voice_sample`, `voice_sample_text`). Then `{"text_chunk": "...", "is_final": false}` messages. The server sends a binary audio message per completed sentence and `{"type": "done", ...}` after `is_final: true`; errors arrive as `{"type": "error", "error": {...}}`.',
-                "responses": {"101": {"description": "Switching protocols"}, **_errors("401")},
+                "responses": {
+                    "101": {"description": "Switching protocols"},
+                    **_errors("400", "426"),
+                },
             }
         },
         "/v1/audio/voices": {
@@ -410,7 +424,7 @@ def build_spec() -> dict[str, Any]:
                 },
                 "responses": {
                     "201": _json(_ref("Voice"), "Created"),
-                    **_errors("400", "401", "413", "415"),
+                    **_errors("400", "413", "415"),
                 },
             },
         },
@@ -512,7 +526,7 @@ def build_spec() -> dict[str, Any]:
         "security": [{"bearerAuth": []}],
         "paths": paths,
         "components": {
-            "schemas": _SCHEMAS,
+            "schemas": schemas,
             "securitySchemes": {
                 "bearerAuth": {
                     "type": "http",

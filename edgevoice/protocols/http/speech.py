@@ -1,7 +1,12 @@
-"""Audio endpoints of the OpenAI-compatible API: transcription, translation,
-speech (plain, streamed, SSE, cloning), the WebSocket speech stream and the
-voice library. Decoding and encoding run in worker threads, inference in the
-hub's engine pools; the event loop only moves bytes."""
+"""``/v1/audio/speech``: speech as one streamed response or as Server-Sent Events.
+
+Text is bounded by ``limits.max_input_chars`` before any work; the hub's
+speech pipeline cuts it into bounded sentences and synthesizes them in
+order, so the first audio leaves after the first sentence. Encoding runs in
+worker threads, inference in the hub's engine pool; the loop only moves bytes.
+Voice cloning: a stored voice id, a JSON ``voice_sample`` (base64) or a
+multipart ``prompt_speech``; the model must declare cloning.
+"""
 
 from __future__ import annotations
 
@@ -9,200 +14,46 @@ import asyncio
 import base64
 import binascii
 import contextlib
-import json
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Final
 
 import numpy as np
-from aiohttp import WSMsgType, web
+from aiohttp import web
 
-from edgevoice.audio import OUTPUT_FORMATS, Audio, AudioError, StreamEncoder, decode
-from edgevoice.engines.base import (
-    EngineRequestError,
-    FloatAudio,
-    SynthesizeOptions,
-    TranscribeOptions,
-    Transcript,
-    VoiceReference,
+from edgevoice.audio import OUTPUT_FORMATS, StreamEncoder
+from edgevoice.engines.base import FloatAudio, SynthesizeOptions, VoiceReference
+from edgevoice.errors import (
+    ClientError,
+    LimitExceededError,
+    UnknownModelError,
+    UnsupportedRequestError,
 )
-from edgevoice.formats import TRANSCRIPT_FORMATS, format_transcript, verbose_json
 from edgevoice.hub import EngineHub, LoadedModel
-from edgevoice.protocols.http_common import (
-    OPENAI_VOICES,
-    ApiError,
-    Form,
-    ServerState,
+from edgevoice.protocols.http.errors import client_error, error_payload
+from edgevoice.protocols.http.forms import (
     UploadedFile,
-    api_error_from,
-    bad_request,
-    not_found,
     optional_str,
-    parse_bool,
     parse_choice,
     parse_float,
     read_form,
     read_json,
-    resolve_asr,
-    resolve_tts,
-    state,
     too_large,
 )
-from edgevoice.text import SentenceBuffer
-from edgevoice.voices import VoiceNotFoundError, decode_reference, valid_voice_id
+from edgevoice.protocols.http.models import OPENAI_VOICES, resolve_tts
+from edgevoice.protocols.http.state import ServerState, state
+from edgevoice.protocols.http.transcription import SSE_HEADERS, send_event
+from edgevoice.voices import decode_reference, valid_voice_id
 
 _LOGGER = logging.getLogger(__name__)
 
 PCM_RATE_HZ: Final = 24000
 """OpenAI's ``pcm``: s16le mono at 24 kHz."""
 SPEED_RANGE: Final = (0.25, 4.0)
-_SSE_HEADERS: Final = {
-    "Content-Type": "text/event-stream",
-    "Cache-Control": "no-cache",
-    "X-Accel-Buffering": "no",
-}
 
 
-def _upload_limit(st: ServerState) -> int:
-    return int(st.settings.http.max_upload_mb * (1 << 20))
-
-
-async def _send_event(response: web.StreamResponse, payload: dict[str, Any]) -> None:
-    data = json.dumps(payload, ensure_ascii=False)
-    await response.write(f"data: {data}\n\n".encode())
-
-
-async def _aclose(iterator: AsyncIterator[Any]) -> None:
-    """Close a hub stream early (its blocking iterator is closed in the worker)."""
-    close = getattr(iterator, "aclose", None)
-    if close is not None:
-        await close()
-
-
-def _error_payload(exc: BaseException) -> dict[str, Any]:
-    return api_error_from(exc).body()
-
-
-# ------------------------------------------------------------- transcription
-
-
-def _granularities(form: Form) -> set[str]:
-    values = form.getall("timestamp_granularities[]") + form.getall("timestamp_granularities")
-    found: set[str] = set()
-    for value in values:
-        for raw in value.split(","):
-            item = raw.strip()
-            if item not in ("word", "segment"):
-                raise bad_request(
-                    f"timestamp_granularities must be word and/or segment, not {item!r}",
-                    "timestamp_granularities",
-                )
-            found.add(item)
-    return found
-
-
-def _render_transcript(
-    transcript: Transcript, fmt: str, task: str, granularities: set[str]
-) -> web.Response:
-    if fmt == "verbose_json":
-        body = verbose_json(transcript, task)
-        if task == "translate":
-            body["language"] = "english"
-        if granularities == {"word"}:
-            body.pop("segments", None)
-        if "word" in granularities:
-            body.setdefault("words", [])
-        return web.json_response(body, dumps=lambda v: json.dumps(v, ensure_ascii=False))
-    if fmt == "json":
-        return web.json_response(
-            {"text": transcript.text}, dumps=lambda v: json.dumps(v, ensure_ascii=False)
-        )
-    return web.Response(text=format_transcript(transcript, fmt, task), content_type="text/plain")
-
-
-async def _transcribe(request: web.Request, task: str) -> web.StreamResponse:
-    st = state(request)
-    hub = st.hub
-    form = await read_form(request, _upload_limit(st))
-    upload = form.files.get("file")
-    if upload is None:
-        raise bad_request("file is required (an audio file upload)", "file", "missing_file")
-    model = resolve_asr(hub, form.get("model"))
-    caps = model.engine.capabilities
-    if task == "translate" and not caps.translate:
-        can = [m.name for m, c in hub.asr_capabilities() if c.translate]
-        raise bad_request(
-            f"model {model.name!r} cannot translate (it is English-only); "
-            + (f"use one of: {', '.join(can)}" if can else "no configured model can translate"),
-            "model",
-            "translation_not_supported",
-        )
-    fmt = parse_choice(form.get("response_format"), "response_format", TRANSCRIPT_FORMATS, "json")
-    temperature = parse_float(form.get("temperature"), "temperature", 0.0, 1.0)
-    if temperature == 0.0:
-        # OpenAI: 0 means "raise the temperature automatically when decoding
-        # fails its thresholds", which is the engine's fallback schedule.
-        temperature = None
-    beam_size = parse_float(form.get("beam_size"), "beam_size", 1, 20)
-    granularities = _granularities(form)
-    stream = task == "transcribe" and parse_bool(form.get("stream"), "stream")
-    options = TranscribeOptions(
-        language=(form.get("language") or None) if task == "transcribe" else None,
-        task="translate" if task == "translate" else "transcribe",
-        prompt=form.get("prompt") or None,
-        hotwords=form.get("hotwords") or None,
-        temperature=temperature,
-        beam_size=int(beam_size) if beam_size is not None else None,
-        word_timestamps="word" in granularities,
-    )
-    audio = await asyncio.to_thread(decode, upload.data, rate_hz=caps.sample_rate_hz)
-    st.metrics.add_audio("in", model.name, audio.duration_s)
-    if stream:
-        return await _stream_transcript(request, hub, model, audio, options)
-    transcript = await hub.transcribe(audio, options, model=model.name)
-    return _render_transcript(transcript, fmt, task, granularities)
-
-
-async def _stream_transcript(
-    request: web.Request,
-    hub: EngineHub,
-    model: LoadedModel[Any],
-    audio: Audio,
-    options: TranscribeOptions,
-) -> web.StreamResponse:
-    _loaded, _info, segments = await hub.transcribe_segments(audio, options, model=model.name)
-    response = web.StreamResponse(headers=_SSE_HEADERS)
-    try:
-        await response.prepare(request)
-        parts: list[str] = []
-        async for segment in segments:
-            delta = segment.text if parts else segment.text.lstrip()
-            parts.append(segment.text)
-            if delta:
-                await _send_event(response, {"type": "transcript.text.delta", "delta": delta})
-        text = "".join(parts).strip()
-        await _send_event(response, {"type": "transcript.text.done", "text": text})
-    except (ConnectionResetError, asyncio.CancelledError):
-        raise
-    except Exception as exc:
-        _LOGGER.exception("Streaming transcription failed")
-        with contextlib.suppress(ConnectionResetError):
-            await _send_event(response, _error_payload(exc))
-    finally:
-        await _aclose(segments)
-    return response
-
-
-async def transcriptions(request: web.Request) -> web.StreamResponse:
-    return await _transcribe(request, "transcribe")
-
-
-async def translations(request: web.Request) -> web.StreamResponse:
-    return await _transcribe(request, "translate")
-
-
-# ------------------------------------------------------------------ speech
+# ------------------------------------------------------------------ target
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,13 +74,13 @@ class _InlineReference:
 
 def _b64_audio(value: Any, param: str) -> bytes:
     if not isinstance(value, str) or not value:
-        raise bad_request(f"{param} must be base64-encoded audio", param)
+        raise client_error(f"{param} must be base64-encoded audio", param)
     if value.startswith("data:"):  # a data URL: data:audio/wav;base64,....
         value = value.partition(",")[2]
     try:
         return base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError):
-        raise bad_request(f"{param} is not valid base64", param) from None
+        raise client_error(f"{param} is not valid base64", param) from None
 
 
 def _inline_reference(
@@ -262,16 +113,29 @@ def _cloning_model(hub: EngineHub, model: LoadedModel[Any]) -> LoadedModel[Any]:
     if model.engine.capabilities.cloning:
         return model
     able = [f"{m.name} ({m.slot.plugin.name})" for m, c in hub.tts_capabilities() if c.cloning]
-    raise bad_request(
+    error = UnsupportedRequestError(
         f"model {model.name!r} (engine {model.slot.plugin.name}) cannot clone voices; "
         + (
             f"models that can: {', '.join(able)}"
             if able
             else "no configured TTS model can clone voices"
         ),
-        "model",
-        "cloning_not_supported",
+        param="model",
     )
+    error.code = "cloning_not_supported"
+    raise error
+
+
+def _voice_field(body: dict[str, Any]) -> str | None:
+    raw = body.get("voice")
+    if isinstance(raw, dict):
+        name = raw.get("id")
+        if not isinstance(name, str) or not name:
+            raise client_error('voice must be a name or {"id": "<voice id>"}', "voice")
+        return name
+    if raw is None or isinstance(raw, str):
+        return raw or None
+    raise client_error('voice must be a name or {"id": "<voice id>"}', "voice")
 
 
 async def resolve_speech_target(
@@ -286,17 +150,8 @@ async def resolve_speech_target(
     """
     hub = st.hub
     model = resolve_tts(hub, optional_str(body.get("model"), "model"))
-    raw_voice = body.get("voice")
-    if isinstance(raw_voice, dict):
-        voice_name = raw_voice.get("id")
-        if not isinstance(voice_name, str) or not voice_name:
-            raise bad_request('voice must be a name or {"id": "<voice id>"}', "voice")
-    elif raw_voice is None or isinstance(raw_voice, str):
-        voice_name = raw_voice or None
-    else:
-        raise bad_request('voice must be a name or {"id": "<voice id>"}', "voice")
-
-    inline = _inline_reference(body, files, int(st.settings.http.max_upload_mb * (1 << 20)))
+    voice_name = _voice_field(body)
+    inline = _inline_reference(body, files, st.settings.limits.max_upload_bytes)
     stored_id: str | None = None
     voice = model.name
     if voice_name is not None:
@@ -306,15 +161,8 @@ async def resolve_speech_target(
         elif valid_voice_id(voice_name):
             stored_id = voice_name
         elif voice_name.lower() not in OPENAI_VOICES:
-            known = [
-                *hub.voice_names(),
-                *(v.id for v in await asyncio.to_thread(st.library.voices)),
-            ]
-            raise not_found(
-                f"unknown voice {voice_name!r}; available: {', '.join(known)}",
-                "voice",
-                "voice_not_found",
-            )
+            # Configured voices only: stored ids belong to whoever stored them.
+            raise UnknownModelError("tts", voice_name, hub.voice_names(), param="voice")
     if inline is None and stored_id is None:
         return SpeechTarget(model, voice, None)
     model = _cloning_model(hub, model)
@@ -327,16 +175,14 @@ async def resolve_speech_target(
         )
     else:
         assert stored_id is not None
-        try:
-            reference = await asyncio.to_thread(st.library.reference, stored_id)
-        except VoiceNotFoundError:
-            raise not_found(
-                f"no stored voice with id {stored_id!r}", "voice", "voice_not_found"
-            ) from None
+        reference = await asyncio.to_thread(st.library.reference, stored_id)
     return SpeechTarget(model, voice, reference)
 
 
-class _OutputEncoder:
+# ----------------------------------------------------------------- output
+
+
+class OutputEncoder:
     """Engine-rate float chunks → the requested format (pcm resampled to 24 kHz). Blocking."""
 
     def __init__(self, fmt: str, engine_rate_hz: int) -> None:
@@ -365,31 +211,48 @@ class _OutputEncoder:
         return tail + self._encoder.close()
 
 
-def _speech_options(body: dict[str, Any], st: ServerState) -> tuple[str, str, float, str | None]:
-    text = body.get("input")
+async def aclose(iterator: AsyncIterator[Any]) -> None:
+    """Close a hub stream early (its blocking iterator is closed in the worker)."""
+    close = getattr(iterator, "aclose", None)
+    if close is not None:
+        await close()
+
+
+def check_text(text: Any, limit: int, param: str = "input") -> str:
+    """The text to speak: a non-blank string of at most ``limit`` characters."""
     if not isinstance(text, str) or not text.strip():
-        raise bad_request("input is required (the text to speak)", "input", "missing_input")
-    limit = st.settings.http.max_input_chars
+        raise client_error(f"{param} is required (the text to speak)", param, "missing_input")
     if len(text) > limit:
-        raise bad_request(
-            f"input is {len(text)} characters; the limit is {limit}", "input", "input_too_long"
-        )
-    fmt = parse_choice(body.get("response_format"), "response_format", OUTPUT_FORMATS, "mp3")
-    speed = parse_float(body.get("speed"), "speed", *SPEED_RANGE)
-    instructions = optional_str(body.get("instructions"), "instructions")
-    return text, fmt, 1.0 if speed is None else speed, instructions
+        raise LimitExceededError(
+            "max_input_chars", limit, what=f"{param} of {len(text)} characters",
+            unit="characters", param=param,
+        )  # fmt: skip
+    return text
+
+
+def log_stream_failure(exc: BaseException, what: str) -> None:
+    """A failure after the headers went out: client faults are DEBUG, ours a traceback."""
+    if isinstance(exc, ClientError):
+        _LOGGER.debug("%s: %s", what, exc)
+    else:
+        _LOGGER.error("%s", what, exc_info=exc)
+
+
+# ------------------------------------------------------------------ route
 
 
 async def speech(request: web.Request) -> web.StreamResponse:
     st = state(request)
     files: dict[str, UploadedFile] = {}
     if request.content_type.startswith("multipart/"):
-        form = await read_form(request, int(st.settings.http.max_upload_mb * (1 << 20)))
+        form = await read_form(request, st.settings.limits.max_upload_bytes)
         body: dict[str, Any] = form.as_dict()
         files = form.files
     else:
         body = await read_json(request)
-    text, fmt, speed, instructions = _speech_options(body, st)
+    text = check_text(body.get("input"), st.settings.limits.max_input_chars)
+    fmt = parse_choice(body.get("response_format"), "response_format", OUTPUT_FORMATS, "mp3")
+    speed = parse_float(body.get("speed"), "speed", *SPEED_RANGE)
     stream_format = parse_choice(
         body.get("stream_format"), "stream_format", ("audio", "sse"), "audio"
     )
@@ -397,8 +260,8 @@ async def speech(request: web.Request) -> web.StreamResponse:
     options = SynthesizeOptions(
         voice=target.voice,
         speaker=optional_str(body.get("speaker"), "speaker"),
-        speed=speed,
-        instructions=instructions,
+        speed=1.0 if speed is None else speed,
+        instructions=optional_str(body.get("instructions"), "instructions"),
         reference=target.reference,
     )
     loaded, rate, chunks = await st.hub.synthesize(text, options)
@@ -407,23 +270,18 @@ async def speech(request: web.Request) -> web.StreamResponse:
         # engine that rejects the text still gets a proper error status.
         first = await anext(chunks, None)
         if first is None:
-            raise bad_request("input produced no speech", "input")
-        encoder = _OutputEncoder(fmt, rate)
+            raise client_error("input produced no speech", "input")
+        encoder = OutputEncoder(fmt, rate)
         if stream_format == "sse":
             return await _speech_sse(
-                request,
-                st=st,
-                loaded=loaded,
-                text=text,
-                encoder=encoder,
-                first=first,
+                request, st=st, loaded=loaded, text=text, encoder=encoder, first=first,
                 chunks=chunks,
-            )
+            )  # fmt: skip
         return await _speech_audio(
             request, st=st, loaded=loaded, encoder=encoder, first=first, chunks=chunks
         )
     finally:
-        await _aclose(chunks)
+        await aclose(chunks)
 
 
 async def _speech_audio(
@@ -431,7 +289,7 @@ async def _speech_audio(
     *,
     st: ServerState,
     loaded: LoadedModel[Any],
-    encoder: _OutputEncoder,
+    encoder: OutputEncoder,
     first: FloatAudio,
     chunks: AsyncIterator[FloatAudio],
 ) -> web.StreamResponse:
@@ -453,11 +311,11 @@ async def _speech_audio(
         if tail := await asyncio.to_thread(encoder.close):
             await response.write(tail)
         await response.write_eof()
-    except ConnectionResetError:
+    except ConnectionError:
         _LOGGER.debug("Client went away during speech")
-    except Exception:
+    except Exception as exc:
         # Headers are out: the only honest signal left is an aborted transfer.
-        _LOGGER.exception("Speech synthesis failed mid-stream")
+        log_stream_failure(exc, "Speech synthesis failed mid-stream")
         if request.transport is not None:
             request.transport.close()
     finally:
@@ -471,19 +329,19 @@ async def _speech_sse(
     st: ServerState,
     loaded: LoadedModel[Any],
     text: str,
-    encoder: _OutputEncoder,
+    encoder: OutputEncoder,
     first: FloatAudio,
     chunks: AsyncIterator[FloatAudio],
 ) -> web.StreamResponse:
     rate = loaded.engine.capabilities.sample_rate_hz
-    response = web.StreamResponse(headers=_SSE_HEADERS)
+    response = web.StreamResponse(headers=SSE_HEADERS)
     await response.prepare(request)
     audio_s = 0.0
 
     async def delta(data: bytes) -> None:
         if data:
             payload = base64.b64encode(data).decode("ascii")
-            await _send_event(response, {"type": "speech.audio.delta", "audio": payload})
+            await send_event(response, {"type": "speech.audio.delta", "audio": payload})
 
     try:
         pending: FloatAudio | None = first
@@ -493,7 +351,7 @@ async def _speech_sse(
             pending = await anext(chunks, None)
         await delta(await asyncio.to_thread(encoder.close))
         output_ms = round(audio_s * 1000)
-        await _send_event(
+        await send_event(
             response,
             {
                 "type": "speech.audio.done",
@@ -504,205 +362,12 @@ async def _speech_sse(
                 },
             },
         )
-    except ConnectionResetError:
+    except ConnectionError:
         _LOGGER.debug("Client went away during SSE speech")
     except Exception as exc:
-        _LOGGER.exception("Speech synthesis failed mid-stream")
-        with contextlib.suppress(ConnectionResetError):
-            await _send_event(response, _error_payload(exc))
+        log_stream_failure(exc, "Speech synthesis failed mid-stream")
+        with contextlib.suppress(ConnectionError):
+            await send_event(response, error_payload(exc))
     finally:
         st.metrics.add_audio("out", loaded.name, audio_s)
     return response
-
-
-# --------------------------------------------------------------- websocket
-
-
-async def speech_stream(request: web.Request) -> web.WebSocketResponse:
-    """``/v1/audio/speech/stream``: text in pieces → binary audio per sentence."""
-    st = state(request)
-    ws = web.WebSocketResponse(
-        heartbeat=30.0, max_msg_size=int(st.settings.http.max_upload_mb * 1.4 * (1 << 20))
-    )
-    await ws.prepare(request)
-    st.websockets.add(ws)
-    worker: asyncio.Task[None] | None = None
-    try:
-        first = await ws.receive(timeout=60.0)
-        if first.type is not WSMsgType.TEXT:
-            return ws
-        try:
-            config = json.loads(first.data)
-            if not isinstance(config, dict):
-                raise bad_request("the first message must be a JSON object of options")
-            fmt = parse_choice(
-                config.get("response_format"), "response_format", OUTPUT_FORMATS, "pcm"
-            )
-            speed = parse_float(config.get("speed"), "speed", *SPEED_RANGE) or 1.0
-            target = await resolve_speech_target(st, config, {})
-        except (ApiError, AudioError, EngineRequestError, ValueError, LookupError) as exc:
-            await _ws_error(ws, exc)
-            return ws
-        options = SynthesizeOptions(
-            voice=target.voice,
-            speed=speed,
-            instructions=optional_str(config.get("instructions"), "instructions"),
-            reference=target.reference,
-        )
-        queue: asyncio.Queue[str | None] = asyncio.Queue()
-        worker = asyncio.create_task(_ws_synthesize(ws, st, options, fmt, queue))
-        buffer = SentenceBuffer()
-        async for message in ws:
-            if message.type is not WSMsgType.TEXT:
-                continue
-            try:
-                event = json.loads(message.data)
-                chunk = (
-                    event.get("text_chunk", event.get("text", ""))
-                    if isinstance(event, dict)
-                    else None
-                )
-                if not isinstance(chunk, str):
-                    raise bad_request('messages must be {"text_chunk": "...", "is_final": false}')
-            except (ValueError, ApiError) as exc:
-                await _ws_error(ws, exc)
-                continue
-            for sentence in buffer.feed(chunk):
-                queue.put_nowait(sentence)
-            if parse_bool(event.get("is_final"), "is_final"):
-                for sentence in buffer.flush():
-                    queue.put_nowait(sentence)
-                queue.put_nowait(None)  # end of utterance: flush and send done
-    except TimeoutError:
-        pass  # no options message within a minute
-    finally:
-        st.websockets.discard(ws)
-        if worker is not None:
-            worker.cancel()
-            await asyncio.gather(worker, return_exceptions=True)
-        await ws.close()
-    return ws
-
-
-async def _ws_error(ws: web.WebSocketResponse, exc: BaseException) -> None:
-    if isinstance(exc, json.JSONDecodeError):
-        exc = bad_request(f"message is not valid JSON: {exc}")
-    with contextlib.suppress(ConnectionResetError):
-        await ws.send_json({"type": "error", **_error_payload(exc)})
-
-
-async def _ws_synthesize(
-    ws: web.WebSocketResponse,
-    st: ServerState,
-    options: SynthesizeOptions,
-    fmt: str,
-    queue: asyncio.Queue[str | None],
-) -> None:
-    """Synthesize queued sentences in order; ``None`` ends an utterance."""
-    encoder: _OutputEncoder | None = None
-    audio_s = 0.0
-    sentences = 0
-    model_name = ""
-    while True:
-        sentence = await queue.get()
-        try:
-            if sentence is None:
-                if encoder is not None and (tail := await asyncio.to_thread(encoder.close)):
-                    await ws.send_bytes(tail)
-                await ws.send_json(
-                    {
-                        "type": "done",
-                        "sentences": sentences,
-                        "audio_seconds": round(audio_s, 3),
-                        "format": fmt,
-                        "sample_rate": encoder.rate_hz if encoder else None,
-                    }
-                )
-                st.metrics.add_audio("out", model_name, audio_s)
-                encoder, audio_s, sentences = None, 0.0, 0
-                continue
-            loaded, rate, chunks = await st.hub.synthesize(sentence, options)
-            model_name = loaded.name
-            if encoder is None:
-                encoder = _OutputEncoder(fmt, rate)
-            sentences += 1
-            try:
-                async for chunk in chunks:
-                    audio_s += len(chunk) / rate
-                    if data := await asyncio.to_thread(encoder.write, chunk):
-                        await ws.send_bytes(data)
-            finally:
-                await _aclose(chunks)
-        except (ConnectionResetError, asyncio.CancelledError):
-            raise
-        except Exception as exc:
-            _LOGGER.warning("WebSocket speech failed: %s", exc)
-            await _ws_error(ws, exc)
-        finally:
-            queue.task_done()
-
-
-# ------------------------------------------------------------ voice library
-
-
-async def list_voices(request: web.Request) -> web.Response:
-    st = state(request)
-    data: list[dict[str, Any]] = []
-    for model, caps in st.hub.tts_capabilities():
-        for info in caps.voices:
-            data.append(
-                {
-                    "id": info.name,
-                    "object": "audio.voice",
-                    "type": "builtin",
-                    "name": info.name,
-                    "model": model.name,
-                    "engine": model.slot.plugin.name,
-                    "languages": list(info.languages),
-                    "speakers": list(info.speakers),
-                    "cloning": caps.cloning,
-                }
-            )
-    stored = await asyncio.to_thread(st.library.voices)
-    data.extend(v.to_json() for v in stored)
-    return web.json_response({"object": "list", "data": data})
-
-
-async def create_voice(request: web.Request) -> web.Response:
-    st = state(request)
-    form = await read_form(request, int(st.settings.http.max_upload_mb * (1 << 20)))
-    name = form.get("name")
-    if not name:
-        raise bad_request("name is required", "name", "missing_name")
-    upload = form.files.get("audio_sample") or form.files.get("file")
-    if upload is None:
-        raise bad_request(
-            "audio_sample is required (a 1–30 s recording)", "audio_sample", "missing_file"
-        )
-    transcript = form.get("transcript") or form.get("text") or None
-    voice = await asyncio.to_thread(st.library.add, name, upload.data, transcript)
-    return web.json_response(voice.to_json(), status=201)
-
-
-async def get_voice(request: web.Request) -> web.Response:
-    st = state(request)
-    voice_id = request.match_info["voice_id"]
-    try:
-        voice = await asyncio.to_thread(st.library.get, voice_id)
-    except VoiceNotFoundError:
-        raise not_found(
-            f"no stored voice with id {voice_id!r}", "voice_id", "voice_not_found"
-        ) from None
-    return web.json_response(voice.to_json())
-
-
-async def delete_voice(request: web.Request) -> web.Response:
-    st = state(request)
-    voice_id = request.match_info["voice_id"]
-    try:
-        await asyncio.to_thread(st.library.delete, voice_id)
-    except VoiceNotFoundError:
-        raise not_found(
-            f"no stored voice with id {voice_id!r}", "voice_id", "voice_not_found"
-        ) from None
-    return web.json_response({"id": voice_id, "object": "audio.voice.deleted", "deleted": True})

@@ -1,0 +1,191 @@
+"""Request bodies (multipart forms, JSON) and their fields, parsed within the limits.
+
+A body that is malformed, too large, or cut off by a client that went away
+ends in a client error (or :class:`ClientGone`), never an unhandled
+exception: aiohttp's parser errors are all caught here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from aiohttp import BodyPartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
+
+from edgevoice.errors import PayloadTooLargeError
+from edgevoice.protocols.http.errors import ApiError, client_error
+
+_LOGGER = logging.getLogger(__name__)
+
+_MAX_FIELD_BYTES: Final = 1 << 20
+"""A text field (not a file) longer than this is refused."""
+_THREAD_JSON_BYTES: Final = 1 << 16
+"""JSON bodies above this are parsed in a worker thread (large ones take a while)."""
+
+
+class ClientGone(Exception):
+    """The client closed the connection while we read its request; nobody to answer."""
+
+
+@dataclass(frozen=True, slots=True)
+class UploadedFile:
+    filename: str
+    content_type: str
+    data: bytes
+
+
+@dataclass
+class Form:
+    """A parsed multipart/form-data body."""
+
+    fields: dict[str, list[str]] = field(default_factory=dict)
+    files: dict[str, UploadedFile] = field(default_factory=dict)
+
+    def get(self, name: str) -> str | None:
+        values = self.fields.get(name)
+        return values[-1] if values else None
+
+    def getall(self, name: str) -> list[str]:
+        return list(self.fields.get(name, ()))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: v[-1] for k, v in self.fields.items() if v}
+
+
+def too_large(limit_bytes: int) -> PayloadTooLargeError:
+    return PayloadTooLargeError("max_upload_bytes", limit_bytes, what="request body", unit="bytes")
+
+
+async def read_form(request: web.Request, limit_bytes: int) -> Form:
+    """Stream-parse a multipart body, refusing it as soon as it passes ``limit_bytes``."""
+    if not request.content_type.startswith("multipart/"):
+        raise ApiError(
+            415,
+            f"expected a multipart/form-data body, got {request.content_type or 'none'}",
+            code="unsupported_media_type",
+        )
+    if request.content_length is not None and request.content_length > limit_bytes + 65536:
+        raise too_large(limit_bytes)
+    form = Form()
+    total = 0
+    try:
+        reader = await request.multipart()
+        while (part := await reader.next()) is not None:
+            if not isinstance(part, BodyPartReader) or not part.name:
+                continue  # nested multiparts and unnamed parts are not ours
+            chunks = bytearray()
+            while chunk := await part.read_chunk(1 << 16):
+                total += len(chunk)
+                if total > limit_bytes:
+                    raise too_large(limit_bytes)
+                chunks += chunk
+                if part.filename is None and len(chunks) > _MAX_FIELD_BYTES:
+                    raise client_error(f"form field {part.name!r} is too long", part.name)
+            if part.filename is not None:
+                form.files[part.name] = UploadedFile(
+                    part.filename,
+                    part.headers.get("Content-Type", "application/octet-stream"),
+                    bytes(chunks),
+                )
+            else:
+                charset = part.get_charset(default="utf-8")
+                try:
+                    text = chunks.decode(charset)
+                except (UnicodeDecodeError, LookupError):
+                    raise client_error(
+                        f"form field {part.name!r} is not {charset} text", part.name
+                    ) from None
+                form.fields.setdefault(part.name, []).append(text)
+    except ConnectionError as exc:
+        raise ClientGone(str(exc)) from None
+    except (HttpProcessingError, ValueError, AssertionError, LookupError, EOFError) as exc:
+        # aiohttp's parser: bad boundaries, headers with control bytes, a body
+        # cut short (the client went away or lied about its length), ...
+        if request.transport is None or request.transport.is_closing():
+            raise ClientGone(f"{type(exc).__name__}: {exc}") from None
+        detail = getattr(exc, "message", None) or str(exc) or type(exc).__name__
+        raise client_error(
+            f"malformed multipart body: {detail}", code="invalid_multipart"
+        ) from None
+    return form
+
+
+async def read_json(request: web.Request) -> dict[str, Any]:
+    """The JSON object body (large bodies are parsed in a worker thread)."""
+    try:
+        raw = await request.read()
+    except ConnectionError as exc:
+        raise ClientGone(str(exc)) from None
+    except HttpProcessingError as exc:
+        raise client_error(f"malformed request body: {exc.message}", code="invalid_json") from None
+    try:
+        if len(raw) > _THREAD_JSON_BYTES:
+            body = await asyncio.to_thread(json.loads, raw)
+        else:
+            body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        detail = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise client_error(
+            f"request body is not valid JSON: {detail}", code="invalid_json"
+        ) from None
+    if not isinstance(body, dict):
+        raise client_error("request body must be a JSON object", code="invalid_json")
+    return body
+
+
+# ----------------------------------------------------------------- fields
+
+
+def parse_float(value: Any, param: str, low: float, high: float) -> float | None:
+    if value is None or value == "":
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise client_error(f"{param} must be a number, not {value!r}", param) from None
+    if isinstance(value, bool) or not math.isfinite(number) or not low <= number <= high:
+        raise client_error(f"{param} must be between {low:g} and {high:g}, not {value!r}", param)
+    return number
+
+
+def parse_int(value: Any, param: str, low: int, high: int) -> int | None:
+    number = parse_float(value, param, low, high)
+    if number is None:
+        return None
+    if not number.is_integer():
+        raise client_error(f"{param} must be a whole number, not {value!r}", param)
+    return int(number)
+
+
+def parse_bool(value: Any, param: str) -> bool:
+    if value is None or value == "":
+        return False
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes", "on"):
+        return True
+    if text in ("false", "0", "no", "off", "none", "null"):
+        return False
+    raise client_error(f"{param} must be true or false, not {value!r}", param)
+
+
+def parse_choice(value: Any, param: str, choices: tuple[str, ...], default: str) -> str:
+    if value is None or value == "":
+        return default
+    if not isinstance(value, str) or value not in choices:
+        raise client_error(f"{param} must be one of {', '.join(choices)}; got {value!r}", param)
+    return value
+
+
+def optional_str(value: Any, param: str) -> str | None:
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise client_error(f"{param} must be a string", param)
+    return value
