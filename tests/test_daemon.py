@@ -15,6 +15,7 @@ import re
 import signal
 import socket
 import sys
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -344,12 +345,16 @@ def _available_listeners() -> list[str]:
     return out
 
 
+DRAIN_TIMEOUT_S = 240.0
+"""The daemon's drain timeout in the service test; the in-flight work is sized from it."""
+
+
 def _service_config(cache: Path, state: Path, sections: list[str], aliases: list[str]) -> str:
     lines = [
         f'cache_dir = "{cache}"',
         f'state_dir = "{state}"',
         "offline = true",
-        "shutdown_timeout_s = 20.0",
+        f"shutdown_timeout_s = {DRAIN_TIMEOUT_S}",
         "tts = []",
         "wake = []",
         "vad = []",
@@ -449,11 +454,14 @@ async def test_serve_under_a_service_manager(
         session = aiohttp.ClientSession() if "HTTP" in listeners else None
         base = "http://{}:{}".format(*listeners["HTTP"]) if session else ""
         try:
+            lamp_s = 0.0
             if session:
+                started = time.monotonic()
                 assert await _transcribe_http(session, base, LAMP_WAV, "whisper-1") == (
                     200,
                     LAMP_TEXT,
                 )
+                lamp_s = time.monotonic() - started
 
             # SIGHUP with a changed engine config: no listener refuses a connection.
             config.write_text(_service_config(shared_cache, state, sections, ["whisper-1", "stt"]))
@@ -485,8 +493,11 @@ async def test_serve_under_a_service_manager(
                 assert await _connects(address)
 
             # SIGTERM while a long transcription runs: STOPPING=1, it completes, exit 0.
+            # The work is sized from the drain timeout and this machine's own speed
+            # (the lamp request above): about a tenth of the timeout, 2 to 10 commands.
+            repeats = max(2, min(10, int(DRAIN_TIMEOUT_S / 10 / max(lamp_s, 0.01))))
             long_wav = tmp_path / "long.wav"
-            await asyncio.to_thread(_long_speech, long_wav)
+            await asyncio.to_thread(_long_speech, long_wav, repeats)
             in_flight = (
                 asyncio.create_task(_transcribe_http(session, base, long_wav, "stt"))
                 if session
@@ -496,15 +507,18 @@ async def test_serve_under_a_service_manager(
                 # The engine has started on it (its request counter moved).
                 while await _engine_requests(session, base) < 3:  # noqa: ASYNC110 (remote)
                     await asyncio.sleep(0.02)
+            # Still transcribing when the signal goes (checked just before it).
+            assert in_flight is None or not in_flight.done()
             process.send_signal(signal.SIGTERM)
             stopping = await listener.until("STOPPING")
-            assert stopping["STATUS"] == "Stopping: finishing in-flight requests (up to 20 s)"
+            assert stopping["STATUS"] == (
+                f"Stopping: finishing in-flight requests (up to {DRAIN_TIMEOUT_S:.0f} s)"
+            )
             if in_flight is not None:
-                assert not in_flight.done()  # ~35 s of speech: still transcribing
                 status, text = await in_flight
                 assert status == 200
                 assert words(text)[:6] == words(LAMP_TEXT)
-            assert await asyncio.wait_for(process.wait(), 60) == 0
+            assert await asyncio.wait_for(process.wait(), DRAIN_TIMEOUT_S + 60) == 0
         finally:
             if session:
                 await session.close()
@@ -526,9 +540,9 @@ async def _engine_requests(session: aiohttp.ClientSession, base: str) -> float:
     return sum(float(c) for c in counts)
 
 
-def _long_speech(path: Path) -> None:
-    """~35 s of real speech: the lamp command ten times with pauses."""
+def _long_speech(path: Path, repeats: int) -> None:
+    """Real speech: the lamp command ``repeats`` times with pauses (3.5 s each)."""
     lamp = decode(LAMP_WAV, rate_hz=16000)
     pause = np.zeros(8000, dtype=np.float32)
-    samples = np.concatenate([np.concatenate([lamp.samples, pause])] * 10)
+    samples = np.concatenate([np.concatenate([lamp.samples, pause])] * repeats)
     path.write_bytes(encode(samples, 16000, "wav"))
