@@ -43,6 +43,7 @@ from edgevoice.engines.base import (
     WakeStream,
     Word,
 )
+from edgevoice.engines.registry import EngineRegistry, default_registry
 from edgevoice.text import split_sentences
 
 # ------------------------------------------------------------- fake ASR
@@ -204,6 +205,17 @@ FAKE_TTS_PLUGIN = EnginePlugin(
     devices=("cpu",),
     pip_hint="built in (edgevoice.testing)",
 )
+
+
+def register_fake_engines(registry: EngineRegistry | None = None) -> None:
+    """Make ``test-asr`` and ``test-tts`` usable in ``registry`` (the process-wide one).
+
+    They are not entry points, so a production daemon never offers them; a
+    test suite (this project's ``conftest.py``, or a plugin author's) calls this.
+    """
+    registry = registry or default_registry()
+    for plugin in (FAKE_ASR_PLUGIN, FAKE_TTS_PLUGIN):
+        registry.register(plugin, source="edgevoice.testing")
 
 
 def tone(seconds: float, rate_hz: int = 16000, freq_hz: float = 440.0) -> FloatAudio:

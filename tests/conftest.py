@@ -12,6 +12,11 @@ import pytest
 
 from edgevoice.config import ModelConfig, Settings
 from edgevoice.hub import EngineHub
+from edgevoice.testing import register_fake_engines
+
+# The fake engines are no entry points (a daemon never offers them): the tests
+# that configure ``test-asr``/``test-tts`` in-process get them from here.
+register_fake_engines()
 
 REPO = Path(__file__).resolve().parents[1]
 TESTDATA = REPO.parent / "shared" / "testdata"
