@@ -17,7 +17,6 @@ from edgevoice.config import (
     config_source,
     effective_config_toml,
     load_config,
-    validate_engines,
 )
 from edgevoice.daemon import Daemon, setup_logging
 from edgevoice.engines.base import (
@@ -26,7 +25,7 @@ from edgevoice.engines.base import (
     SynthesizeOptions,
     TranscribeOptions,
 )
-from edgevoice.engines.registry import default_registry
+from edgevoice.engines.registry import default_registry, validate_engines
 from edgevoice.errors import EngineError, UnknownModelError
 from edgevoice.formats import TRANSCRIPT_FORMATS, format_transcript
 from edgevoice.hub import EngineHub, HubStartError

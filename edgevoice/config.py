@@ -349,36 +349,6 @@ def config_source(settings: Settings) -> Path | None:
     return source
 
 
-def validate_engines(settings: Settings, registry: Any = None) -> dict[tuple[EngineKind, str], Any]:
-    """Check every entry names a known engine and validate its options.
-
-    Returns the validated options models keyed by (kind, entry name). Raises
-    :class:`ConfigError` naming every offending key.
-    """
-    from edgevoice.engines.registry import UnknownEngineError, default_registry
-
-    registry = registry or default_registry()
-    validated: dict[tuple[EngineKind, str], Any] = {}
-    problems: list[str] = []
-    for kind in EngineKind:
-        for i, entry in enumerate(settings.models(kind)):
-            try:
-                plugin = registry.lookup(entry.engine, kind)
-            except UnknownEngineError as exc:
-                problems.append(f"  {kind.value}.{i}.engine: {exc}")
-                continue
-            try:
-                validated[(kind, entry.name)] = plugin.options_model.model_validate(entry.options)
-            except ValidationError as exc:
-                for err in exc.errors():
-                    key = ".".join(str(p) for p in err["loc"])
-                    msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
-                    problems.append(f"  {kind.value}.{i}.options.{key}: {msg}")
-    if problems:
-        raise ConfigError("invalid configuration:\n" + "\n".join(problems))
-    return validated
-
-
 def _redact(value: Any) -> Any:
     if isinstance(value, SecretStr):
         return "**********" if value.get_secret_value() else ""

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from edgevoice.config import ConfigError, effective_config_toml, load_config, validate_engines
+from edgevoice.config import ConfigError, effective_config_toml, load_config
 from edgevoice.engines.base import EngineKind
+from edgevoice.engines.registry import validate_engines
 
 
 def _write(tmp_path: Path, text: str) -> Path:

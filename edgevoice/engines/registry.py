@@ -10,7 +10,11 @@ import importlib.util
 import logging
 from collections.abc import Iterable
 from importlib.metadata import EntryPoint, entry_points
+from typing import Any
 
+from pydantic import ValidationError
+
+from edgevoice.config import ConfigError, Settings
 from edgevoice.engines.base import EngineKind, EnginePlugin, PluginStatus
 
 _LOGGER = logging.getLogger(__name__)
@@ -121,3 +125,33 @@ def default_registry() -> EngineRegistry:
     if _DEFAULT is None:
         _DEFAULT = EngineRegistry.discover()
     return _DEFAULT
+
+
+def validate_engines(
+    settings: Settings, registry: EngineRegistry | None = None
+) -> dict[tuple[EngineKind, str], Any]:
+    """Check every entry names a known engine and validate its options.
+
+    Returns the validated options models keyed by (kind, entry name). Raises
+    :class:`ConfigError` naming every offending key.
+    """
+    registry = registry or default_registry()
+    validated: dict[tuple[EngineKind, str], Any] = {}
+    problems: list[str] = []
+    for kind in EngineKind:
+        for i, entry in enumerate(settings.models(kind)):
+            try:
+                plugin = registry.lookup(entry.engine, kind)
+            except UnknownEngineError as exc:
+                problems.append(f"  {kind.value}.{i}.engine: {exc}")
+                continue
+            try:
+                validated[(kind, entry.name)] = plugin.options_model.model_validate(entry.options)
+            except ValidationError as exc:
+                for err in exc.errors():
+                    key = ".".join(str(p) for p in err["loc"])
+                    msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+                    problems.append(f"  {kind.value}.{i}.options.{key}: {msg}")
+    if problems:
+        raise ConfigError("invalid configuration:\n" + "\n".join(problems))
+    return validated
