@@ -25,7 +25,7 @@ from typing import Any, Generic, Self, TypeVar, cast
 import numpy as np
 
 from edgevoice.audio import Audio, duration_limit_error, resample
-from edgevoice.config import ConfigError, ModelConfig, Settings, validate_engines
+from edgevoice.config import ConfigError, ModelConfig, Settings
 from edgevoice.devices import DeviceChoice, probe_machine, select_device
 from edgevoice.engines.base import (
     AsrCapabilities,
@@ -49,7 +49,7 @@ from edgevoice.engines.base import (
     WakeEngine,
     WakeStream,
 )
-from edgevoice.engines.registry import EngineRegistry, default_registry
+from edgevoice.engines.registry import EngineRegistry, default_registry, validate_engines
 from edgevoice.errors import ShuttingDownError, UnknownModelError
 from edgevoice.fairness import FairLimiter
 
