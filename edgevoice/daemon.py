@@ -53,15 +53,6 @@ def _load_factory(path: str) -> ServerFactory:
     return factory
 
 
-def build_servers(settings: Settings, hub: EngineHub) -> list[ProtocolServer]:
-    servers = []
-    for section, factory_path in PROTOCOLS:
-        protocol_config: Any = getattr(settings, section)
-        if protocol_config.enabled:
-            servers.append(_load_factory(factory_path)(settings, hub))
-    return servers
-
-
 _PROTOCOL_LABELS = {"wyoming": "Wyoming", "http": "HTTP", "mqtt": "MQTT"}
 
 # A broker connection cannot overlap with its replacement (same client id: the
