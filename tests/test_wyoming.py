@@ -344,7 +344,7 @@ async def test_synthesize_voice_speaker_and_errors(server: WyomingServer) -> Non
         assert error.code == "unknown-voice" and "joe" in error.text
         voice = SynthesizeVoice(name="joe", speaker="alice")
         await client.write_event(Synthesize(text="Hi.", voice=voice).event())
-        assert Error.from_event(await _read(client)).code == "bad-request"
+        assert Error.from_event(await _read(client)).code == "unsupported"
         await client.write_event(SynthesizeChunk(text="stray").event())
         assert Error.from_event(await _read(client)).code == "unexpected-event"
         # Language picks a voice.
@@ -443,7 +443,7 @@ async def test_bad_input(
     # Width 3: error; its chunks are dropped; then a normal request works.
     await async_write_event(Transcribe().event(), writer)
     await async_write_event(AudioStart(16000, 3, 1).event(), writer)
-    await _expect_error(reader, "unsupported-audio")
+    await _expect_error(reader, "bad-audio")
     for _ in range(5):
         await async_write_event(AudioChunk(16000, 3, 1, bytes(3 * 160)).event(), writer)
     await async_write_event(AudioStop().event(), writer)
@@ -500,7 +500,7 @@ async def test_ten_minutes_of_audio_is_refused(hub: EngineHub) -> None:
         ten_s = bytes(16000 * 2 * 10)
         for _ in range(60):  # 10 minutes
             await async_write_event(AudioChunk(16000, 2, 1, ten_s).event(), writer)
-        await _expect_error(reader, "audio-too-long")
+        await _expect_error(reader, "limit-exceeded")
         await async_write_event(AudioStop().event(), writer)
         await _still_works(reader, writer)
         writer.close()
