@@ -6,17 +6,23 @@ import asyncio
 import base64
 import io
 import json
+import logging
 import os
+import resource
 import signal
 import sys
 import threading
+import time
 import uuid
 import wave
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
 import aiomqtt
+import av
+import numpy as np
 import pytest
 import pytest_asyncio
 import soundfile as sf
@@ -26,8 +32,10 @@ from pydantic import SecretStr
 
 from edgevoice.audio import decode
 from edgevoice.config import HttpConfig, MqttConfig, Settings, WyomingConfig
+from edgevoice.fairness import client_scope
 from edgevoice.hub import EngineHub
 from edgevoice.protocols.mqtt import MqttBridge, parse_broker_url, parse_say
+from edgevoice.protocols.mqtt.bridge import MAX_CONCURRENT_REQUESTS
 from tests.conftest import (
     JOE,
     LAMP_TEXT,
@@ -439,47 +447,95 @@ async def test_discovery_availability_and_events(
 async def test_bad_payloads_reported_and_bridge_keeps_working(
     make_bridge: BridgeFactory, probe: Probe
 ) -> None:
-    bridge = await make_bridge(limits={"max_input_chars": 50})
+    bridge = await make_bridge(limits={"max_input_chars": 50, "max_upload_bytes": 256 * 1024})
     base = bridge.base
     await probe.subscribe(f"{base}/error", f"{base}/tts/done", f"{base}/asr/transcript")
     junk_b64 = base64.b64encode(b"definitely not audio").decode()
     good_b64 = base64.b64encode(LIGHT_EN_WAV.read_bytes()).decode()
-    cases: list[tuple[str, bytes | str, str, str | None]] = [
-        ("tts/say", b'{"text": ', "not valid JSON", None),
-        ("tts/say", json.dumps({"voice": "joe", "id": "m1"}), "text", "m1"),
-        ("tts/say", json.dumps({"text": "x" * 51, "id": "long1"}), "limit of 50", "long1"),
-        ("tts/say", json.dumps({"text": "Hi", "voice": "nobody", "id": "v1"}), "nobody", "v1"),
-        ("tts/say", json.dumps({"text": "Hi", "format": "xyz", "id": "f1"}), "format", "f1"),
-        ("tts/say", json.dumps({"text": "Hi", "speed": 10, "id": "s1"}), "speed", "s1"),
-        ("tts/say", json.dumps({"text": "Hi", "id": "a/b"}), "id", None),
-        ("tts/say", b"\xff\xfe\xfd", "UTF-8", None),
-        ("tts/say", b"   ", "empty", None),
-        ("asr/transcribe", b"this is not audio at all", "audio", None),
-        ("asr/transcribe", b"", "empty", None),
-        ("asr/transcribe", json.dumps({"id": "b1", "audio_b64": "!!!"}), "base64", "b1"),
-        ("asr/transcribe", json.dumps({"id": "b2"}), "audio_b64", "b2"),
-        ("asr/transcribe", json.dumps({"id": "b3", "audio_b64": junk_b64}), "audio", "b3"),
+    # (topic, payload, words in the error, its code, the id it names)
+    cases: list[tuple[str, bytes | str, str, str, str | None]] = [
+        ("tts/say", b'{"text": ', "not valid JSON", "invalid_request", None),
+        ("tts/say", json.dumps({"voice": "joe", "id": "m1"}), "text", "invalid_request", "m1"),
+        (
+            "tts/say",
+            json.dumps({"text": "x" * 51, "id": "long1"}),
+            "limit of 50",
+            "limit_exceeded",
+            "long1",
+        ),
+        (
+            "tts/say",
+            json.dumps({"text": "Hi", "voice": "nobody", "id": "v1"}),
+            "nobody",
+            "unknown_model",
+            "v1",
+        ),
+        (
+            "tts/say",
+            json.dumps({"text": "Hi", "format": "xyz", "id": "f1"}),
+            "format",
+            "invalid_request",
+            "f1",
+        ),
+        (
+            "tts/say",
+            json.dumps({"text": "Hi", "speed": 10, "id": "s1"}),
+            "speed",
+            "invalid_request",
+            "s1",
+        ),
+        # An id that cannot go into a topic is not echoed either.
+        ("tts/say", json.dumps({"text": "Hi", "id": "a/b"}), "id: string", "invalid_request", None),
+        ("tts/say", b"\xff\xfe\xfd", "UTF-8", "invalid_request", None),
+        ("tts/say", b"   ", "empty", "invalid_request", None),
+        ("tts/say", b"x" * (256 * 1024 + 1), "max_upload_bytes", "limit_exceeded", None),
+        ("asr/transcribe", b"this is not audio at all", "audio", "bad_audio", None),
+        ("asr/transcribe", b"", "empty", "invalid_request", None),
+        (
+            "asr/transcribe",
+            json.dumps({"id": "b1", "audio_b64": "!!!"}),
+            "base64",
+            "invalid_request",
+            "b1",
+        ),
+        ("asr/transcribe", json.dumps({"id": "b2"}), "audio_b64", "invalid_request", "b2"),
+        (
+            "asr/transcribe",
+            json.dumps({"id": "b3", "audio_b64": junk_b64}),
+            "audio",
+            "bad_audio",
+            "b3",
+        ),
         (
             "asr/transcribe",
             json.dumps({"id": "b4", "audio_b64": good_b64, "model": "nope"}),
             "nope",
+            "unknown_model",
             "b4",
         ),
-        ("asr/transcribe", b'{"id": "b5", "audio_b64": ', "not valid JSON", None),
-        ("voice/set", "nobody", "nobody", None),
+        (
+            "asr/transcribe",
+            b'{"id": "b5", "audio_b64": ',
+            "not valid JSON",
+            "invalid_request",
+            None,
+        ),
+        ("voice/set", "nobody", "nobody", "unknown_model", None),
     ]
-    for suffix, body, _, _ in cases:
+    for suffix, body, *_ in cases:
         await probe.publish(f"{base}/{suffix}", body)
     errors = [await probe.expect_json(f"{base}/error") for _ in cases]
-    for suffix, _, needle, request_id in cases:
+    for suffix, _, needle, code, request_id in cases:
         match = [
             e
             for e in errors
             if e["topic"] == f"{base}/{suffix}"
             and needle.lower() in e["error"].lower()
+            and e["code"] == code
             and e.get("id") == request_id
         ]
         assert match, f"no error for {suffix} {needle!r} in {errors}"
+        errors.remove(match[0])
     # Still subscribed and working.
     await probe.publish(f"{base}/tts/say", json.dumps({"text": "Still here.", "id": "ok1"}))
     assert (await probe.expect_json(f"{base}/tts/done"))["id"] == "ok1"
@@ -531,6 +587,366 @@ async def test_hermes_say_and_listen(
     assert words(captured["text"]) == words(LIGHT_EN_TEXT)
     assert (captured["sessionId"], captured["lang"]) == ("s2", "en")
     assert 0 < captured["likelihood"] <= 1
+
+
+async def test_hermes_sessions_are_bounded_and_expire(
+    make_bridge: BridgeFactory, probe: Probe
+) -> None:
+    site = f"site{uid()}"
+    timeout_s = 1.5
+    bridge = await make_bridge(
+        hermes=True,
+        hermes_site_id=site,
+        limits={"session_timeout_s": timeout_s, "max_pending_per_client": 2, "max_audio_s": 10},
+    )
+    assert bridge.hermes is not None
+    await probe.subscribe("hermes/error/asr", "hermes/asr/textCaptured")
+
+    def mine(data: dict[str, Any]) -> bool:
+        return bool(data.get("siteId") == site)
+
+    async def start(session_id: str) -> None:
+        await probe.publish(
+            "hermes/asr/startListening", json.dumps({"siteId": site, "sessionId": session_id})
+        )
+
+    # At most max_pending_per_client sessions are open; more are refused as busy.
+    for session_id in ("s1", "s2", "s3"):
+        await start(session_id)
+    busy = await probe.expect_json("hermes/error/asr", lambda d: mine(d) and d["sessionId"] == "s3")
+    assert "max_pending_per_client" in busy["error"]
+    # Never fed: both expire on their own (a timer, not a later message, ends them).
+    expired = [
+        await probe.expect_json(
+            "hermes/error/asr", lambda d: mine(d) and d["sessionId"] in ("s1", "s2")
+        )
+        for _ in range(2)
+    ]
+    assert all("session_timeout_s" in e["error"] for e in expired), expired
+    assert bridge.hermes.sessions == 0
+
+    # Longer than the limit: refused at stopListening, the audio dropped as it crossed.
+    await start("long")
+    silence = io.BytesIO()
+    with wave.open(silence, "wb") as wav:
+        wav.setnchannels(1)
+        wav.setsampwidth(2)
+        wav.setframerate(16000)
+        wav.writeframes(bytes(2 * 16000 * 11))
+    await probe.publish(f"hermes/audioServer/{site}/audioSessionFrame/long", silence.getvalue())
+    await probe.publish(
+        "hermes/asr/stopListening", json.dumps({"siteId": site, "sessionId": "long"})
+    )
+    too_long = await probe.expect_json(
+        "hermes/error/asr", lambda d: mine(d) and d["sessionId"] == "long"
+    )
+    assert "max_audio_s" in too_long["error"]
+
+    # A session that keeps receiving audio outlives the timeout and is transcribed.
+    await start("fed")
+    chunks = list(wav_chunks(LIGHT_EN_WAV))
+    pause_s = 2 * timeout_s / len(chunks)  # the frames span twice the timeout
+    for chunk in chunks:
+        await probe.publish(f"hermes/audioServer/{site}/audioSessionFrame/fed", chunk)
+        await asyncio.sleep(pause_s)
+    await probe.publish(
+        "hermes/asr/stopListening", json.dumps({"siteId": site, "sessionId": "fed"})
+    )
+    captured = await probe.expect_json("hermes/asr/textCaptured", mine)
+    assert captured["sessionId"] == "fed"
+    assert words(captured["text"]) == words(LIGHT_EN_TEXT)
+
+
+# ------------------------------------------------- attacks: ids, topics, bounds
+
+
+async def test_hostile_ids_and_response_topics_publish_nowhere_else(
+    make_bridge: BridgeFactory,
+    probe: Probe,
+    mosquitto: Mosquitto,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    site = f"site{uid()}"
+    bridge = await make_bridge(hermes=True, hermes_site_id=site)
+    base, node = bridge.base, bridge.node_id
+    prefix, ha = bridge.config.topic_prefix, bridge.config.discovery_prefix
+    attack = f"atk-{uid()}"
+    say = json.dumps({"text": "Hi."}).encode()
+    wav = LAMP_WAV.read_bytes()
+    # (request topic suffix, payload, MQTT 5 properties, the property at fault)
+    cases: list[tuple[str, bytes, dict[str, Any], str]] = [
+        ("tts/say", say, {"UserProperty": [("id", "a/b")]}, "user property id"),
+        ("tts/say", say, {"UserProperty": [("id", "#")]}, "user property id"),
+        ("tts/say", say, {"UserProperty": [("id", "+")]}, "user property id"),
+        ("tts/say", say, {"UserProperty": [("id", "x" * 65)]}, "user property id"),
+        ("tts/say", say, {"UserProperty": [("client", "a/#")]}, "user property client"),
+        ("asr/transcribe", wav, {"ResponseTopic": f"{attack}/#"}, "ResponseTopic"),
+        ("asr/transcribe", wav, {"ResponseTopic": f"{attack}/+/x"}, "ResponseTopic"),
+        ("asr/transcribe", wav, {"ResponseTopic": f"{ha}/device/t/config"}, "ResponseTopic"),
+        ("asr/transcribe", wav, {"ResponseTopic": f"{base}/status"}, "ResponseTopic"),
+        ("asr/transcribe", wav, {"ResponseTopic": f"{prefix}/other/asr/x"}, "ResponseTopic"),
+        ("asr/transcribe", wav, {"ResponseTopic": "hermes/asr/textCaptured"}, "ResponseTopic"),
+        ("asr/transcribe", wav, {"ResponseTopic": f"{attack}/{'x' * 300}"}, "ResponseTopic"),
+        (
+            "asr/transcribe",
+            wav,
+            {"ResponseTopic": f"{attack}/ok", "CorrelationData": b"c" * 2000},
+            "CorrelationData",
+        ),
+    ]
+    hermes_cases: list[tuple[str, dict[str, Any]]] = [
+        ("hermes/tts/say", {"text": "Hi.", "siteId": site, "id": "a/b"}),
+        ("hermes/tts/say", {"text": "Hi.", "siteId": site, "id": "h1", "sessionId": "#"}),
+        ("hermes/asr/startListening", {"siteId": site, "sessionId": "s/+"}),
+        ("hermes/asr/stopListening", {"siteId": site, "sessionId": "#"}),
+    ]
+    async with Probe(mosquitto.port) as watcher:
+        await watcher.subscribe("#")
+        await probe.subscribe(f"{base}/error", "hermes/error/#", f"{attack}/#")
+        for suffix, body, props, _ in cases:
+            await probe.client.publish(
+                f"{base}/{suffix}", body, qos=1, properties=v5_properties(**props)
+            )
+        for topic, data in hermes_cases:
+            await probe.publish(topic, json.dumps(data))
+        errors = [await probe.expect_json(f"{base}/error") for _ in [*cases, *hermes_cases]]
+        for suffix, _, _, param in cases:
+            match = [
+                e for e in errors if e["topic"] == f"{base}/{suffix}" and e.get("param") == param
+            ]
+            assert match, f"no error for {param} in {errors}"
+            errors.remove(match[0])
+        assert len(errors) == len(hermes_cases)
+        assert all(e["code"] == "invalid_request" and "id" not in e for e in errors), errors
+        hermes_errors = [
+            await probe.expect_json("hermes/error/#", lambda d: d["siteId"] == site)
+            for _ in hermes_cases
+        ]
+        assert all(e["sessionId"] is None for e in hermes_errors), hermes_errors
+
+        # A well-formed request afterwards is answered on its (allowed) response topic.
+        await probe.client.publish(
+            f"{base}/asr/transcribe",
+            wav,
+            qos=1,
+            properties=v5_properties(ResponseTopic=f"{attack}/ok", UserProperty=[("id", "fine.1")]),
+        )
+        reply = await probe.expect_json(f"{attack}/ok", lambda d: d.get("id") == "fine.1")
+        assert words(reply["text"]) == words(LAMP_TEXT)
+        await watcher.expect(f"{attack}/ok")
+
+    requests = {f"{base}/{suffix}" for suffix, *_ in cases} | {t for t, _ in hermes_cases}
+    allowed = requests | {
+        f"{base}/status",
+        f"{base}/state",
+        f"{base}/voice",
+        f"{base}/error",
+        f"{ha}/device/{node}/config",
+        f"{attack}/ok",
+        "hermes/error/tts",
+        "hermes/error/asr",
+    }
+    roots = (f"{prefix}/", f"{ha}/", f"{attack}/", "hermes/")
+    seen = {str(m.topic) for m in watcher.messages if str(m.topic).startswith(roots)}
+    assert seen <= allowed, sorted(seen - allowed)
+    assert not [m for m in watcher.messages if str(m.topic).startswith("hermes/audioServer")]
+    logged = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not logged, logged
+
+
+async def test_per_client_pending_bound_answers_busy(
+    make_bridge: BridgeFactory, probe: Probe, hub: EngineHub
+) -> None:
+    bridge = await make_bridge(limits={"max_pending_per_client": 2})
+    base = bridge.base
+    await probe.subscribe(f"{base}/tts/done", f"{base}/error")
+    voice, _ = hub.voice()
+    gate = threading.Event()
+    # Occupy the voice's worker so every request stays pending.
+    blocker = asyncio.create_task(hub.run(voice, gate.wait, 60.0))
+    # Clients "a" and "b" name themselves; the rest share one anonymous bound.
+    senders = [("a", 5), ("b", 2), ("", 3)]
+    try:
+        for client, count in senders:
+            for i in range(count):
+                props: list[tuple[str, str]] = [("id", f"{client or 'n'}{i}")]
+                if client:
+                    props.append(("client", client))
+                await probe.client.publish(
+                    f"{base}/tts/say",
+                    json.dumps({"text": "Hi.", "format": "pcm"}),
+                    qos=1,
+                    properties=v5_properties(UserProperty=props),
+                )
+        busy = [await probe.expect_json(f"{base}/error") for _ in range(4)]
+        assert {e["id"] for e in busy} == {"a2", "a3", "a4", "n2"}
+        assert all(e["code"] == "busy" for e in busy), busy
+        assert bridge.in_flight + bridge.queued == 6
+    finally:
+        gate.set()
+        await blocker
+    done = {(await probe.expect_json(f"{base}/tts/done"))["id"] for _ in range(6)}
+    assert done == {"a0", "a1", "b0", "b1", "n0", "n1"}
+    await until(lambda: bridge.in_flight + bridge.queued == 0)
+
+
+async def test_other_faces_get_turns_during_an_mqtt_burst(
+    make_bridge: BridgeFactory, probe: Probe, hub: EngineHub
+) -> None:
+    burst = 200
+    bridge = await make_bridge(limits={"max_pending_per_client": burst})
+    base = bridge.base
+    await probe.subscribe(f"{base}/tts/done", f"{base}/error")
+    lamp = await asyncio.to_thread(decode, LAMP_WAV)
+    peak = {"in_flight": 0, "tasks": 0}
+
+    async def sample() -> None:
+        while True:
+            peak["in_flight"] = max(peak["in_flight"], bridge.in_flight)
+            peak["tasks"] = max(peak["tasks"], len(asyncio.all_tasks()))
+            await asyncio.sleep(0.005)
+
+    def answered() -> int:
+        return sum(1 for m in probe.messages if m.topic.matches(f"{base}/tts/done"))
+
+    sampler = asyncio.create_task(sample())
+    try:
+        for i in range(burst):
+            request = {"text": "Hi there.", "format": "pcm", "id": f"burst{i}"}
+            await probe.publish(f"{base}/tts/say", json.dumps(request))
+        await until(lambda: answered() >= 1)
+        # Another face's client (a Wyoming connection, say) asks for speech and a
+        # transcription while most of the burst still waits.
+        with client_scope("wyoming", "other"):
+            speech = await hub.synthesize_all("Testing the other face.")
+            answered_at_speech = answered()
+            transcript = await hub.transcribe(lamp)
+            answered_at_transcript = answered()
+        # Sized to the slowest CPU: 200 short syntheses, one at a time.
+        await until(lambda: answered() == burst, timeout_s=20 * WAIT_S)
+    finally:
+        sampler.cancel()
+        await asyncio.gather(sampler, return_exceptions=True)
+    assert speech.duration_s > 0.5
+    assert words(transcript.text) == words(LAMP_TEXT)
+    # Compared with the burst itself, not with the clock.
+    assert answered_at_speech < burst // 2, answered_at_speech
+    assert answered_at_transcript < burst // 2, answered_at_transcript
+    assert not [m for m in probe.messages if m.topic.matches(f"{base}/error")]
+    # The burst waited in the bridge's queue, not as hundreds of tasks.
+    assert peak["in_flight"] <= MAX_CONCURRENT_REQUESTS
+    assert peak["tasks"] < MAX_CONCURRENT_REQUESTS + 40, peak
+
+
+def long_opus(duration_s: float, bitrate: int = 6000) -> bytes:
+    """An Ogg/Opus file of ``duration_s`` of a 440 Hz tone at ``bitrate`` bit/s.
+
+    One second is encoded (PyAV, libopus, 120 ms frames) and its packets are
+    muxed again and again, so hours of audio take a second to make.
+    """
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format="ogg") as container:
+        stream = container.add_stream("libopus", rate=48000, options={"frame_duration": "120"})
+        stream.bit_rate = bitrate
+        stream.layout = "mono"
+        t = np.arange(48000) / 48000
+        tone = (0.3 * np.sin(2 * np.pi * 440 * t) * 32767).astype(np.int16)[None, :]
+        frame = av.AudioFrame.from_ndarray(tone, format="s16", layout="mono")
+        frame.rate = 48000
+        frame.pts = 0
+        packets = [bytes(p) for p in stream.encode(frame)]
+        packets += [bytes(p) for p in stream.encode(None)]
+        span = 48000 * 120 // 1000
+        for i in range(int(duration_s * 1000 / 120)):
+            packet = av.Packet(packets[1 + i % (len(packets) - 2)])
+            packet.stream = stream
+            packet.time_base = Fraction(1, 48000)
+            packet.pts = packet.dts = i * span
+            packet.duration = span
+            container.mux(packet)
+    return buffer.getvalue()
+
+
+async def test_two_hour_opus_is_refused_fast_with_bounded_memory(
+    make_bridge: BridgeFactory, probe: Probe
+) -> None:
+    data = await asyncio.to_thread(long_opus, 2 * 3600)
+    assert len(data) < 6 * 1024 * 1024  # a few MB: well under limits.max_upload_bytes
+    bridge = await make_bridge()
+    reply_topic = f"reply/{uid()}"
+    await probe.subscribe(reply_topic)
+    peak_before_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    started = time.monotonic()
+    await probe.client.publish(
+        f"{bridge.base}/asr/transcribe",
+        data,
+        qos=1,
+        properties=v5_properties(ResponseTopic=reply_topic, UserProperty=[("id", "opus2h")]),
+    )
+    reply = await probe.expect_json(reply_topic)
+    elapsed_s = time.monotonic() - started
+    grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before_kib) / 1024
+    assert (reply["code"], reply["limit"], reply["id"]) == (
+        "limit_exceeded",
+        "max_audio_s",
+        "opus2h",
+    )
+    # Decoding it all would take 2 h x 48 kHz x 4 bytes = 1.3 GiB (and tens of
+    # seconds); the container's declared duration refuses it before decoding.
+    assert grown_mib < 200, grown_mib
+    assert elapsed_s < 10, elapsed_s
+    # The bridge keeps serving.
+    await probe.client.publish(
+        f"{bridge.base}/asr/transcribe",
+        LAMP_WAV.read_bytes(),
+        qos=1,
+        properties=v5_properties(ResponseTopic=reply_topic),
+    )
+    assert words((await probe.expect_json(reply_topic))["text"]) == words(LAMP_TEXT)
+
+
+async def test_outbox_is_capped_in_bytes_while_the_broker_is_away(
+    make_bridge: BridgeFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    cap = 64 * 1024
+    broker = Mosquitto(tmp_path / "broker", persistence=True)
+    await asyncio.to_thread(broker.start)
+    try:
+        bridge = await make_bridge(url=broker.url, limits={"max_mqtt_outbox_bytes": cap})
+        base = bridge.base
+        user = f"user-{uid()}"
+        async with Probe(
+            broker.port, protocol=aiomqtt.ProtocolVersion.V311, identifier=user, clean_session=False
+        ) as client:
+            await client.subscribe(f"{base}/asr/transcript")
+        await asyncio.to_thread(broker.stop)
+        await until(lambda: not bridge.connected)
+        text = "word " * 400  # 2 kB a message
+        count = 100
+        for i in range(count):
+            await bridge.publish_transcript(text, id=f"t{i}")
+            assert bridge.outbox_bytes <= cap
+        assert bridge.outbox_dropped >= count - cap // len(text)
+        assert bridge.outbox_size + bridge.outbox_dropped == count
+        full = [r for r in caplog.records if "outbox full" in r.getMessage()]
+        assert [r.levelno for r in full if r.levelno >= logging.ERROR] == [logging.ERROR]
+
+        await asyncio.to_thread(broker.start)
+        await bridge.wait_online(WAIT_S)
+        async with Probe(
+            broker.port, protocol=aiomqtt.ProtocolVersion.V311, identifier=user, clean_session=False
+        ) as client:
+            last = await client.expect_json(
+                f"{base}/asr/transcript", lambda d: d["id"] == f"t{count - 1}"
+            )
+            assert last["text"] == text
+            kept = [json.loads(payload(m))["id"] for m in client.messages]
+        # The newest were kept, in order; the oldest were dropped.
+        assert kept == [f"t{i}" for i in range(count - len(kept), count)]
+        assert len(kept) == bridge.outbox_size or bridge.outbox_size == 0
+        assert "t0" not in kept
+    finally:
+        await asyncio.to_thread(broker.stop)
 
 
 # ------------------------------------------------------------ broker restart

@@ -48,24 +48,25 @@ from typing import Any, Literal, TypeVar
 from urllib.parse import unquote, urlsplit
 
 import aiomqtt
+import numpy as np
 from aiomqtt.exceptions import MqttConnectError
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from edgevoice.audio import OUTPUT_FORMATS, decode, encode
 from edgevoice.config import MqttConfig, Settings
-from edgevoice.engines.base import EngineKind, SynthesizeOptions, TranscribeOptions
+from edgevoice.engines.base import EngineKind, FloatAudio, SynthesizeOptions, TranscribeOptions
 from edgevoice.errors import (
     BusyError,
     ClientError,
     EdgeVoiceError,
-    LimitExceededError,
     PayloadTooLargeError,
     ShuttingDownError,
     UnknownModelError,
 )
 from edgevoice.fairness import client_scope
 from edgevoice.hub import EngineHub
+from edgevoice.pipeline.speak import input_limit_error, speak
 from edgevoice.protocols.base import ProtocolServer
 from edgevoice.protocols.mqtt.discovery import discovery_config, discovery_topic
 from edgevoice.protocols.mqtt.hermes import HermesAdapter
@@ -843,15 +844,8 @@ class MqttBridge(ProtocolServer):
             payload = message.payload if isinstance(message.payload, bytes) else b""
             request = await self._parse(parse_say, payload)
             request_id = request.id or request_id
-            limit = self.settings.limits.max_input_chars
-            if len(request.text) > limit:
-                raise LimitExceededError(
-                    "max_input_chars",
-                    limit,
-                    what=f"text of {len(request.text)} characters",
-                    unit="characters",
-                    param="text",
-                )
+            if len(request.text) > self.settings.limits.max_input_chars:
+                raise input_limit_error(self.settings.limits, param="text")
             await self.speak(request, request_id or new_id(), ctx)
         except MqttRequestError as exc:
             await self.report_error(ctx.topic, exc, exc.request_id or request_id, ctx)
@@ -861,15 +855,24 @@ class MqttBridge(ProtocolServer):
     async def render_speech(
         self, text: str, voice: str | None, speed: float, fmt: str
     ) -> tuple[bytes, float]:
-        """Synthesize (the hub's speak pipeline) and encode: (encoded audio, duration in s)."""
-        audio = await self.hub.synthesize_all(
-            text, SynthesizeOptions(voice=voice or self._voice or None, speed=speed)
-        )
-        encoded = await asyncio.to_thread(encode, audio.samples, audio.rate_hz, fmt)
-        return encoded, audio.duration_s
+        """Speak ``text`` through the shared pipeline and encode it: (audio, duration in s).
+
+        The pipeline cuts the text into bounded sentences and synthesizes them
+        in the engine's workers; joining and encoding run in a worker thread.
+        Raises what :func:`~edgevoice.pipeline.speak.speak` raises (unknown
+        voice, text over ``max_input_chars``, engine errors).
+        """
+        options = SynthesizeOptions(voice=voice or self._voice or None, speed=speed)
+        parts: list[FloatAudio] = []
+        async with speak(self.hub, text, options) as speech:
+            async for audio in speech:
+                parts.append(audio.samples)
+            rate_hz = speech.rate_hz
+        samples = sum(len(p) for p in parts)
+        encoded = await asyncio.to_thread(_join_and_encode, parts, rate_hz, fmt)
+        return encoded, samples / rate_hz
 
     async def speak(self, request: SayRequest, request_id: str, ctx: RequestContext) -> None:
-        self.hub.voice(request.voice or self._voice or None)  # unknown voice → error now
         encoded, duration_s = await self.render_speech(
             request.text, request.voice, request.speed, request.format
         )
@@ -916,18 +919,23 @@ class MqttBridge(ProtocolServer):
                 request_id = request.id or request_id
             language = (request.language if request else None) or ctx.user.get("language")
             model = (request.model if request else None) or ctx.user.get("model")
-            self.hub.asr(model)  # unknown model → error before decoding
-            # Stops as soon as the audio is longer than the limit (declared or counted).
-            audio = await asyncio.to_thread(
-                decode, audio_bytes, max_duration_s=self.settings.limits.max_audio_s
-            )
-            del audio_bytes
             options = TranscribeOptions(
                 language=language or None,
                 task=request.task if request else "transcribe",
                 prompt=request.prompt if request else None,
             )
-            transcript = await self.hub.transcribe(audio, options, model=model)
+            # The model is resolved once (unknown → error before decoding) and held.
+            async with self.hub.asr_session(model, options) as session:
+                # Decoded straight to the model's rate; stops as soon as the audio is
+                # longer than the limit (declared in the container, or counted).
+                audio = await asyncio.to_thread(
+                    decode,
+                    audio_bytes,
+                    rate_hz=session.rate_hz,
+                    max_duration_s=self.settings.limits.max_audio_s,
+                )
+                del audio_bytes
+                transcript = await session.transcribe(audio)
             ctx.check_expiry()
             request_id = request_id or new_id()
             reply = {
@@ -976,6 +984,12 @@ class MqttBridge(ProtocolServer):
         if message.payload == b"online":
             _LOGGER.info("Home Assistant came online; republishing discovery")
             await self.publish(self._discovery_message())
+
+
+def _join_and_encode(parts: list[FloatAudio], rate_hz: int, fmt: str) -> bytes:
+    """Blocking: one clip from the spoken chunks, encoded as ``fmt``."""
+    samples = np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)
+    return encode(samples, rate_hz, fmt)
 
 
 def _code(exc: aiomqtt.MqttCodeError) -> int | None:

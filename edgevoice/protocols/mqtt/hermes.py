@@ -47,6 +47,7 @@ from edgevoice.errors import (
     PayloadTooLargeError,
 )
 from edgevoice.hub import EngineHub
+from edgevoice.pipeline.speak import input_limit_error
 from edgevoice.protocols.mqtt.messages import (
     MqttRequestError,
     RequestContext,
@@ -243,13 +244,7 @@ class HermesAdapter:
             if not isinstance(text, str) or not text.strip():
                 raise MqttRequestError("text: missing or empty", param="text")
             if len(text) > limits.max_input_chars:
-                raise LimitExceededError(
-                    "max_input_chars",
-                    limits.max_input_chars,
-                    what=f"text of {len(text)} characters",
-                    unit="characters",
-                    param="text",
-                )
+                raise input_limit_error(limits, param="text")
             say_id = request_id or new_id()
 
             async def work() -> None:
@@ -439,14 +434,13 @@ class HermesAdapter:
         rate, width, channels = session.format
         started = time.monotonic()
         try:
-            pcm = b"".join(session.chunks)
-            session.chunks.clear()
-            samples = await asyncio.to_thread(pcm_to_float, pcm, width, channels)
-            del pcm
-            audio = Audio(samples, rate)
-            transcript = await self.host.hub.transcribe(
-                audio, TranscribeOptions(language=session.lang or None)
-            )
+            options = TranscribeOptions(language=session.lang or None)
+            async with self.host.hub.asr_session(None, options) as asr:
+                pcm = b"".join(session.chunks)
+                session.chunks.clear()
+                samples = await asyncio.to_thread(pcm_to_float, pcm, width, channels)
+                del pcm
+                transcript = await asr.transcribe(Audio(samples, rate))
         except Exception as exc:
             await self._report(topic, exc, "asr", session.session_id)
             return
