@@ -26,6 +26,7 @@ from edgevoice.protocols.http.forms import ClientGone
 from edgevoice.protocols.http.metrics import Metrics
 from edgevoice.protocols.http.models import get_model, list_models
 from edgevoice.protocols.http.openapi import build_spec, render_docs
+from edgevoice.protocols.http.realtime import REALTIME_PATH, realtime, websocket_token
 from edgevoice.protocols.http.speech import speech
 from edgevoice.protocols.http.speech_stream import STREAM_PATH, speech_stream
 from edgevoice.protocols.http.state import STATE, ServerState, state
@@ -53,8 +54,8 @@ def _check_auth(request: web.Request, api_key: str | None) -> None:
         return
     header = request.headers.get(hdrs.AUTHORIZATION, "")
     scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" and request.path == STREAM_PATH:
-        token = request.query.get("api_key", "")  # browsers cannot set WebSocket headers
+    if scheme.lower() != "bearer" and request.path in (STREAM_PATH, REALTIME_PATH):
+        token = websocket_token(request)  # browsers cannot set WebSocket headers
     elif scheme.lower() != "bearer":
         token = ""
     if not token:
@@ -220,6 +221,7 @@ def build_app(settings: Settings, hub: EngineHub, api_key: str | None = None) ->
     app.router.add_post("/v1/audio/translations", translations)
     app.router.add_post("/v1/audio/speech", speech)
     app.router.add_get(STREAM_PATH, speech_stream)
+    app.router.add_get(REALTIME_PATH, realtime)
     app.router.add_get("/v1/audio/voices", list_voices)
     app.router.add_post("/v1/audio/voices", create_voice)
     app.router.add_get("/v1/audio/voices/{voice_id}", get_voice)
