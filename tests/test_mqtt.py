@@ -36,6 +36,12 @@ from edgevoice.fairness import client_scope
 from edgevoice.hub import EngineHub
 from edgevoice.protocols.mqtt import MqttBridge, parse_broker_url, parse_say
 from edgevoice.protocols.mqtt.bridge import MAX_CONCURRENT_REQUESTS
+from edgevoice.protocols.mqtt.messages import (
+    MAX_RESPONSE_TOPIC_BYTES,
+    MqttRequestError,
+    check_response_topic,
+    checked_id,
+)
 from tests.conftest import (
     JOE,
     LAMP_TEXT,
@@ -260,6 +266,33 @@ async def test_parse_say_plain_text_and_json() -> None:
         "mp3",
         "7",
     )
+
+
+async def test_ids_and_response_topics_that_may_reach_a_topic() -> None:
+    reserved = ["edgevoice", "homeassistant", "hermes"]
+    assert check_response_topic("replies/kitchen-1", reserved) == "replies/kitchen-1"
+    assert check_response_topic("edgevoicex/r", reserved) == "edgevoicex/r"
+    for bad in [
+        "",
+        "a/#",
+        "a/+/b",
+        "#",
+        "a\0b",
+        "$SYS/x",
+        "edgevoice",
+        "edgevoice/node/status",
+        "homeassistant/device/t/config",
+        "hermes/asr/textCaptured",
+        "r/" + "x" * MAX_RESPONSE_TOPIC_BYTES,
+    ]:
+        with pytest.raises(MqttRequestError, match="response topic"):
+            check_response_topic(bad, reserved)
+    assert checked_id(None, "id") is None
+    assert checked_id(7, "id") == "7"
+    assert checked_id("say-1.a:b_c", "id") == "say-1.a:b_c"
+    for bad_id in ["a/b", "#", "+", "a b", "x" * 65, True, 1.5, {"a": 1}]:
+        with pytest.raises(MqttRequestError, match="id"):
+            checked_id(bad_id, "id")
 
 
 # ------------------------------------------------------------- speak / ASR
@@ -804,7 +837,7 @@ async def test_other_faces_get_turns_during_an_mqtt_burst(
         while True:
             peak["in_flight"] = max(peak["in_flight"], bridge.in_flight)
             peak["tasks"] = max(peak["tasks"], len(asyncio.all_tasks()))
-            await asyncio.sleep(0.005)
+            await asyncio.sleep(0.02)
 
     def answered() -> int:
         return sum(1 for m in probe.messages if m.topic.matches(f"{base}/tts/done"))

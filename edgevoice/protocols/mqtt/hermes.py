@@ -49,12 +49,14 @@ from edgevoice.errors import (
 from edgevoice.hub import EngineHub
 from edgevoice.pipeline.speak import input_limit_error
 from edgevoice.protocols.mqtt.messages import (
+    ID_RULE,
     MqttRequestError,
     RequestContext,
     Route,
     checked_id,
     error_fields,
     new_id,
+    valid_id,
 )
 from edgevoice.protocols.mqtt.outbox import OutgoingMessage
 
@@ -142,6 +144,9 @@ class HermesAdapter:
     """Hermes topics on top of the bridge (see the module docstring)."""
 
     def __init__(self, host: HermesHost, site_id: str) -> None:
+        if valid_id(site_id) is None:
+            # It goes into topic filters: a '+' or '#' would subscribe to other sites.
+            raise ValueError(f"mqtt.hermes_site_id {site_id!r}: use {ID_RULE}")
         self.host = host
         self.site_id = site_id
         self.client_key = f"hermes:{site_id}"

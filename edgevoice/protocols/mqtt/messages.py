@@ -41,7 +41,7 @@ from edgevoice.errors import (
 REQUEST_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,64}$"
 """Ids go into topics (``<base>/tts/audio/<id>``): no ``/``, ``+``, ``#``, no spaces."""
 _REQUEST_ID = re.compile(REQUEST_ID_PATTERN)
-_ID_RULE = "1-64 characters of A-Z, a-z, 0-9, '.', '_', ':' or '-'"
+ID_RULE = "1-64 characters of A-Z, a-z, 0-9, '.', '_', ':' or '-'"
 MAX_RESPONSE_TOPIC_BYTES = 256
 """Longest MQTT 5 response topic accepted (UTF-8 bytes)."""
 MAX_CORRELATION_BYTES = 1024
@@ -91,7 +91,7 @@ def checked_id(value: object, source: str) -> str | None:
         return None
     checked = valid_id(value)
     if checked is None:
-        raise MqttRequestError(f"{source}: must be {_ID_RULE}", param=source)
+        raise MqttRequestError(f"{source}: must be {ID_RULE}", param=source)
     return checked
 
 
