@@ -328,6 +328,41 @@ def _declared_s(container: Any, stream: Any) -> float | None:
     return None
 
 
+# FFmpeg sample formats (packed names) → numpy dtype and the scale to [-1, 1].
+_AV_SAMPLES: Final[dict[str, tuple[str, float, float]]] = {
+    "u8": ("u1", 128.0, 128.0),
+    "s16": ("<i2", 0.0, 32768.0),
+    "s32": ("<i4", 0.0, 2147483648.0),
+    "s64": ("<i8", 0.0, 9223372036854775808.0),
+    "flt": ("<f4", 0.0, 1.0),
+    "dbl": ("<f8", 0.0, 1.0),
+}
+_AV_BATCH_SAMPLES: Final = 8192
+"""Decoded frames (20 ms each for Opus) are batched to about this many samples
+before resampling: per-call overhead, not arithmetic, dominates small frames."""
+
+
+def _frame_to_mono(frame: Any) -> FloatAudio:
+    """One decoded PyAV frame (any sample format, any layout) → mono float32."""
+    dtype, offset, scale = _AV_SAMPLES[frame.format.packed.name]
+    samples = int(frame.samples)
+    channels = int(frame.layout.nb_channels) or 1
+    if frame.format.is_planar:
+        planes = [np.frombuffer(plane, dtype=dtype, count=samples) for plane in frame.planes]
+        data = planes[0] if channels == 1 else np.stack(planes[:channels], axis=1)
+    else:
+        data = np.frombuffer(frame.planes[0], dtype=dtype, count=samples * channels)
+        data = data.reshape(samples, channels)
+    if data.ndim == 2:
+        data = data.mean(axis=1, dtype=np.float64) if dtype == "<f8" else data.mean(axis=1)
+    mono = data.astype(np.float32)  # a copy: the frame's buffer is reused by the decoder
+    if offset:
+        mono -= offset
+    if scale != 1.0:
+        mono /= scale
+    return mono
+
+
 def _decode_pyav(source: io.BytesIO | str, collector: _Collector, max_s: float | None) -> None:
     import av
 
@@ -339,14 +374,20 @@ def _decode_pyav(source: io.BytesIO | str, collector: _Collector, max_s: float |
             stream = container.streams.audio[0]
             declared_s = _declared_s(container, stream)
             _check_declared(declared_s, max_s)
-            # FFmpeg converts each frame to packed float and downmixes; the rate
-            # stays native so resampling happens once, in soxr.
-            converter = av.AudioResampler(format="flt", layout="mono")
+            batch: list[FloatAudio] = []
+            batched, batch_hz = 0, 0
             for frame in container.decode(stream):
-                for out in converter.resample(frame):
-                    collector.add(out.to_ndarray().reshape(-1), int(out.sample_rate))
-            for out in converter.resample(None):
-                collector.add(out.to_ndarray().reshape(-1), int(out.sample_rate))
+                rate = int(frame.sample_rate)
+                if batch and (rate != batch_hz or batched >= _AV_BATCH_SAMPLES):
+                    collector.add(np.concatenate(batch), batch_hz)
+                    batch.clear()
+                    batched = 0
+                mono = _frame_to_mono(frame)
+                batch.append(mono)
+                batched += len(mono)
+                batch_hz = rate
+            if batch:
+                collector.add(np.concatenate(batch), batch_hz)
     except (AudioError, LimitExceededError):
         raise
     except av.error.FFmpegError as exc:

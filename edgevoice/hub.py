@@ -52,6 +52,7 @@ from edgevoice.engines.base import (
 from edgevoice.engines.registry import EngineRegistry, default_registry, validate_engines
 from edgevoice.errors import ShuttingDownError, UnknownModelError
 from edgevoice.fairness import FairLimiter
+from edgevoice.pipeline import speak as speak_pipeline
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -721,6 +722,17 @@ class EngineHub:
 
         samples = await self.run(loaded, work)
         return Audio(samples, engine.capabilities.sample_rate_hz)
+
+    def speak(
+        self, text: speak_pipeline.TextInput, options: SynthesizeOptions | None = None
+    ) -> speak_pipeline.Speech:
+        """Speak ``text`` (whole, or chunks such as a ``TextFeed``) in bounded pieces,
+        in order, with this hub's ``[limits]`` (``async with hub.speak(...) as speech``).
+
+        The voice is resolved and the text length checked now, raising at once;
+        see :func:`edgevoice.pipeline.speak.speak`.
+        """
+        return speak_pipeline.speak(self, text, options)
 
 
 # ------------------------------------------------------------------ sessions

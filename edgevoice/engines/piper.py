@@ -4,15 +4,25 @@
 ``.onnx`` file (its ``.onnx.json`` beside it) or a voice a package provides.
 Audio streams sentence by sentence; a long first sentence is split at its
 first clause so the first chunk is ready sooner.
+
+Memory is bounded whatever the text: the model never receives more than
+``max_chunk_chars`` characters at once (longer sentences are cut at clause,
+then word boundaries; VITS memory grows with the input length), and
+onnxruntime runs without its CPU memory arena and memory-pattern planning, so
+the buffers of one large request are returned instead of being kept for the
+life of the process. Phonemization (espeak-ng, holding the GIL) happens only
+inside :meth:`PiperTtsEngine.synthesize`, which the hub runs in a worker thread.
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import json
 import logging
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +65,9 @@ class PiperOptions(EngineOptions):
     first_chunk_words: int = Field(default=3, ge=0, le=20)
     """Speak the first N words of a long first sentence as their own chunk, so
     audio starts about twice as soon; 0 keeps whole sentences (best prosody)."""
+    max_chunk_chars: int = Field(default=300, ge=20, le=2000)
+    """Most characters the model synthesizes at once; a longer sentence is cut at
+    clause, then word boundaries (the model's memory grows with its input)."""
 
 
 def resolve_voice(model: str, cache_dir: Path, offline: bool) -> Path:
@@ -95,6 +108,55 @@ def resolve_voice(model: str, cache_dir: Path, offline: bool) -> Path:
     return path
 
 
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim`` (None on other C libraries)."""
+    try:
+        trim: Callable[[int], int] = ctypes.CDLL(None).malloc_trim
+    except (AttributeError, OSError):
+        return None
+    return trim
+
+
+def _return_freed_memory() -> None:
+    """Hand the heap's free pages back to the OS (blocking, about a millisecond).
+
+    Without the onnxruntime arena, a run's tensors are freed, but glibc keeps
+    large freed blocks for reuse (its mmap threshold rises after the first big
+    free), so RSS would stay near the peak of the largest request.
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+def _inference_session(path: Path, *, cuda: bool) -> Any:
+    """An onnxruntime session that gives memory back after each run (blocking).
+
+    Piper's own loader uses the defaults: a CPU arena that grows to the largest
+    request and keeps it (gigabytes after one long unpunctuated text) and
+    memory-pattern planning that caches per input shape. Both are off here; a
+    VITS voice's run time is dominated by compute, not allocation.
+    """
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.enable_cpu_mem_arena = False
+    options.enable_mem_pattern = False
+    providers: list[Any] = ["CPUExecutionProvider"]
+    if cuda:
+        providers = [
+            (
+                "CUDAExecutionProvider",
+                {
+                    "cudnn_conv_algo_search": "HEURISTIC",
+                    "arena_extend_strategy": "kSameAsRequested",
+                },
+            )
+        ]
+    return onnxruntime.InferenceSession(str(path), sess_options=options, providers=providers)
+
+
 class PiperTtsEngine:
     """One Piper voice (possibly multi-speaker)."""
 
@@ -113,6 +175,7 @@ class PiperTtsEngine:
 
     def load(self) -> None:
         from piper import PiperVoice
+        from piper.config import PiperConfig
 
         path = resolve_voice(
             self._context.model.model, self._context.cache_dir, self._context.offline
@@ -121,10 +184,11 @@ class PiperTtsEngine:
         if not config_path.is_file():
             raise ModelNotFoundError(f"Piper voice config {config_path} is missing")
         started = time.monotonic()
-        self._voice = PiperVoice.load(
-            path, config_path=config_path, use_cuda=self._context.device.startswith("cuda")
-        )
         raw = json.loads(config_path.read_text(encoding="utf-8"))
+        self._voice = PiperVoice(
+            session=_inference_session(path, cuda=self._context.device.startswith("cuda")),
+            config=PiperConfig.from_dict(raw),
+        )
         language = raw.get("language", {}).get("code") or raw.get("espeak", {}).get("voice", "en")
         self._speakers = dict(self._voice.config.speaker_id_map)
         self._capabilities = TtsCapabilities(
@@ -142,7 +206,7 @@ class PiperTtsEngine:
         if self._options.speaker is not None:
             self._speaker_id(self._options.speaker)  # fail at startup, not per request
         # One tiny synthesis so the first real request is as fast as later ones
-        # (onnxruntime allocates its arenas on the first run).
+        # (onnxruntime initializes its kernels on the first run).
         for _ in self._voice.synthesize("Ready."):
             pass
         _LOGGER.info(
@@ -190,13 +254,21 @@ class PiperTtsEngine:
             dtype=np.float32,
         )
         produced = False
-        for piece in split_for_streaming(text, lead_words=self._options.first_chunk_words):
-            for chunk in self._voice.synthesize(piece, syn_config=config):
-                audio: FloatAudio = chunk.audio_float_array
-                if len(audio) == 0:
-                    continue
-                produced = True
-                yield np.concatenate([audio, pause]) if len(pause) else audio
+        pieces = split_for_streaming(
+            text,
+            lead_words=self._options.first_chunk_words,
+            max_chars=self._options.max_chunk_chars,
+        )
+        try:
+            for piece in pieces:
+                for chunk in self._voice.synthesize(piece, syn_config=config):
+                    audio: FloatAudio = chunk.audio_float_array
+                    if len(audio) == 0:
+                        continue
+                    produced = True
+                    yield np.concatenate([audio, pause]) if len(pause) else audio
+        finally:
+            _return_freed_memory()
         if not produced:
             raise EngineRequestError("text produced no speech")
 

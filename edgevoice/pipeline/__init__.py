@@ -1,0 +1,1 @@
+"""Voice logic every face shares: endpointing, "text chunks → sentences → audio"."""
