@@ -18,7 +18,7 @@ from edgevoice.config import ConfigError, Settings, config_source, load_config
 from edgevoice.engines.base import EngineKind
 from edgevoice.engines.registry import EngineRegistry
 from edgevoice.hub import EngineHub, HubStartError
-from edgevoice.protocols.base import ProtocolServer
+from edgevoice.protocols.base import ProtocolServer, set_peers
 from edgevoice.sdnotify import SystemdNotifier
 
 _LOGGER = logging.getLogger(__name__)
@@ -172,6 +172,7 @@ class Daemon:
             self.notifier.status(f"Failed to load models: {exc}")
             raise
         self.hub = hub
+        set_peers(hub, lambda: self.servers)
         if self._stop.is_set():  # SIGTERM while loading: never report READY
             await hub.close()
             return

@@ -443,9 +443,7 @@ async def test_bad_input_gets_error_events_and_the_socket_stays_usable(
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def tight(
-    hub: EngineHub, tmp_path_factory: pytest.TempPathFactory
-) -> AsyncIterator[HttpServer]:
+async def tight(hub: EngineHub) -> AsyncIterator[HttpServer]:
     """A second server on the same hub with small limits and an API key."""
     settings = _settings(
         hub.settings.state_dir,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import abc
+import weakref
+from collections.abc import Callable
 from types import TracebackType
 from typing import Self
 
@@ -49,3 +51,19 @@ class ProtocolServer(abc.ABC):
         tb: TracebackType | None,
     ) -> None:
         await self.stop(5.0)
+
+
+_PEERS: weakref.WeakKeyDictionary[object, Callable[[], list[ProtocolServer]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def set_peers(hub: object, servers: Callable[[], list[ProtocolServer]]) -> None:
+    """The daemon names the protocol servers it runs on ``hub`` (status pages list them)."""
+    _PEERS[hub] = servers
+
+
+def peers(hub: object) -> list[ProtocolServer]:
+    """The protocol servers running on ``hub``; empty when no daemon named them."""
+    servers = _PEERS.get(hub)
+    return servers() if servers is not None else []

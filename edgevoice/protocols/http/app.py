@@ -30,7 +30,9 @@ from edgevoice.protocols.http.realtime import REALTIME_PATH, realtime, websocket
 from edgevoice.protocols.http.speech import speech
 from edgevoice.protocols.http.speech_stream import STREAM_PATH, speech_stream
 from edgevoice.protocols.http.state import STATE, ServerState, state
+from edgevoice.protocols.http.status import STATUS_PATH, status
 from edgevoice.protocols.http.transcription import transcriptions, translations
+from edgevoice.protocols.http.ui import add_ui_routes, is_ui_path
 from edgevoice.protocols.http.voices import create_voice, delete_voice, get_voice, list_voices
 from edgevoice.voices import VoiceLibrary
 
@@ -50,7 +52,7 @@ def _route_name(request: web.Request) -> str:
 
 
 def _check_auth(request: web.Request, api_key: str | None) -> None:
-    if api_key is None or request.path in PUBLIC_PATHS:
+    if api_key is None or request.path in PUBLIC_PATHS or is_ui_path(request.path):
         return
     header = request.headers.get(hdrs.AUTHORIZATION, "")
     scheme, _, token = header.partition(" ")
@@ -230,6 +232,8 @@ def build_app(settings: Settings, hub: EngineHub, api_key: str | None = None) ->
     app.router.add_get("/v1/models/{model_id}", get_model)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
+    app.router.add_get(STATUS_PATH, status)
+    add_ui_routes(app)  # the web page: / and /ui/
     openapi, docs = _document_routes(settings)
     app.router.add_get("/openapi.json", openapi)
     app.router.add_get("/docs", docs)
