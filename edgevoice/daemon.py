@@ -230,7 +230,10 @@ class Daemon:
         """Read the configuration again and apply it; ``False`` if rejected.
 
         Engines: :meth:`EngineHub.reload` (new ones load before old ones go).
-        Protocols whose section changed are restarted: the replacement starts
+        A running server first gets :meth:`ProtocolServer.reconfigure`: one that
+        adopts the new settings in place (its listener is unchanged) keeps its
+        connections and open streams. Others whose section changed are
+        restarted: the replacement starts
         first where it can bind next to the old server (new address), else the
         old one stops first (same address: a short gap on that listener).
         """
@@ -287,6 +290,8 @@ class Daemon:
             old_config: Any = getattr(old, section)
             new_config: Any = getattr(new, section)
             running = self._servers.get(section)
+            if running is not None and new_config.enabled and await running.reconfigure(new):
+                continue  # adopted in place (same listener): open streams go on
             if new_config == old_config and (running is not None) == new_config.enabled:
                 continue
             touched.add(section)

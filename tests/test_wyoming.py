@@ -8,6 +8,8 @@ import logging
 import os
 import re
 import sys
+import threading
+import time
 import wave
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -504,6 +506,321 @@ async def test_ten_minutes_of_audio_is_refused(hub: EngineHub) -> None:
         await async_write_event(AudioStop().event(), writer)
         await _still_works(reader, writer)
         writer.close()
+
+
+# ------------------------------------------------------ limits and attacks
+
+
+def _limited(hub: EngineHub, **limits: Any) -> Settings:
+    """The hub's settings with some ``[limits]`` changed (for a second server)."""
+    return hub.settings.model_copy(update={"limits": hub.settings.limits.model_copy(update=limits)})
+
+
+class DescribeProbe:
+    """Another client asking ``describe`` over and over, as Home Assistant's
+    health probe does; records each round trip."""
+
+    def __init__(self, server: WyomingServer) -> None:
+        self.server = server
+        self.round_trips_s: list[float] = []
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def _run(self) -> None:
+        async with _client(self.server) as client:
+            while not self._stop.is_set():
+                started = time.monotonic()
+                await client.write_event(Describe().event())
+                assert Info.is_type((await _read(client)).type)
+                self.round_trips_s.append(time.monotonic() - started)
+                await asyncio.sleep(0.02)
+
+    async def __aenter__(self) -> DescribeProbe:
+        self._task = asyncio.create_task(self._run())
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        assert self._task is not None
+        await self._task
+        # Home Assistant gives a Wyoming server 1 s to answer.
+        assert self.round_trips_s and max(self.round_trips_s) < 1.0, self.round_trips_s
+
+
+async def test_text_over_the_limit_is_refused_before_any_work(
+    server: WyomingServer, hub: EngineHub
+) -> None:
+    limit = hub.settings.limits.max_input_chars
+    spoken_before = hub.voice("joe")[0].slot.requests
+    async with _client(server) as client:
+        await client.write_event(Synthesize(text="word " * (16000 // 5)).event())
+        error = Error.from_event(await _read(client))
+        assert error.code == "limit-exceeded" and str(limit) in error.text
+        await client.write_event(Ping(text="still here").event())
+        assert Pong.from_event(await _read(client)).text == "still here"
+    assert hub.voice("joe")[0].slot.requests == spoken_before  # nothing was synthesized
+
+
+async def test_a_megabyte_of_text_is_refused_while_describe_answers(
+    server: WyomingServer,
+) -> None:
+    async with DescribeProbe(server), _client(server) as client:
+        await client.write_event(Synthesize(text="a" * 1_000_000).event())
+        assert Error.from_event(await _read(client)).code == "limit-exceeded"
+
+
+async def test_a_flood_of_synthesize_chunks_is_bounded(hub: EngineHub) -> None:
+    # Small bounds keep the speech that is still produced short on any CPU.
+    settings = _limited(hub, max_input_chars=200, max_sentence_chars=50)
+    async with WyomingServer(settings, hub) as small:
+        async with DescribeProbe(small), _client(small) as client:
+            await client.write_event(SynthesizeStart(voice=SynthesizeVoice("joe")).event())
+            for i in range(20_000):
+                await client.write_event(SynthesizeChunk(text="word ").event())
+                if i % 100 == 0:
+                    await asyncio.sleep(0)  # this test's own writes must not hog the loop
+            await client.write_event(SynthesizeStop().event())
+            events: list[Event] = []
+            while not events or events[-1].type != "synthesize-stopped":
+                events.append(await _read(client))
+        types = [e.type for e in events]
+        # Refused once when the unspoken text crossed the bound; what was taken is spoken.
+        assert types.count("error") == 1
+        assert Error.from_event(events[types.index("error")]).code == "limit-exceeded"
+        assert types.count("audio-start") == 1 and types.count("audio-stop") == 1
+        assert types.index("audio-stop") < types.index("synthesize-stopped")
+
+
+async def test_malformed_fields_are_bad_events(server: WyomingServer) -> None:
+    reader, writer = await _raw(server)
+    for event in (
+        Event("detect", {"names": 5}),
+        Event("detect", {"names": ["hey_jarvis", 7]}),
+        Event("synthesize", {"text": {"nested": "object"}}),
+        Event("synthesize", {"text": "hi", "voice": {"name": ["joe"]}}),
+        Event("synthesize-chunk", {}),
+        Event("transcribe", {"language": 42}),
+        Event("audio-start", {"rate": "16000", "width": 2, "channels": 1}),
+        Event("select-program", {"name": None}),
+    ):
+        await async_write_event(event, writer)
+        await _expect_error(reader, "bad-event")
+        await _still_works(reader, writer)
+    writer.close()
+
+
+async def test_two_hours_of_audio_are_refused_as_the_limit_is_crossed(
+    server: WyomingServer, hub: EngineHub
+) -> None:
+    limit_s = hub.settings.limits.max_audio_s
+    reader, writer = await _raw(server)
+    await async_write_event(Transcribe().event(), writer)
+    await async_write_event(AudioStart(16000, 2, 1).event(), writer)
+    answer = asyncio.create_task(async_read_event(reader))
+    ten_s = bytes(16000 * 2 * 10)
+    sent_s = 0.0
+    while sent_s < 2 * 3600 and not answer.done():
+        await async_write_event(AudioChunk(16000, 2, 1, ten_s).event(), writer)
+        sent_s += 10
+        await asyncio.sleep(0)
+    event = await asyncio.wait_for(answer, TIMEOUT_S)
+    assert event is not None and Error.from_event(event).code == "limit-exceeded"
+    assert f"{limit_s:g}" in Error.from_event(event).text
+    assert sent_s < 2 * 3600  # refused long before the two hours were sent
+    await async_write_event(AudioStop().event(), writer)
+    await _still_works(reader, writer)
+    writer.close()
+    transcript = await _transcribe(server, _wav_chunks(LIGHT_EN_WAV, 4096), language="en")
+    assert words(transcript.text) == words(LIGHT_EN_TEXT)
+
+
+def _hold_tts(hub: EngineHub) -> tuple[threading.Event, asyncio.Task[Any]]:
+    """Occupy the Piper voice's only worker until the returned gate is set."""
+    gate = threading.Event()
+    return gate, asyncio.create_task(hub.run(hub.voice("joe")[0], gate.wait, TIMEOUT_S))
+
+
+async def test_pending_requests_per_connection_are_bounded(hub: EngineHub) -> None:
+    async with WyomingServer(_limited(hub, max_pending_per_client=2), hub) as small:
+        gate, holder = _hold_tts(hub)
+        try:
+            async with _client(small) as client:
+                for i in range(5):
+                    await client.write_event(Synthesize(text=f"Number {i}.").event())
+                # One runs (waiting for the voice), one waits in the queue: three are refused.
+                for _ in range(3):
+                    assert Error.from_event(await _read(client)).code == "busy"
+                gate.set()
+                await holder
+                for _ in range(2):
+                    events, audio, rate = await _collect_audio(client)
+                    assert events[-1].type == "audio-stop" and len(audio) > rate // 4
+        finally:
+            gate.set()
+            await holder
+
+
+async def test_idle_and_stalled_connections_time_out(hub: EngineHub) -> None:
+    settings = _limited(hub, idle_timeout_s=1.0, session_timeout_s=1.0)
+    async with WyomingServer(settings, hub) as small:
+        # Silent: closed.
+        reader, writer = await _raw(small)
+        await _expect_closed(reader)
+        # An open audio stream that stalls: closed too.
+        reader, writer = await _raw(small)
+        await async_write_event(Detect(names=["hey_jarvis"]).event(), writer)
+        await async_write_event(AudioStart(16000, 2, 1).event(), writer)
+        await _expect_closed(reader)
+        # A client that keeps talking stays.
+        reader, writer = await _raw(small)
+        for _ in range(30):
+            await asyncio.sleep(0.1)
+            await _still_works(reader, writer)
+        writer.close()
+        # Waiting for an answer is not idleness.
+        gate, holder = _hold_tts(hub)
+        try:
+            async with AsyncTcpClient("127.0.0.1", _port(small)) as client:
+                await client.write_event(Synthesize(text="Still there?").event())
+                await asyncio.sleep(2.5)
+                gate.set()
+                events, _audio, _rate = await _collect_audio(client)
+                assert events[-1].type == "audio-stop"
+        finally:
+            gate.set()
+            await holder
+
+
+async def test_connections_beyond_the_limit_are_refused(hub: EngineHub) -> None:
+    async with WyomingServer(_limited(hub, max_connections=2), hub) as small:
+        first, second = await _raw(small), await _raw(small)
+        for reader, writer in (first, second):
+            await _still_works(reader, writer)
+        reader, _writer = await _raw(small)
+        await _expect_error(reader, "busy")
+        await _expect_closed(reader)
+        first[1].close()
+        for _ in range(int(TIMEOUT_S / 0.05)):  # the server notices the close
+            if small.connections < 2:
+                break
+            await asyncio.sleep(0.05)
+        reader, writer = await _raw(small)
+        await _still_works(reader, writer)
+        writer.close()
+        second[1].close()
+
+
+# ------------------------------------------------------------------ reloads
+
+WAKE_RELOAD = [
+    ModelConfig(name=w, engine="microwakeword", model=w) for w in ("hey_jarvis", "alexa")
+]
+
+
+def _wake_settings(cache: Path, wake: list[ModelConfig], **extra: Any) -> Settings:
+    return Settings(
+        cache_dir=cache,
+        state_dir=cache / "state",
+        asr=[FAKE_ASR],
+        tts=[JOE],
+        wake=wake,
+        vad=[],
+        wyoming=WyomingConfig(uri="tcp://127.0.0.1:0", zeroconf=False),
+        http=HttpConfig(enabled=False),
+        mqtt=MqttConfig(enabled=False),
+        **extra,
+    )
+
+
+async def _stream_wake(writer: asyncio.StreamWriter, audio: np.ndarray) -> None:
+    pcm = float_to_pcm16(audio)
+    for i in range(0, len(pcm), 2048):
+        await async_write_event(AudioChunk(16000, 2, 1, pcm[i : i + 2048]).event(), writer)
+
+
+async def _next_of(reader: asyncio.StreamReader, *types: str) -> Event:
+    while True:
+        event = await asyncio.wait_for(async_read_event(reader), TIMEOUT_S)
+        assert event is not None, "connection closed"
+        if event.type in types:
+            return event
+
+
+async def test_reload_removing_the_wake_word_mid_stream(
+    shared_cache: Path, spoken: dict[str, np.ndarray], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="edgevoice")
+    before = _wake_settings(shared_cache, WAKE_RELOAD)
+    async with EngineHub(before) as hub, WyomingServer(hub.settings, hub) as server:
+        reader, writer = await _raw(server)
+        await async_write_event(Detect(names=["hey_jarvis"]).event(), writer)
+        await async_write_event(AudioStart(16000, 2, 1).event(), writer)
+        await _stream_wake(writer, spoken["wake"])
+        assert Detection.from_event(await _next_of(reader, "detection")).name == "hey_jarvis"
+        # A reload drops hey_jarvis; the open stream keeps its engine and keeps detecting.
+        removed = _wake_settings(shared_cache, WAKE_RELOAD[1:], shutdown_timeout_s=600.0)
+        await hub.reload(removed)
+        await _stream_wake(writer, spoken["wake"])
+        assert Detection.from_event(await _next_of(reader, "detection")).name == "hey_jarvis"
+        await async_write_event(AudioStop().event(), writer)
+        await _still_works(reader, writer)
+        writer.close()
+        await asyncio.wait_for(hub.wait_retired(), TIMEOUT_S)  # the stream ended: no wait
+
+        # A stream still open when the old engine must close gets a clean error.
+        await hub.reload(before)
+        reader, writer = await _raw(server)
+        await async_write_event(Detect(names=["hey_jarvis"]).event(), writer)
+        await async_write_event(AudioStart(16000, 2, 1).event(), writer)
+        await _stream_wake(writer, spoken["command"])
+        await _still_works(reader, writer)
+        await hub.reload(_wake_settings(shared_cache, WAKE_RELOAD[1:], shutdown_timeout_s=0.1))
+        await asyncio.wait_for(hub.wait_retired(), TIMEOUT_S)
+        await _stream_wake(writer, spoken["wake"])
+        await _expect_error(reader, "unavailable")
+        await _stream_wake(writer, spoken["wake"])  # the rest of the stream is dropped
+        await async_write_event(AudioStop().event(), writer)
+        await async_write_event(Describe().event(), writer)
+        info = Info.from_event(await _next_of(reader, "info"))
+        assert [m.name for m in info.wake[0].models] == ["alexa"]
+        writer.close()
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
+
+
+async def test_reload_changing_wyoming_keeps_open_streams(
+    shared_cache: Path, spoken: dict[str, np.ndarray]
+) -> None:
+    from edgevoice.daemon import Daemon
+    from edgevoice.sdnotify import SystemdNotifier
+
+    first = _wake_settings(shared_cache, WAKE_RELOAD)
+    changed = first.model_copy(
+        update={"wyoming": first.wyoming.model_copy(update={"end_of_speech_s": 0.5})}
+    )
+    daemon = Daemon(first, notifier=SystemdNotifier({}), config_loader=lambda: changed)
+    run = asyncio.create_task(daemon.run())
+    try:
+        await asyncio.wait_for(daemon.ready.wait(), TIMEOUT_S)
+        (wyoming,) = daemon.servers
+        assert isinstance(wyoming, WyomingServer)
+        reader, writer = await asyncio.open_connection("127.0.0.1", _port(wyoming))
+        await async_write_event(Detect(names=["hey_jarvis"]).event(), writer)
+        await async_write_event(AudioStart(16000, 2, 1).event(), writer)
+        await _stream_wake(writer, spoken["command"])
+        daemon.request_reload()
+        await asyncio.wait_for(daemon.reloaded.wait(), TIMEOUT_S)
+        # Applied in place: same server, new settings, the open stream goes on.
+        assert daemon.servers == [wyoming]
+        assert wyoming.settings.wyoming.end_of_speech_s == 0.5
+        async with AsyncTcpClient("127.0.0.1", _port(wyoming)) as other:
+            await other.write_event(Ping(text="new").event())
+            assert Pong.from_event(await _read(other)).text == "new"
+        await _stream_wake(writer, spoken["wake"])
+        assert Detection.from_event(await _next_of(reader, "detection")).name == "hey_jarvis"
+        writer.close()
+    finally:
+        daemon.request_stop()
+        await asyncio.wait_for(run, TIMEOUT_S)
 
 
 async def test_unix_socket(hub: EngineHub, tmp_path: Path) -> None:

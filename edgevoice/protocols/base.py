@@ -6,7 +6,10 @@ import abc
 import weakref
 from collections.abc import Callable
 from types import TracebackType
-from typing import Self
+from typing import TYPE_CHECKING, Self
+
+if TYPE_CHECKING:
+    from edgevoice.config import Settings
 
 
 class ProtocolServer(abc.ABC):
@@ -27,6 +30,13 @@ class ProtocolServer(abc.ABC):
     @abc.abstractmethod
     async def stop(self, timeout_s: float) -> None:
         """Stop accepting, finish in-flight work within ``timeout_s``, close."""
+
+    async def reconfigure(self, settings: Settings) -> bool:
+        """A reload brought ``settings``: adopt them without a restart if this
+        server can (its listener does not change), so open connections and
+        streams go on; ``False`` (the default) has the daemon restart it when
+        its section changed."""
+        return False
 
     async def hub_reloaded(self) -> None:  # noqa: B027 (optional hook, no-op by default)
         """A SIGHUP reload changed the hub's models while this server kept running.

@@ -88,7 +88,7 @@ TTS_CHUNK_SAMPLES: Final = 4096
 CONVERT_IN_THREAD_BYTES: Final = 64 * 1024
 """Audio payloads larger than this are converted in a worker thread."""
 TIMEOUT_POLL_S: Final = 1.0
-"""How often a busy connection re-checks whether a timeout applies."""
+"""How often a connection re-checks whether a timeout applies (its state changes)."""
 
 Job = Callable[[], Awaitable[None]]
 
@@ -224,34 +224,28 @@ class WyomingConnection:
             return None  # the client waits for our answer
         return float(self._limits.idle_timeout_s) if self._idle_timeout else None
 
-    async def _next_event(self, read: asyncio.Task[Event | None]) -> bool:
-        """Wait for ``read``; ``False`` when the client was silent too long."""
+    async def _watchdog(self) -> None:
+        """Close the connection once the client was silent longer than allowed."""
         while True:
             limit = self._read_timeout_s()
             wait_s = TIMEOUT_POLL_S
             if limit is not None:
                 left = limit - (time.monotonic() - self._last_event)
                 if left <= 0:
-                    return False
-                wait_s = min(wait_s, left) if self._pending else left
-            done, _ = await asyncio.wait({read}, timeout=wait_s)
-            if done:
-                return True
+                    _LOGGER.debug("Wyoming client %s: silent for %.0f s, closing", self.peer, limit)
+                    self.writer.close()  # the reader sees the end of the stream
+                    return
+                wait_s = min(wait_s, left)
+            await asyncio.sleep(wait_s)
 
     async def run(self) -> None:
         worker = asyncio.create_task(self._job_worker(), name=f"wyoming-jobs-{self.peer}")
-        read: asyncio.Task[Event | None] | None = None
+        watchdog = asyncio.create_task(self._watchdog(), name=f"wyoming-timeout-{self.peer}")
         bad = 0
         try:
             while True:
-                if read is None:
-                    read = asyncio.create_task(read_event(self.reader))
-                if not await self._next_event(read):
-                    _LOGGER.debug("Wyoming client %s: silent too long, closing", self.peer)
-                    break
-                task, read = read, None
                 try:
-                    event = task.result()
+                    event = await read_event(self.reader)
                 except ProtocolError as exc:
                     await self.send_error(exc)
                     bad += 1
@@ -270,12 +264,14 @@ class WyomingConnection:
                         break
                 except EdgeVoiceError as exc:
                     await self.send_error(exc)
+                # Buffered events are read without waiting: give other
+                # connections a turn after each one (a flood must not hold the loop).
+                await asyncio.sleep(0)
         except (ConnectionError, asyncio.IncompleteReadError):
             _LOGGER.debug("Wyoming client %s went away", self.peer)
         finally:
-            if read is not None:
-                read.cancel()
-                await asyncio.gather(read, return_exceptions=True)
+            watchdog.cancel()
+            await asyncio.gather(watchdog, return_exceptions=True)
             await self._close_streams()
             # Let queued work finish only if the client is still there to get it.
             self._jobs.put_nowait(None)
