@@ -8,11 +8,16 @@ tolerance (a borderline word may differ on another CPU), never exact strings.
 
 from __future__ import annotations
 
+import asyncio
 import difflib
+import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import numpy as np
+import openai
 import pytest
 import pytest_asyncio
 from pydantic import ValidationError
@@ -23,7 +28,7 @@ from wyoming.event import Event
 from wyoming.info import Describe, Info
 from wyoming.tts import Synthesize, SynthesizeVoice
 
-from edgevoice.audio import Audio, pcm_to_float
+from edgevoice.audio import Audio, decode, pcm_to_float
 from edgevoice.config import HttpConfig, ModelConfig, MqttConfig, Settings, WyomingConfig
 from edgevoice.engines.base import EngineRequestError, SynthesizeOptions
 from edgevoice.engines.kokoro import (
@@ -40,6 +45,7 @@ from edgevoice.engines.registry import default_registry
 from edgevoice.errors import UnknownModelError
 from edgevoice.hub import EngineHub
 from edgevoice.models import ModelNotFoundError
+from edgevoice.protocols.http import HttpServer
 from edgevoice.protocols.wyoming import WyomingServer
 from edgevoice.testing import check_tts_engine
 from tests.conftest import TINY_EN, words
@@ -230,7 +236,7 @@ def _settings(cache: Path) -> Settings:
         wake=[],
         vad=[],
         wyoming=WyomingConfig(uri="tcp://127.0.0.1:0", zeroconf=False),
-        http=HttpConfig(enabled=False),
+        http=HttpConfig(host="127.0.0.1", port=0),
         mqtt=MqttConfig(enabled=False),
     )
 
@@ -289,8 +295,6 @@ def _client(server: WyomingServer) -> AsyncTcpClient:
 
 
 async def _read(client: AsyncTcpClient) -> Event:
-    import asyncio
-
     event = await asyncio.wait_for(client.read_event(), TIMEOUT_S)
     assert event is not None, "server closed the connection"
     return event
@@ -343,3 +347,99 @@ async def test_wyoming_speaks_a_blend_that_transcribes_back(
         # The connection still serves.
         again = await _synthesize(client, "Okay.", SynthesizeVoice(name="jf_alpha"))
         assert isinstance(again, Audio) and len(again.samples) > 0
+
+
+# --------------------------------------------------------------------- CLI
+
+
+def _cli(*args: str, home: Path) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != "EDGEVOICE_CONFIG"}
+    env["HOME"] = str(home)
+    env["XDG_CACHE_HOME"] = str(home / ".cache")
+    return subprocess.run(
+        [sys.executable, "-m", "edgevoice", *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        env=env,
+        timeout=600,
+    )
+
+
+def test_engines_lists_kokoro() -> None:
+    result = _cli("engines", home=Path.home())
+    assert result.returncode == 0, result.stderr
+    lines = {line.split()[0]: line for line in result.stdout.splitlines()[1:]}
+    assert "tts" in lines["kokoro"] and "installed" in lines["kokoro"]
+    assert "cpu,cuda" in lines["kokoro"] and "edgevoice[kokoro]" in lines["kokoro"]
+
+
+@MODULE_LOOP
+async def test_cli_speaks_a_blend(hub: EngineHub, tmp_path: Path) -> None:
+    config = tmp_path / "kokoro.toml"
+    config.write_text(
+        '[[tts]]\nname = "kokoro"\nengine = "kokoro"\nmodel = "kokoro-82m-ja"\n'
+        '[tts.options]\nlanguage = "en-us"\n',
+        encoding="utf-8",
+    )
+    out = tmp_path / "light.wav"
+    result = await asyncio.to_thread(
+        _cli,
+        *("speak", "--config", str(config), COMMAND, "--speaker", "jf_tebukuro:2+jm_kumo:1"),
+        *("-o", str(out)),
+        home=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    spoken = await asyncio.to_thread(decode, out)
+    assert spoken.rate_hz == 24000
+    heard = await hub.transcribe(spoken, model="tiny-en")
+    assert similar(heard.text, COMMAND) >= 0.8, heard.text
+    bad = await asyncio.to_thread(
+        _cli,
+        *("speak", "--config", str(config), "Hi.", "--speaker", "jf_alpha:0.5+:0.5"),
+        *("-o", str(out)),
+        home=tmp_path,
+    )
+    assert bad.returncode != 0 and "malformed voice blend" in bad.stderr
+    assert "Traceback" not in bad.stderr
+
+
+# -------------------------------------------------------------------- HTTP
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def http(hub: EngineHub) -> AsyncIterator[openai.AsyncOpenAI]:
+    async with HttpServer(hub.settings, hub) as server:
+
+        def make() -> openai.AsyncOpenAI:
+            # Slow to make (TLS settings, lazy imports): off the event loop.
+            made = openai.AsyncOpenAI(
+                base_url=f"http://127.0.0.1:{server.port}/v1", api_key="unused", max_retries=0
+            )
+            _ = made.audio.speech
+            return made
+
+        yield await asyncio.to_thread(make)
+
+
+@MODULE_LOOP
+async def test_openai_client_speaks_voices_and_blends(
+    http: openai.AsyncOpenAI, hub: EngineHub
+) -> None:
+    blend = {"speaker": "jf_alpha:0.5+jm_kumo:0.5"}
+    response = await http.audio.speech.create(
+        model="kokoro", voice="jf_alpha", input=COMMAND, response_format="wav", extra_body=blend
+    )
+    spoken = await asyncio.to_thread(decode, response.content)
+    heard = await hub.transcribe(spoken, model="tiny-en")
+    assert similar(heard.text, COMMAND) >= 0.8, heard.text
+    with pytest.raises(openai.BadRequestError) as malformed:
+        await http.audio.speech.create(
+            model="kokoro", voice="jf_alpha", input="Hi.", extra_body={"speaker": "jf_alpha:-2"}
+        )
+    assert "malformed voice blend" in malformed.value.message
+    with pytest.raises(openai.APIStatusError) as unknown:
+        await http.audio.speech.create(
+            model="kokoro", voice="kokoro", input="Hi.", extra_body={"speaker": "jf_nobody"}
+        )
+    assert unknown.value.status_code in (400, 404) and "jf_nobody" in unknown.value.message

@@ -16,6 +16,8 @@ measured), so this holds on any CPU.
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -251,3 +253,17 @@ async def test_wyoming_detection(server: WyomingServer, hub: EngineHub) -> None:
         await client.write_event(Detect(names=["okay_nabu", "alexa"]).event())
         await _stream(client, await _say(hub, OTHER_SPEECH[0]))
         assert NotDetected.is_type((await _read(client)).type)
+
+
+def test_engines_lists_openwakeword() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "edgevoice", "engines"],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = {line.split()[0]: line for line in result.stdout.splitlines()[1:]}
+    line = lines["openwakeword"]
+    assert "wake" in line and "installed" in line and "edgevoice[openwakeword]" in line
