@@ -173,6 +173,131 @@ class LimitsConfig(_Strict):
     """Bytes of MQTT messages held while the broker is unreachable (oldest dropped)."""
 
 
+class AudioIoMqttConfig(_Strict):
+    """``[audio_io.mqtt]``: voice-loop events on the ``[mqtt]`` broker."""
+
+    enabled: bool = True
+    """Publish ``<base>/wake/detected``, ``<base>/asr/transcript`` and ``<base>/state``
+    through the MQTT bridge (when ``[mqtt]`` is enabled)."""
+
+
+class AudioIoWebhookConfig(_Strict):
+    """``[audio_io.webhook]``: POST each transcript as JSON."""
+
+    url: str | None = Field(default=None, pattern=r"^https?://")
+    """``http(s)://...``; unset: no webhook."""
+    headers: dict[str, str] = Field(default_factory=dict)
+    """Extra request headers (e.g. an ``Authorization`` header)."""
+    timeout_s: float = Field(default=10.0, gt=0, le=300)
+    speak_response: bool = False
+    """Speak the response: a ``text/plain`` body, or ``{"speech": "..."}`` in JSON."""
+
+
+class AudioIoCommandConfig(_Strict):
+    """``[audio_io.command]``: run a program with the transcript on stdin."""
+
+    argv: list[str] = Field(default_factory=list)
+    """Program and arguments (no shell); empty: no command."""
+    timeout_s: float = Field(default=10.0, gt=0, le=300)
+    speak_output: bool = False
+    """Speak what the program writes to stdout."""
+
+
+class AudioIoConversationConfig(_Strict):
+    """``[audio_io.conversation]``: Home Assistant's conversation API."""
+
+    url: str | None = Field(default=None, pattern=r"^https?://")
+    """Home Assistant's base URL, e.g. ``http://homeassistant.local:8123``; unset: off."""
+    token: SecretStr | None = None
+    """A long-lived access token."""
+    token_file: Path | None = None
+    """Read the token from a file (systemd ``LoadCredential=``)."""
+    agent_id: str | None = None
+    """Conversation agent; unset: Home Assistant's default."""
+    language: str | None = None
+    timeout_s: float = Field(default=15.0, gt=0, le=300)
+    speak_reply: bool = True
+    """Speak Home Assistant's reply on the local speaker."""
+    follow_up: bool = True
+    """Listen again without a wake word when Home Assistant says the conversation goes on."""
+
+
+class AudioIoConfig(_Strict):
+    """``[audio_io]``: the local microphone/speaker voice loop (off by default)."""
+
+    enabled: bool = False
+    mode: Literal["standalone", "esphome"] = "standalone"
+    """``standalone``: wake word → command → actions here; ``esphome``: a Home
+    Assistant Assist satellite over the ESPHome native API."""
+    input: str = "default"
+    """Microphone: a PortAudio device name (substring), index or ``default``, or
+    ``file:PATH`` (a WAV file played as the microphone at real-time pace, then silence)."""
+    output: str = "default"
+    """Speaker: a PortAudio device name, index or ``default``, or ``file:PATH`` (a WAV
+    file the speaker appends to)."""
+    required: bool = False
+    """``true``: the daemon fails to start when the sound devices cannot be opened;
+    ``false``: it logs, serves the other faces and retries with backoff."""
+    block_ms: int = Field(default=64, ge=10, le=500)
+    """Capture block length (16 kHz mono)."""
+    input_queue_s: float = Field(default=2.0, gt=0, le=60)
+    """Captured audio held for the loop; more is dropped and counted (overflow)."""
+    file_pace: float = Field(default=1.0, gt=0, le=1000)
+    """``file:`` devices run at this multiple of real time (tests: e.g. 4.0)."""
+    retry_min_s: float = Field(default=1.0, gt=0)
+    retry_max_s: float = Field(default=60.0, gt=0)
+    """Backoff between attempts to open missing or failed sound devices."""
+    wake_words: list[str] = Field(default_factory=list)
+    """``[[wake]]`` names to listen for; empty: all. (Thresholds are each wake
+    entry's engine options, e.g. microWakeWord ``probability_cutoff``.)"""
+    wake_refractory_s: float = Field(default=2.0, ge=0)
+    """After a wake word, further detections this soon are ignored."""
+    asr_model: str | None = None
+    vad_model: str | None = None
+    voice: str | None = None
+    """Voice of spoken replies; unset: the default voice."""
+    language: str | None = None
+    """Language of commands (ISO 639-1); unset: detected."""
+    speech_threshold: float = Field(default=0.5, gt=0, lt=1)
+    end_of_speech_s: float = Field(default=0.3, gt=0, le=5)
+    """Silence after speech that starts the (speculative) decode."""
+    finish_silence_s: float = Field(default=0.7, gt=0, le=10)
+    """Silence after speech that ends the command."""
+    min_speech_s: float = Field(default=0.1, ge=0, le=5)
+    max_utterance_s: float = Field(default=15.0, gt=0, le=300)
+    no_speech_timeout_s: float = Field(default=5.0, gt=0, le=300)
+    """Back to waiting for the wake word when no speech follows it this long."""
+    echo_guard_s: float = Field(default=0.3, ge=0, le=10)
+    """Wake detection stays paused this long after edgevoice stopped speaking."""
+    awake_sound: str = "chime"
+    """Played on wake: ``chime`` (built in), a path to an audio file, or ``""``."""
+    done_sound: str = ""
+    """Played after a command was handled: ``done`` (built in), a path, or ``""``."""
+    timer_sound: str = "alarm"
+    """ESPHome mode: played when a timer finishes: ``alarm`` (built in), a path, or ``""``."""
+    timer_ring_s: float = Field(default=15.0, gt=0, le=600)
+    """A finished timer rings at most this long (a wake word stops it)."""
+    volume: float = Field(default=1.0, ge=0, le=1)
+    max_queued_playback: int = Field(default=16, ge=1, le=1024)
+    """Sounds and speech waiting for the speaker; more are refused as busy."""
+    mqtt: AudioIoMqttConfig = Field(default_factory=AudioIoMqttConfig)
+    webhook: AudioIoWebhookConfig = Field(default_factory=AudioIoWebhookConfig)
+    command: AudioIoCommandConfig = Field(default_factory=AudioIoCommandConfig)
+    conversation: AudioIoConversationConfig = Field(default_factory=AudioIoConversationConfig)
+    esphome_host: str = "0.0.0.0"
+    esphome_port: int = Field(default=6053, ge=0, le=65535)
+    """ESPHome native API port (6053 is ESPHome's own)."""
+    esphome_name: str | None = Field(default=None, pattern=r"^[a-z0-9-]{1,31}$")
+    """Device name Home Assistant sees; default ``edgevoice-<node_id>``."""
+    esphome_friendly_name: str | None = None
+    esphome_mac: str | None = Field(default=None, pattern=r"^([0-9A-Fa-f]{2}:){5}[0-9A-Fa-f]{2}$")
+    """Unique id Home Assistant keys the device by; default: derived from the host."""
+    esphome_encryption_key: SecretStr | None = None
+    """Base64 32-byte noise key (as in ESPHome's ``api: encryption: key``); unset: plaintext."""
+    zeroconf: bool = True
+    """ESPHome mode: advertise ``_esphomelib._tcp.local.`` so Home Assistant discovers us."""
+
+
 def _default_asr() -> list[ModelConfig]:
     return [
         ModelConfig(
@@ -244,6 +369,7 @@ class Settings(BaseSettings):
     http: HttpConfig = Field(default_factory=HttpConfig)
     mqtt: MqttConfig = Field(default_factory=MqttConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    audio_io: AudioIoConfig = Field(default_factory=AudioIoConfig)
 
     @model_validator(mode="after")
     def _check_models(self) -> Settings:

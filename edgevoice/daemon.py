@@ -29,6 +29,7 @@ PROTOCOLS: tuple[tuple[str, str], ...] = (
     ("wyoming", "edgevoice.protocols.wyoming:WyomingServer"),
     ("mqtt", "edgevoice.protocols.mqtt:MqttBridge"),
     ("http", "edgevoice.protocols.http:HttpServer"),
+    ("audio_io", "edgevoice.audio_io.server:AudioIoServer"),
 )
 
 ServerFactory = Callable[[Settings, EngineHub], ProtocolServer]
@@ -53,7 +54,12 @@ def _load_factory(path: str) -> ServerFactory:
     return factory
 
 
-_PROTOCOL_LABELS = {"wyoming": "Wyoming", "http": "HTTP", "mqtt": "MQTT"}
+_PROTOCOL_LABELS = {
+    "wyoming": "Wyoming",
+    "http": "HTTP",
+    "mqtt": "MQTT",
+    "audio_io": "local audio",
+}
 
 # A broker connection cannot overlap with its replacement (same client id: the
 # broker drops the older one and its will marks the node offline).

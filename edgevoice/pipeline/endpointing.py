@@ -250,6 +250,13 @@ class EndpointingPipeline:
     def in_speech(self) -> bool:
         return self._in_speech
 
+    @property
+    def utterances(self) -> int:
+        """Utterances the pipeline ended itself (``finish_silence_s``/``max_utterance_s``);
+        grows inside :meth:`feed`, before the final decode is done (the local loop
+        stops feeding there)."""
+        return self._utterance
+
     def check_room(self, duration_s: float) -> None:
         """Raise :class:`~edgevoice.errors.LimitExceededError` if ``duration_s``
         more audio would cross the session's ``max_audio_s`` (check a chunk's

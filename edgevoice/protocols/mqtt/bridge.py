@@ -88,8 +88,9 @@ _LOGGER = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-VoiceState = Literal["idle", "listening", "processing", "speaking"]
-VOICE_STATES: tuple[str, ...] = ("idle", "listening", "processing", "speaking")
+VoiceState = Literal["idle", "listening", "thinking", "processing", "speaking"]
+# "thinking" is what the local voice loop publishes; "processing" stays accepted.
+VOICE_STATES: tuple[str, ...] = ("idle", "listening", "thinking", "processing", "speaking")
 MAX_CONCURRENT_REQUESTS = 8
 """Requests handled at once (parse, decode, engine turns, encode); each has one task."""
 MAX_QUEUED_REQUESTS = 256
