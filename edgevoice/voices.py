@@ -89,8 +89,9 @@ class StoredVoice:
 
 def sanitize_name(name: str) -> str:
     """A display name without control characters, whitespace collapsed."""
+    # Control characters go; format characters stay (emoji sequences use ZWJ).
     cleaned = "".join(
-        " " if c.isspace() else c for c in name if c.isspace() or unicodedata.category(c)[0] != "C"
+        " " if c.isspace() else c for c in name if c.isspace() or unicodedata.category(c) != "Cc"
     )
     cleaned = " ".join(cleaned.split())
     if not cleaned:

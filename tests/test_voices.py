@@ -9,6 +9,7 @@ import pytest
 import soundfile as sf
 
 from edgevoice.audio import AudioError, decode, encode
+from edgevoice.errors import LimitExceededError, PayloadTooLargeError, UnknownModelError
 from edgevoice.testing import tone
 from edgevoice.voices import (
     STORED_RATE_HZ,
@@ -97,3 +98,54 @@ def test_lookups_never_leave_the_library(tmp_path: Path) -> None:
         with pytest.raises(VoiceNotFoundError):
             library.delete(bad)
     assert secret.exists()
+
+
+def test_quota_is_checked_before_storing(tmp_path: Path) -> None:
+    sample = LAMP_WAV.read_bytes()
+    counted = VoiceLibrary(tmp_path / "count", max_voices=1)
+    counted.add("first", sample)
+    with pytest.raises(LimitExceededError) as full:
+        counted.add("second", sample)
+    assert full.value.limit == "max_voices" and "limits.max_voices" in str(full.value)
+    assert [v.id for v in counted.voices()] == ["voice_first"]
+    assert counted.usage()[0] == 1
+
+    # One 3 s sample is ~145 kB stored (24 kHz, 16-bit).
+    sized = VoiceLibrary(tmp_path / "bytes", max_bytes=200_000)
+    sized.add("first", sample)
+    with pytest.raises(PayloadTooLargeError) as too_big:
+        sized.add("second", sample)
+    assert too_big.value.limit == "max_voice_library_bytes"
+    assert sorted(p.name for p in (tmp_path / "bytes").iterdir()) == [
+        "voice_first.json",
+        "voice_first.wav",
+    ]
+    sized.delete("voice_first")
+    assert sized.add("second", sample).id == "voice_second"
+    # A library that holds nothing refuses before decoding anything.
+    with pytest.raises(LimitExceededError):
+        VoiceLibrary(tmp_path / "none", max_voices=0).add("x", b"not even audio")
+
+
+def test_unknown_ids_name_only_themselves(tmp_path: Path) -> None:
+    library = VoiceLibrary(tmp_path / "voices")
+    library.add("Private Person", LAMP_WAV.read_bytes())
+    with pytest.raises(VoiceNotFoundError) as caught:
+        library.reference("voice_someone-else")
+    assert "voice_someone-else" in str(caught.value)
+    assert "private" not in str(caught.value).lower()
+    assert isinstance(caught.value, UnknownModelError) and caught.value.param == "voice"
+
+
+def test_long_reference_is_refused_without_decoding_it_all(tmp_path: Path) -> None:
+    library = VoiceLibrary(tmp_path / "voices")
+    ten_minutes = encode(tone(600.0, 8000), 8000, "flac")
+    with pytest.raises(VoiceLibraryError, match="1-30 s"):
+        library.add("long", ten_minutes)
+    assert library.voices() == []
+
+
+def test_names_keep_format_characters() -> None:
+    # Emoji sequences join with ZWJ (a format character): names keep them.
+    family = "\U0001f469\u200d\U0001f467"
+    assert sanitize_name(f"{family}\x07 voice") == f"{family} voice"

@@ -182,9 +182,9 @@ async def metrics(request: web.Request) -> web.Response:
     )  # fmt: skip
 
 
-def _document_routes(settings: Settings) -> tuple[Handler, Handler]:
-    """``/openapi.json`` and ``/docs``, rendered once with the configured limits."""
-    spec = build_spec(settings.limits)
+def _document_routes(settings: Settings, api_key: bool) -> tuple[Handler, Handler]:
+    """``/openapi.json`` and ``/docs``, rendered once for this configuration."""
+    spec = build_spec(settings.limits, api_key=api_key)
     page = render_docs(spec)
 
     async def openapi(_request: web.Request) -> web.StreamResponse:
@@ -234,7 +234,7 @@ def build_app(settings: Settings, hub: EngineHub, api_key: str | None = None) ->
     app.router.add_get("/metrics", metrics)
     app.router.add_get(STATUS_PATH, status)
     add_ui_routes(app)  # the web page: / and /ui/
-    openapi, docs = _document_routes(settings)
+    openapi, docs = _document_routes(settings, api_key is not None)
     app.router.add_get("/openapi.json", openapi)
     app.router.add_get("/docs", docs)
     return app

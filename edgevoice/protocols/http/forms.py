@@ -24,6 +24,8 @@ _LOGGER = logging.getLogger(__name__)
 
 _MAX_FIELD_BYTES: Final = 1 << 20
 """A text field (not a file) longer than this is refused."""
+_MAX_PARTS: Final = 256
+"""Form fields and files in one body (ours take a dozen)."""
 _THREAD_JSON_BYTES: Final = 1 << 16
 """JSON bodies above this are parsed in a worker thread (large ones take a while)."""
 
@@ -75,20 +77,30 @@ async def read_form(request: web.Request, limit_bytes: int) -> Form:
     total = 0
     try:
         reader = await request.multipart()
+        parts = 0
         while (part := await reader.next()) is not None:
-            if not isinstance(part, BodyPartReader) or not part.name:
-                continue  # nested multiparts and unnamed parts are not ours
+            parts += 1
+            if parts > _MAX_PARTS:
+                raise client_error(f"more than {_MAX_PARTS} form fields", code="invalid_multipart")
+            # Buffered parts parse without yielding (and aiohttp re-parses the
+            # part header on each .name): let others run between parts.
+            await asyncio.sleep(0)
+            if not isinstance(part, BodyPartReader):
+                continue  # nested multiparts are not ours
+            name, filename = part.name, part.filename
+            if not name:
+                continue
             chunks = bytearray()
             while chunk := await part.read_chunk(1 << 16):
                 total += len(chunk)
                 if total > limit_bytes:
                     raise too_large(limit_bytes)
                 chunks += chunk
-                if part.filename is None and len(chunks) > _MAX_FIELD_BYTES:
-                    raise client_error(f"form field {part.name!r} is too long", part.name)
-            if part.filename is not None:
-                form.files[part.name] = UploadedFile(
-                    part.filename,
+                if filename is None and len(chunks) > _MAX_FIELD_BYTES:
+                    raise client_error(f"form field {name!r} is too long", name)
+            if filename is not None:
+                form.files[name] = UploadedFile(
+                    filename,
                     part.headers.get("Content-Type", "application/octet-stream"),
                     bytes(chunks),
                 )
@@ -97,10 +109,8 @@ async def read_form(request: web.Request, limit_bytes: int) -> Form:
                 try:
                     text = chunks.decode(charset)
                 except (UnicodeDecodeError, LookupError):
-                    raise client_error(
-                        f"form field {part.name!r} is not {charset} text", part.name
-                    ) from None
-                form.fields.setdefault(part.name, []).append(text)
+                    raise client_error(f"form field {name!r} is not {charset} text", name) from None
+                form.fields.setdefault(name, []).append(text)
     except ConnectionError as exc:
         raise ClientGone(str(exc)) from None
     except (HttpProcessingError, ValueError, AssertionError, LookupError, EOFError) as exc:

@@ -22,8 +22,8 @@ _ERROR_RESPONSES = {
     "500": "Engine failure (the daemon keeps serving)",
     "503": "The model is being retired by a reload, or the daemon is stopping (see `Retry-After`)",
 }
-_COMMON = ("401", "429", "500")
-"""Any counted route can answer these."""
+_COMMON = ("429", "500")
+"""Any counted route can answer these (and 401 when an API key is set)."""
 AUDIO_TYPES = {
     "audio/mpeg": "mp3",
     "audio/ogg": "opus",
@@ -38,13 +38,66 @@ def _ref(name: str) -> dict[str, str]:
     return {"$ref": f"#/components/schemas/{name}"}
 
 
-def _errors(*codes: str) -> dict[str, Any]:
+def _error(code: str) -> dict[str, Any]:
     return {
-        code: {
-            "description": _ERROR_RESPONSES[code],
-            "content": {"application/json": {"schema": _ref("Error")}},
-        }
-        for code in sorted({*codes, *_COMMON})
+        "description": _ERROR_RESPONSES[code],
+        "content": {"application/json": {"schema": _ref("Error")}},
+    }
+
+
+def _errors(*codes: str) -> dict[str, Any]:
+    """The error responses of a counted route (401 is added when a key is set)."""
+    return {code: _error(code) for code in sorted({*codes, *_COMMON})}
+
+
+def _allow_null(schema: dict[str, Any]) -> None:
+    """JSON ``null`` for an optional field means "not given" (as the server reads it)."""
+    required = set(schema.get("required", ()))
+    for name, prop in schema["properties"].items():
+        if name in required:
+            continue
+        if "oneOf" in prop:
+            prop["oneOf"].append({"type": "null"})
+            continue
+        if isinstance(prop.get("type"), str):
+            prop["type"] = [prop["type"], "null"]
+        if "enum" in prop:
+            prop["enum"] = [*prop["enum"], None]
+
+
+def _sse(event: str) -> dict[str, Any]:
+    """A Server-Sent Event whose ``data`` is JSON matching schema ``event``."""
+    return {
+        "type": "object",
+        "required": ["data"],
+        "properties": {
+            "data": {
+                "type": "string",
+                "contentMediaType": "application/json",
+                "contentSchema": _ref(event),
+            },
+        },
+    }
+
+
+_UI_TYPES = (
+    "text/html",
+    "text/javascript",
+    "text/css",
+    "image/svg+xml",
+    "image/png",
+    "image/x-icon",
+    "application/json",
+    "application/manifest+json",
+)
+
+
+def _page_responses(content: dict[str, Any]) -> dict[str, Any]:
+    """A static file of the web page: 200, 304 (ETag), 404 (no such file)."""
+    return {
+        "200": {"description": "The file", "content": content},
+        "304": {"description": "Not modified (`If-None-Match` matched its `ETag`)"},
+        "404": _error("404"),
     }
 
 
@@ -62,28 +115,34 @@ _TRANSCRIBE_FIELDS: dict[str, Any] = {
     "beam_size": {"type": "integer", "minimum": 1, "maximum": 20, "description": "edgevoice extension: beam search width (default: the model's `beam_size` option)."},
 }  # fmt: skip
 
+# Multipart field names travel in a part header: control characters cannot.
+_FORM_FIELD_NAME = {"pattern": "^[^\\x00-\\x1f\\x7f]*$"}
+
+# Standard base64 (padded), optionally as a data URL.
+_BASE64 = "^(data:[^,]*,)?(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$"
+
 _SCHEMAS: dict[str, Any] = {
     "Error": {
         "type": "object",
         "required": ["error"],
+        "properties": {"error": _ref("ErrorDetail")},
+    },
+    "ErrorDetail": {
+        "type": "object",
+        "required": ["message", "type"],
         "properties": {
-            "error": {
-                "type": "object",
-                "required": ["message", "type"],
-                "properties": {
-                    "message": {"type": "string"},
-                    "type": {
-                        "type": "string",
-                        "description": "`invalid_request_error` or `server_error`.",
-                    },
-                    "param": {"type": ["string", "null"]},
-                    "code": {"type": ["string", "null"]},
-                },
-            }
+            "message": {"type": "string"},
+            "type": {
+                "type": "string",
+                "description": "`invalid_request_error` or `server_error`.",
+            },
+            "param": {"type": ["string", "null"]},
+            "code": {"type": ["string", "null"]},
         },
     },
     "TranscriptionRequest": {
         "type": "object",
+        "propertyNames": _FORM_FIELD_NAME,
         "required": ["file"],
         "properties": {
             **_TRANSCRIBE_FIELDS,
@@ -102,6 +161,7 @@ _SCHEMAS: dict[str, Any] = {
     },
     "TranslationRequest": {
         "type": "object",
+        "propertyNames": _FORM_FIELD_NAME,
         "required": ["file"],
         "properties": dict(_TRANSCRIBE_FIELDS),
     },
@@ -147,9 +207,13 @@ _SCHEMAS: dict[str, Any] = {
         "type": "object",
         "required": ["type"],
         "properties": {
-            "type": {"type": "string", "enum": ["transcript.text.delta", "transcript.text.done"]},
+            "type": {
+                "type": "string",
+                "enum": ["transcript.text.delta", "transcript.text.done", "error"],
+            },
             "delta": {"type": "string"},
             "text": {"type": "string"},
+            "error": _ref("ErrorDetail"),
         },
     },
     "SpeechRequest": {
@@ -164,6 +228,7 @@ _SCHEMAS: dict[str, Any] = {
                 "type": "string",
                 "minLength": 1,
                 "maxLength": 4096,
+                "pattern": "\\S",
                 "description": "Text to speak, not blank (limit `limits.max_input_chars`).",
             },
             "voice": {
@@ -172,7 +237,7 @@ _SCHEMAS: dict[str, Any] = {
                     {
                         "type": "object",
                         "required": ["id"],
-                        "properties": {"id": {"type": "string"}},
+                        "properties": {"id": {"type": "string", "minLength": 1}},
                     },
                 ],
                 "description": "A configured voice, a stored voice id (`voice_...`) or `{\"id\": ...}`. OpenAI's names (alloy, echo, ...) use the model's own voice.",
@@ -187,18 +252,21 @@ _SCHEMAS: dict[str, Any] = {
             "stream_format": {"type": "string", "enum": ["audio", "sse"], "default": "audio"},
             "voice_sample": {
                 "type": "string",
+                "contentEncoding": "base64",
+                "pattern": _BASE64,
                 "description": "Cloning (CSM style): base64 reference audio (or data URL), 1–30 s.",
             },
             "voice_sample_text": {"type": "string", "description": "Transcript of `voice_sample`."},
             "speaker": {"type": "string", "description": "Speaker of a multi-speaker voice."},
         },
     },
-    "SpeechCloneForm": {
+    "SpeechForm": {
         "type": "object",
-        "required": ["input", "prompt_speech"],
+        "propertyNames": _FORM_FIELD_NAME,
+        "required": ["input"],
         "properties": {
             "model": {"type": "string"},
-            "input": {"type": "string"},
+            "input": {"type": "string", "minLength": 1, "pattern": "\\S"},
             "voice": {"type": "string"},
             "response_format": {
                 "type": "string",
@@ -222,7 +290,12 @@ _SCHEMAS: dict[str, Any] = {
         "type": "object",
         "required": ["type"],
         "properties": {
-            "type": {"type": "string", "enum": ["speech.audio.delta", "speech.audio.done"]},
+            "type": {
+                "type": "string",
+                "enum": ["speech.audio.delta", "speech.audio.done", "error"],
+                "description": "`error` (with `error`) when synthesis fails after the first audio.",
+            },
+            "error": _ref("ErrorDetail"),
             "audio": {
                 "type": "string",
                 "description": "Base64 audio in `response_format`; concatenated deltas form the file.",
@@ -263,9 +336,16 @@ _SCHEMAS: dict[str, Any] = {
     },
     "VoiceCreateForm": {
         "type": "object",
+        "propertyNames": _FORM_FIELD_NAME,
         "required": ["name", "audio_sample"],
         "properties": {
-            "name": {"type": "string", "maxLength": 100},
+            "name": {
+                "type": "string",
+                "minLength": 1,
+                "maxLength": 100,
+                "pattern": "[^\\s\\x00-\\x1f\\x7f-\\x9f]",
+                "description": "Display name (control characters are dropped; not blank).",
+            },
             "audio_sample": {
                 "type": "string",
                 "format": "binary",
@@ -322,10 +402,100 @@ _SCHEMAS: dict[str, Any] = {
 }
 
 
-def build_spec(limits: LimitsConfig | None = None) -> dict[str, Any]:
-    """The OpenAPI 3.1 document for every route the server registers, with ``limits``."""
+def _status_schema() -> dict[str, Any]:
+    """``GET /v1/status``'s body (see :mod:`edgevoice.protocols.http.status`)."""
+    count = {"type": "integer", "minimum": 0}
+    status_schema = {
+        "type": "object",
+        "required": ["version", "uptime_s", "memory", "models", "protocols", "mqtt", "metrics"],
+        "properties": {
+            "object": {"type": "string", "const": "status"},
+            "version": {"type": "string"},
+            "uptime_s": {"type": "number"},
+            "memory": {
+                "type": "object",
+                "properties": {"rss_bytes": {"type": ["integer", "null"]}},
+            },
+            "models": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["kind", "name", "engine", "device", "state"],
+                    "properties": {
+                        "kind": {"type": "string", "enum": ["asr", "tts", "wake", "vad"]},
+                        "name": {"type": "string"},
+                        "aliases": {"type": "array", "items": {"type": "string"}},
+                        "default": {"type": "boolean"},
+                        "engine": {"type": "string"},
+                        "device": {"type": "string"},
+                        "state": {"type": "string", "enum": ["ready", "busy", "retiring"]},
+                        "memory_bytes": {
+                            "type": ["integer", "null"],
+                            "description": "When the engine reports it.",
+                        },
+                        "sessions": count,
+                        "requests": count,
+                        "busy_s": {"type": "number"},
+                        "audio_s": {"type": "number"},
+                        "load_s": {"type": "number"},
+                    },
+                },
+            },
+            "protocols": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["name", "addresses"],
+                    "properties": {
+                        "name": {"type": "string"},
+                        "addresses": {"type": "array", "items": {"type": "string"}},
+                        "clients": {
+                            **count,
+                            "description": "Connected clients (HTTP: clients with requests in flight).",
+                        },
+                        "websockets": count,
+                        "requests_in_flight": count,
+                        "connected": {
+                            "type": "boolean",
+                            "description": "MQTT: connected to the broker.",
+                        },
+                    },
+                },
+            },
+            "mqtt": {
+                "type": "object",
+                "properties": {
+                    "enabled": {"type": "boolean"},
+                    "connected": {"type": ["boolean", "null"]},
+                    "broker": {"type": ["string", "null"]},
+                },
+            },
+            "metrics": {
+                "type": "object",
+                "description": "The `/metrics` figures that matter, summed.",
+                "properties": {
+                    "http_requests_total": count,
+                    "http_errors_total": count,
+                    "audio_in_s": {"type": "number"},
+                    "audio_out_s": {"type": "number"},
+                    "engine_busy_s": {"type": "number"},
+                    "engine_requests_total": count,
+                },
+            },
+        },
+    }
+    return status_schema
+
+
+def build_spec(limits: LimitsConfig | None = None, *, api_key: bool = False) -> dict[str, Any]:
+    """The OpenAPI 3.1 document for every route the server registers, with ``limits``.
+
+    With ``api_key`` every route but ``/health``, ``/openapi.json`` and
+    ``/docs`` requires the bearer key; without, none does (and none answers 401).
+    """
     limits = limits or LimitsConfig()
     schemas = copy.deepcopy(_SCHEMAS)
+    _allow_null(schemas["SpeechRequest"])
     schemas["SpeechRequest"]["properties"]["input"]["maxLength"] = limits.max_input_chars
     audio_content = {t: {"schema": {"type": "string", "format": "binary"}} for t in AUDIO_TYPES}
     transcript_content = {
@@ -333,7 +503,7 @@ def build_spec(limits: LimitsConfig | None = None) -> dict[str, Any]:
             "schema": {"oneOf": [_ref("Transcription"), _ref("TranscriptionVerbose")]}
         },
         "text/plain": {"schema": {"type": "string"}},
-        "text/event-stream": {"schema": _ref("TranscriptionStreamEvent")},
+        "text/event-stream": {"schema": _sse("TranscriptionStreamEvent")},
     }
     voice_id = {"name": "voice_id", "in": "path", "required": True, "schema": {"type": "string"}}
     paths: dict[str, Any] = {
@@ -379,7 +549,7 @@ def build_spec(limits: LimitsConfig | None = None) -> dict[str, Any]:
                     "required": True,
                     "content": {
                         "application/json": {"schema": _ref("SpeechRequest")},
-                        "multipart/form-data": {"schema": _ref("SpeechCloneForm")},
+                        "multipart/form-data": {"schema": _ref("SpeechForm")},
                     },
                 },
                 "responses": {
@@ -387,7 +557,7 @@ def build_spec(limits: LimitsConfig | None = None) -> dict[str, Any]:
                         "description": "Audio in `response_format`, or SSE events",
                         "content": {
                             **audio_content,
-                            "text/event-stream": {"schema": _ref("SpeechStreamEvent")},
+                            "text/event-stream": {"schema": _sse("SpeechStreamEvent")},
                         },
                     },
                     **_errors("400", "404", "413", "415", "503"),
@@ -411,7 +581,7 @@ def build_spec(limits: LimitsConfig | None = None) -> dict[str, Any]:
                 "operationId": "listVoices",
                 "tags": ["voices"],
                 "summary": "List built-in and stored voices",
-                "responses": {"200": _json(_ref("VoiceList")), **_errors("401")},
+                "responses": {"200": _json(_ref("VoiceList")), **_errors()},
             },
             "post": {
                 "operationId": "createVoice",
@@ -434,14 +604,14 @@ def build_spec(limits: LimitsConfig | None = None) -> dict[str, Any]:
                 "tags": ["voices"],
                 "summary": "A stored voice",
                 "parameters": [voice_id],
-                "responses": {"200": _json(_ref("Voice")), **_errors("401", "404")},
+                "responses": {"200": _json(_ref("Voice")), **_errors("404")},
             },
             "delete": {
                 "operationId": "deleteVoice",
                 "tags": ["voices"],
                 "summary": "Delete a stored voice",
                 "parameters": [voice_id],
-                "responses": {"200": _json(_ref("VoiceDeleted")), **_errors("401", "404")},
+                "responses": {"200": _json(_ref("VoiceDeleted")), **_errors("404")},
             },
         },
         "/v1/models": {
@@ -449,7 +619,7 @@ def build_spec(limits: LimitsConfig | None = None) -> dict[str, Any]:
                 "operationId": "listModels",
                 "tags": ["models"],
                 "summary": "ASR and TTS models",
-                "responses": {"200": _json(_ref("ModelList")), **_errors("401")},
+                "responses": {"200": _json(_ref("ModelList")), **_errors()},
             }
         },
         "/v1/models/{model_id}": {
@@ -465,7 +635,79 @@ def build_spec(limits: LimitsConfig | None = None) -> dict[str, Any]:
                         "schema": {"type": "string"},
                     }
                 ],
-                "responses": {"200": _json(_ref("Model")), **_errors("401", "404")},
+                "responses": {"200": _json(_ref("Model")), **_errors("404")},
+            }
+        },
+        "/v1/realtime": {
+            "get": {
+                "operationId": "realtimeTranscription",
+                "tags": ["audio"],
+                "summary": "WebSocket: OpenAI Realtime transcription sessions",
+                "description": 'Upgrade to a WebSocket speaking OpenAI\'s GA Realtime API for transcription sessions. Send `session.update` (`session.type = "transcription"`, `audio.input.format` `{"type": "audio/pcm", "rate": 24000}`, `audio.input.transcription` `{model, language, prompt}`, `audio.input.turn_detection` `{"type": "server_vad", threshold, prefix_padding_ms, silence_duration_ms}` or null) before audio, then `input_audio_buffer.append` (base64 pcm16), `input_audio_buffer.commit`, `input_audio_buffer.clear`. The server sends `session.created`/`session.updated`, `input_audio_buffer.speech_started`/`speech_stopped`/`committed`/`cleared`, `conversation.item.input_audio_transcription.delta`/`completed`/`failed` and `error`. The beta form (`?intent=transcription`, `transcription_session.update`) is accepted too. Browsers pass the API key as the subprotocol `openai-insecure-api-key.<key>` (next to `realtime`) or as `?api_key=`. Bad events get an `error` event and the socket stays open; a message over twice `limits.max_ws_message_bytes` closes it (1009). Bounded by `limits.max_audio_s` per item, `limits.max_connections` and `limits.session_timeout_s`.',
+                "parameters": [
+                    {
+                        "name": "intent",
+                        "in": "query",
+                        "required": False,
+                        "schema": {"type": "string", "enum": ["transcription"]},
+                    }
+                ],
+                "responses": {
+                    "101": {"description": "Switching protocols"},
+                    **_errors("400", "426"),
+                },
+            }
+        },
+        "/v1/status": {
+            "get": {
+                "operationId": "status",
+                "tags": ["service"],
+                "summary": "What the web page's Status section shows: models, servers, clients, memory",
+                "responses": {"200": _json(_status_schema()), **_errors()},
+            }
+        },
+        "/": {
+            "get": {
+                "operationId": "webPage",
+                "tags": ["service"],
+                "summary": "The web page (no API key needed; its API calls carry one)",
+                "security": [],
+                "responses": _page_responses({"text/html": {"schema": {"type": "string"}}}),
+            }
+        },
+        "/ui": {
+            "get": {
+                "operationId": "webPageRedirect",
+                "tags": ["service"],
+                "summary": "Redirects to `/ui/`",
+                "security": [],
+                "responses": {
+                    "308": {"description": "To `/ui/`"},
+                    **_page_responses({"text/html": {"schema": {"type": "string"}}}),
+                },
+            }
+        },
+        "/ui/": {
+            "get": {
+                "operationId": "webPageUi",
+                "tags": ["service"],
+                "summary": "The web page",
+                "security": [],
+                "responses": _page_responses({"text/html": {"schema": {"type": "string"}}}),
+            }
+        },
+        "/ui/{path}": {
+            "get": {
+                "operationId": "webAsset",
+                "tags": ["service"],
+                "summary": "A file of the web page (scripts, styles, icons)",
+                "security": [],
+                "parameters": [
+                    {"name": "path", "in": "path", "required": True, "schema": {"type": "string"}}
+                ],
+                "responses": _page_responses(
+                    {t: {"schema": {"type": "string"}} for t in _UI_TYPES}
+                ),
             }
         },
         "/health": {
@@ -487,7 +729,7 @@ def build_spec(limits: LimitsConfig | None = None) -> dict[str, Any]:
                         "description": "Prometheus text format",
                         "content": {"text/plain": {"schema": {"type": "string"}}},
                     },
-                    **_errors("401"),
+                    **_errors(),
                 },
             }
         },
@@ -515,6 +757,11 @@ def build_spec(limits: LimitsConfig | None = None) -> dict[str, Any]:
             }
         },
     }
+    if api_key:
+        for item in paths.values():
+            for operation in item.values():
+                if operation.get("security") != []:
+                    operation["responses"]["401"] = _error("401")
     return {
         "openapi": "3.1.0",
         "info": {
@@ -523,7 +770,7 @@ def build_spec(limits: LimitsConfig | None = None) -> dict[str, Any]:
             "description": "Speech-to-text, text-to-speech, voice cloning and a voice library, served from local engines. Point an OpenAI SDK's `base_url` at `http://<host>:<port>/v1`.",
         },
         "servers": [{"url": "/"}],
-        "security": [{"bearerAuth": []}],
+        "security": [{"bearerAuth": []}] if api_key else [],
         "paths": paths,
         "components": {
             "schemas": schemas,

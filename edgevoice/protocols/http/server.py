@@ -15,6 +15,7 @@ import logging
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestHandler
 
 from edgevoice.config import Settings
@@ -88,6 +89,14 @@ class _GuardedRequestHandler(RequestHandler):
     def connection_lost(self, exc: BaseException | None) -> None:
         self._disarm()
         super().connection_lost(exc)
+
+    def log_exception(self, *args: Any, **kwargs: Any) -> None:
+        # A request aiohttp cannot parse (a control byte in a header, a bad
+        # request line) is the client's fault: answered 400, logged at DEBUG.
+        if isinstance(kwargs.get("exc_info"), HttpProcessingError):
+            self.logger.debug(*args, **kwargs)
+        else:
+            super().log_exception(*args, **kwargs)
 
     async def _handle_request(self, *args: Any, **kwargs: Any) -> Any:
         self._disarm()

@@ -31,6 +31,7 @@ from edgevoice.errors import (
     UnsupportedRequestError,
 )
 from edgevoice.hub import EngineHub, LoadedModel
+from edgevoice.pipeline.speak import Speech, SpokenAudio, speak
 from edgevoice.protocols.http.errors import client_error, error_payload
 from edgevoice.protocols.http.forms import (
     UploadedFile,
@@ -87,25 +88,28 @@ def _inline_reference(
     body: dict[str, Any], files: dict[str, UploadedFile], limit: int
 ) -> _InlineReference | None:
     """The cloning sample in any of the accepted shapes, or None."""
-    data: bytes | None = None
-    if (upload := files.get("prompt_speech") or files.get("voice_sample")) is not None:
-        data = upload.data  # Xinference: multipart prompt_speech (+ prompt_text, instruct_text)
-    else:
-        for param in ("voice_sample", "prompt_speech", "reference_audio"):
-            if body.get(param):  # CSM: JSON voice_sample (base64) + voice_sample_text
-                if isinstance(body[param], str) and len(body[param]) > limit * 4 // 3 + 64:
-                    raise too_large(limit)
-                data = _b64_audio(body[param], param)
-                break
-    if data is None:
-        return None
-    if len(data) > limit:
-        raise too_large(limit)
     text = None
     for param in ("voice_sample_text", "prompt_text", "reference_text"):
         if text := optional_str(body.get(param), param):
             break
     instruct = optional_str(body.get("instruct_text"), "instruct_text")
+    data: bytes | None = None
+    if (upload := files.get("prompt_speech") or files.get("voice_sample")) is not None:
+        data = upload.data  # Xinference: multipart prompt_speech (+ prompt_text, instruct_text)
+    else:
+        for param in ("voice_sample", "prompt_speech", "reference_audio"):
+            value = body.get(param)
+            if value is None or value == "":
+                continue
+            # CSM: JSON voice_sample (base64) + voice_sample_text
+            if isinstance(value, str) and len(value) > limit * 4 // 3 + 64:
+                raise too_large(limit)
+            data = _b64_audio(value, param)
+            break
+    if data is None:
+        return None
+    if len(data) > limit:
+        raise too_large(limit)
     return _InlineReference(data, text, instruct)
 
 
@@ -264,49 +268,35 @@ async def speech(request: web.Request) -> web.StreamResponse:
         instructions=optional_str(body.get("instructions"), "instructions"),
         reference=target.reference,
     )
-    loaded, rate, chunks = await st.hub.synthesize(text, options)
-    try:
-        # The first sentence is synthesized before the headers go out, so an
+    async with speak(st.hub, text, options, st.settings.limits) as spoken:
+        # The first piece is synthesized before the headers go out, so an
         # engine that rejects the text still gets a proper error status.
-        first = await anext(chunks, None)
+        first = await anext(spoken, None)
         if first is None:
-            raise client_error("input produced no speech", "input")
-        encoder = OutputEncoder(fmt, rate)
-        if stream_format == "sse":
-            return await _speech_sse(
-                request, st=st, loaded=loaded, text=text, encoder=encoder, first=first,
-                chunks=chunks,
-            )  # fmt: skip
-        return await _speech_audio(
-            request, st=st, loaded=loaded, encoder=encoder, first=first, chunks=chunks
-        )
-    finally:
-        await aclose(chunks)
+            raise client_error("input produced no speech (nothing to say)", "input")
+        encoder = await asyncio.to_thread(OutputEncoder, fmt, spoken.rate_hz)  # opens a codec
+        try:
+            if stream_format == "sse":
+                return await _speech_sse(request, spoken, text, encoder, first)
+            return await _speech_audio(request, spoken, encoder, first)
+        finally:
+            st.metrics.add_audio("out", spoken.model.name, spoken.audio_s)
 
 
 async def _speech_audio(
-    request: web.Request,
-    *,
-    st: ServerState,
-    loaded: LoadedModel[Any],
-    encoder: OutputEncoder,
-    first: FloatAudio,
-    chunks: AsyncIterator[FloatAudio],
+    request: web.Request, spoken: Speech, encoder: OutputEncoder, first: SpokenAudio
 ) -> web.StreamResponse:
-    rate = loaded.engine.capabilities.sample_rate_hz
     response = web.StreamResponse(
         headers={"Content-Type": encoder.content_type, "X-Sample-Rate": str(encoder.rate_hz)}
     )
     response.enable_chunked_encoding()
-    data = await asyncio.to_thread(encoder.write, first)
+    data = await asyncio.to_thread(encoder.write, first.samples)
     await response.prepare(request)
-    audio_s = len(first) / rate
     try:
         if data:
             await response.write(data)
-        async for chunk in chunks:
-            audio_s += len(chunk) / rate
-            if data := await asyncio.to_thread(encoder.write, chunk):
+        async for chunk in spoken:
+            if data := await asyncio.to_thread(encoder.write, chunk.samples):
                 await response.write(data)
         if tail := await asyncio.to_thread(encoder.close):
             await response.write(tail)
@@ -318,25 +308,14 @@ async def _speech_audio(
         log_stream_failure(exc, "Speech synthesis failed mid-stream")
         if request.transport is not None:
             request.transport.close()
-    finally:
-        st.metrics.add_audio("out", loaded.name, audio_s)
     return response
 
 
 async def _speech_sse(
-    request: web.Request,
-    *,
-    st: ServerState,
-    loaded: LoadedModel[Any],
-    text: str,
-    encoder: OutputEncoder,
-    first: FloatAudio,
-    chunks: AsyncIterator[FloatAudio],
+    request: web.Request, spoken: Speech, text: str, encoder: OutputEncoder, first: SpokenAudio
 ) -> web.StreamResponse:
-    rate = loaded.engine.capabilities.sample_rate_hz
     response = web.StreamResponse(headers=SSE_HEADERS)
     await response.prepare(request)
-    audio_s = 0.0
 
     async def delta(data: bytes) -> None:
         if data:
@@ -344,13 +323,12 @@ async def _speech_sse(
             await send_event(response, {"type": "speech.audio.delta", "audio": payload})
 
     try:
-        pending: FloatAudio | None = first
+        pending: SpokenAudio | None = first
         while pending is not None:
-            audio_s += len(pending) / rate
-            await delta(await asyncio.to_thread(encoder.write, pending))
-            pending = await anext(chunks, None)
+            await delta(await asyncio.to_thread(encoder.write, pending.samples))
+            pending = await anext(spoken, None)
         await delta(await asyncio.to_thread(encoder.close))
-        output_ms = round(audio_s * 1000)
+        output_ms = round(spoken.audio_s * 1000)
         await send_event(
             response,
             {
@@ -367,7 +345,5 @@ async def _speech_sse(
     except Exception as exc:
         log_stream_failure(exc, "Speech synthesis failed mid-stream")
         with contextlib.suppress(ConnectionError):
-            await send_event(response, error_payload(exc))
-    finally:
-        st.metrics.add_audio("out", loaded.name, audio_s)
+            await send_event(response, {"type": "error", **error_payload(exc)})
     return response

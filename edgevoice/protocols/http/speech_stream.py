@@ -17,6 +17,7 @@ is an error event and the socket closes (1008); no message for
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import logging
@@ -27,16 +28,11 @@ from aiohttp import WSCloseCode, WSMsgType, hdrs, web
 from edgevoice.audio import OUTPUT_FORMATS
 from edgevoice.engines.base import SynthesizeOptions
 from edgevoice.errors import BusyError, ClientError, EdgeVoiceError, LimitExceededError
+from edgevoice.pipeline.speak import TextFeed, speak
 from edgevoice.protocols.http.errors import ApiError, client_error, error_payload
 from edgevoice.protocols.http.forms import optional_str, parse_bool, parse_choice, parse_float
-from edgevoice.protocols.http.speech import (
-    SPEED_RANGE,
-    OutputEncoder,
-    aclose,
-    resolve_speech_target,
-)
+from edgevoice.protocols.http.speech import SPEED_RANGE, OutputEncoder, resolve_speech_target
 from edgevoice.protocols.http.state import ServerState, state
-from edgevoice.text import SentenceBuffer
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -44,34 +40,57 @@ STREAM_PATH: Final = "/v1/audio/speech/stream"
 
 
 class _Utterances:
-    """Sentences waiting to be spoken, with the count of characters not yet spoken."""
+    """Utterances waiting to be spoken, in order: one :class:`TextFeed` each.
 
-    def __init__(self, limit_chars: int) -> None:
-        self.limit_chars = limit_chars
-        self.unspoken_chars = 0
-        self.buffer = SentenceBuffer()
-        self.queue: asyncio.Queue[str | None] = asyncio.Queue()
-        """Sentences, and ``None`` at the end of each utterance."""
+    The reader puts chunks into the newest feed; a worker speaks the feeds one
+    after the other. Bounds: all feeds together hold at most ``max_chars`` of
+    text not yet taken for synthesis, and at most ``max_waiting`` utterances
+    wait. Event-loop only.
+    """
+
+    def __init__(self, max_chars: int, max_waiting: int) -> None:
+        self.max_chars = max_chars
+        self.max_waiting = max_waiting
+        self.feeds: collections.deque[TextFeed] = collections.deque()
+        """Feeds not yet finished, oldest (being spoken) first."""
+        self.ready = asyncio.Event()
+        self._open: TextFeed | None = None
 
     def feed(self, chunk: str, final: bool) -> None:
-        if self.unspoken_chars + len(chunk) > self.limit_chars:
+        waiting = sum(f.pending_chars for f in self.feeds)
+        if waiting + len(chunk) > self.max_chars:
             raise LimitExceededError(
                 "max_input_chars",
-                self.limit_chars,
+                self.max_chars,
                 what="text waiting to be spoken",
                 unit="characters; wait for audio before sending more",
                 param="text_chunk",
             )
-        self.unspoken_chars += len(chunk)
-        for sentence in self.buffer.feed(chunk):
-            self.queue.put_nowait(sentence)
+        if self._open is None:
+            if len(self.feeds) >= self.max_waiting:
+                raise BusyError(
+                    f"{self.max_waiting} utterances are waiting to be spoken "
+                    "(limits.max_pending_per_client); wait for a done event"
+                )
+            # The feed's own bound is the stream's: the sum is checked above.
+            self._open = TextFeed(self.max_chars)
+            self.feeds.append(self._open)
+            self.ready.set()
+        self._open.put(chunk)
         if final:
-            for sentence in self.buffer.flush():
-                self.queue.put_nowait(sentence)
-            self.queue.put_nowait(None)
+            self._open.close()
+            self._open = None
 
-    def spoken(self, sentence: str) -> None:
-        self.unspoken_chars = max(0, self.unspoken_chars - len(sentence))
+    async def next_feed(self) -> TextFeed:
+        while not self.feeds:
+            self.ready.clear()
+            await self.ready.wait()
+        return self.feeds[0]
+
+    def finished(self, feed: TextFeed) -> None:
+        self.feeds.remove(feed)
+        if feed is self._open:
+            self._open = None
 
 
 def _parse_message(data: str) -> tuple[str, bool]:
@@ -143,10 +162,16 @@ async def speech_stream(request: web.Request) -> web.StreamResponse:
         if chosen is None:
             return ws
         options, fmt = chosen
-        utterances = _Utterances(limits.max_input_chars)
+        utterances = _Utterances(limits.max_input_chars, limits.max_pending_per_client)
         worker = asyncio.create_task(_synthesize(ws, st, options, fmt, utterances))
+        received = 0
         while True:
             message = await ws.receive(timeout=limits.session_timeout_s)
+            received += 1
+            if received % 16 == 0:
+                # Buffered messages are returned without yielding: a flood of
+                # them must not hold the loop (the speech worker, /health).
+                await asyncio.sleep(0)
             if message.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED):
                 break
             if message.type is WSMsgType.ERROR:
@@ -158,7 +183,7 @@ async def speech_stream(request: web.Request) -> web.StreamResponse:
             try:
                 chunk, final = _parse_message(message.data)
                 utterances.feed(chunk, final)
-            except LimitExceededError as exc:
+            except (LimitExceededError, BusyError) as exc:
                 await _send_error(ws, exc)
                 await ws.close(code=WSCloseCode.POLICY_VIOLATION, message=b"limit exceeded")
                 break
@@ -182,50 +207,54 @@ async def _synthesize(
     fmt: str,
     utterances: _Utterances,
 ) -> None:
-    """Synthesize queued sentences in order; ``None`` ends an utterance."""
-    encoder: OutputEncoder | None = None
-    audio_s = 0.0
-    sentences = 0
-    model_name = ""
-    queue = utterances.queue
+    """Speak the utterances in order: binary audio, then a ``done`` event for each."""
     while True:
-        sentence = await queue.get()
+        feed = await utterances.next_feed()
         try:
-            if sentence is None:
-                if encoder is not None and (tail := await asyncio.to_thread(encoder.close)):
-                    await ws.send_bytes(tail)
-                await ws.send_json(
-                    {
-                        "type": "done",
-                        "sentences": sentences,
-                        "audio_seconds": round(audio_s, 3),
-                        "format": fmt,
-                        "sample_rate": encoder.rate_hz if encoder else None,
-                    }
-                )
-                st.metrics.add_audio("out", model_name, audio_s)
-                encoder, audio_s, sentences = None, 0.0, 0
-                continue
-            loaded, rate, chunks = await st.hub.synthesize(sentence, options)
-            model_name = loaded.name
-            if encoder is None:
-                encoder = OutputEncoder(fmt, rate)
-            sentences += 1
-            try:
-                async for chunk in chunks:
-                    audio_s += len(chunk) / rate
-                    if data := await asyncio.to_thread(encoder.write, chunk):
-                        await ws.send_bytes(data)
-            finally:
-                await aclose(chunks)
-                utterances.spoken(sentence)
+            await _speak_utterance(ws, st, options, fmt, feed)
+        except LimitExceededError as exc:
+            # More unpunctuated text than the pipeline may hold: the stream ends.
+            _LOGGER.debug("WebSocket speech: %s", exc)
+            await _send_error(ws, exc)
+            await ws.close(code=WSCloseCode.POLICY_VIOLATION, message=b"limit exceeded")
+            return
+        except ClientError as exc:
+            _LOGGER.debug("WebSocket speech: %s", exc)
+            await _send_error(ws, exc)
         except (ConnectionError, asyncio.CancelledError):
             raise
         except Exception as exc:
-            if isinstance(exc, ClientError):
-                _LOGGER.debug("WebSocket speech: %s", exc)
-            else:
-                _LOGGER.error("WebSocket speech failed", exc_info=exc)
+            _LOGGER.error("WebSocket speech failed", exc_info=exc)
             await _send_error(ws, exc)
         finally:
-            queue.task_done()
+            utterances.finished(feed)
+
+
+async def _speak_utterance(
+    ws: web.WebSocketResponse,
+    st: ServerState,
+    options: SynthesizeOptions,
+    fmt: str,
+    feed: TextFeed,
+) -> None:
+    encoder: OutputEncoder | None = None
+    async with speak(st.hub, feed, options, st.settings.limits) as spoken:
+        try:
+            async for chunk in spoken:
+                if encoder is None:
+                    encoder = await asyncio.to_thread(OutputEncoder, fmt, spoken.rate_hz)
+                if data := await asyncio.to_thread(encoder.write, chunk.samples):
+                    await ws.send_bytes(data)
+            if encoder is not None and (tail := await asyncio.to_thread(encoder.close)):
+                await ws.send_bytes(tail)
+            await ws.send_json(
+                {
+                    "type": "done",
+                    "sentences": spoken.sentences,
+                    "audio_seconds": round(spoken.audio_s, 3),
+                    "format": fmt,
+                    "sample_rate": encoder.rate_hz if encoder else None,
+                }
+            )
+        finally:
+            st.metrics.add_audio("out", spoken.model.name, spoken.audio_s)

@@ -180,7 +180,7 @@ async def _stream_transcript(
         # Headers are out: the error travels as an event.
         _LOGGER.exception("Streaming transcription failed")
         with contextlib.suppress(ConnectionError):
-            await send_event(response, error_payload(exc))
+            await send_event(response, {"type": "error", **error_payload(exc)})
     finally:
         close = getattr(segments, "aclose", None)
         if close is not None:
