@@ -34,7 +34,6 @@ from edgevoice.errors import (
     ClientError,
     EdgeVoiceError,
     LimitExceededError,
-    ServerError,
     ShuttingDownError,
 )
 
@@ -338,8 +337,3 @@ def error_fields(exc: BaseException) -> dict[str, Any]:
         fields["limit"] = exc.limit
         fields["maximum"] = exc.maximum
     return fields
-
-
-def is_server_fault(exc: BaseException) -> bool:
-    """Whether an error is the daemon's (logged as a warning/traceback) or the client's."""
-    return not isinstance(exc, ClientError | asyncio.CancelledError) or isinstance(exc, ServerError)
