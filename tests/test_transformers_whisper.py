@@ -597,9 +597,13 @@ async def server(hub: EngineHub) -> AsyncIterator[HttpServer]:
 
 
 def _client(server: HttpServer) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(
-        base_url=f"http://127.0.0.1:{server.port}/v1", api_key="unused", max_retries=0, timeout=600
+    """Run in a thread: making a client and first touching its resources is slow
+    (TLS settings, lazy imports) and would block the event loop."""
+    made = openai.AsyncOpenAI(
+        base_url=f"http://127.0.0.1:{server.port}/v1", api_key="unused", max_retries=0, timeout=900
     )
+    _ = made.audio.transcriptions, made.audio.translations
+    return made
 
 
 @pytest.mark.slow

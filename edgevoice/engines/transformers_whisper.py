@@ -13,6 +13,10 @@ Requests that wait at the same time are decoded together: each call of
 call of at most ``batch_size`` clips. How many requests can wait at once is
 bounded by the model entry's ``max_concurrency`` (the hub's worker threads),
 so set that to the batch size you want.
+
+Jetson: install NVIDIA's torch build for your JetPack first, then
+``transformers`` (the extra pins the PyPI torch, which has no Jetson GPU
+support); ``device = "auto"`` then finds the GPU through ``torch.cuda``.
 """
 
 from __future__ import annotations
@@ -561,6 +565,15 @@ class TransformersWhisperAsrEngine:
             "multilingual" if multilingual else "English-only",
             time.monotonic() - started,
         )
+        batch = min(self._options.batch_size, self._context.model.max_concurrency)
+        if batch < self._options.batch_size:
+            # Only max_concurrency hub workers call transcribe() at once.
+            _LOGGER.info(
+                "%s: batches of at most %d (batch_size %d; raise max_concurrency to batch more)",
+                self._context.model.name,
+                batch,
+                self._options.batch_size,
+            )
 
     # ------------------------------------------------------------ requests
 
