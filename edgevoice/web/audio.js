@@ -17,8 +17,9 @@ export function microphoneProblem() {
 export async function openMicrophone() {
   const problem = microphoneProblem();
   if (problem) throw new Error(problem);
+  // Speech models hear best the raw signal (no echo cancelling, noise suppression or gain control).
   return navigator.mediaDevices.getUserMedia({
-    audio: { channelCount: 1, echoCancellation: true, noiseSuppression: true },
+    audio: { channelCount: 1, echoCancellation: false, noiseSuppression: false, autoGainControl: false },
   });
 }
 

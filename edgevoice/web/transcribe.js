@@ -155,6 +155,13 @@ export function initTranscribe() {
   $("#tr-record").addEventListener("click", () => toggleRecording(true));
   $("#tr-stop").addEventListener("click", () => toggleRecording(false));
   $("#tr-model").addEventListener("change", fillLanguages);
+  // Word timings come with verbose_json only: show that choice.
+  $("#tr-words").addEventListener("change", (event) => {
+    if (event.target.checked) $("#tr-format").value = "verbose_json";
+  });
+  $("#tr-format").addEventListener("change", (event) => {
+    if (event.target.value !== "verbose_json") $("#tr-words").checked = false;
+  });
   const problem = microphoneProblem();
   if (problem) {
     $("#tr-record").disabled = true;
