@@ -35,6 +35,7 @@ from edgevoice.config import HttpConfig, MqttConfig, Settings, WyomingConfig
 from edgevoice.fairness import client_scope
 from edgevoice.hub import EngineHub
 from edgevoice.protocols.mqtt import MqttBridge, parse_broker_url, parse_say
+from edgevoice.protocols.mqtt import bridge as mqtt_bridge
 from edgevoice.protocols.mqtt.bridge import MAX_CONCURRENT_REQUESTS
 from edgevoice.protocols.mqtt.messages import (
     MAX_RESPONSE_TOPIC_BYTES,
@@ -821,6 +822,39 @@ async def test_per_client_pending_bound_answers_busy(
     done = {(await probe.expect_json(f"{base}/tts/done"))["id"] for _ in range(6)}
     assert done == {"a0", "a1", "b0", "b1", "n0", "n1"}
     await until(lambda: bridge.in_flight + bridge.queued == 0)
+
+
+async def test_queue_bound_holds_across_many_clients(
+    make_bridge: BridgeFactory, probe: Probe, hub: EngineHub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Many clients, one request each: the per-client bound never trips, the total does.
+    queue_limit = 3
+    monkeypatch.setattr(mqtt_bridge, "MAX_QUEUED_REQUESTS", queue_limit)
+    bridge = await make_bridge()
+    base = bridge.base
+    await probe.subscribe(f"{base}/tts/done", f"{base}/error")
+    voice, _ = hub.voice()
+    gate = threading.Event()
+    blocker = asyncio.create_task(hub.run(voice, gate.wait, 60.0))
+    admitted = MAX_CONCURRENT_REQUESTS + queue_limit
+    refused = 2
+    try:
+        for i in range(admitted + refused):
+            await probe.client.publish(
+                f"{base}/tts/say",
+                json.dumps({"text": "Hi.", "format": "pcm"}),
+                qos=1,
+                properties=v5_properties(UserProperty=[("client", f"c{i}"), ("id", f"q{i}")]),
+            )
+        busy = [await probe.expect_json(f"{base}/error") for _ in range(refused)]
+        assert {e["id"] for e in busy} == {f"q{i}" for i in range(admitted, admitted + refused)}
+        assert all(e["code"] == "busy" and "queued" in e["error"] for e in busy), busy
+        assert (bridge.in_flight, bridge.queued) == (MAX_CONCURRENT_REQUESTS, queue_limit)
+    finally:
+        gate.set()
+        await blocker
+    done = {(await probe.expect_json(f"{base}/tts/done"))["id"] for _ in range(admitted)}
+    assert done == {f"q{i}" for i in range(admitted)}
 
 
 async def test_other_faces_get_turns_during_an_mqtt_burst(
