@@ -548,3 +548,37 @@ async def test_plain_get_answers_426(server: HttpServer, http: aiohttp.ClientSes
         headers={"Upgrade": "websocket", "Connection": "Upgrade"},
     ) as response:
         assert response.status == 400
+
+
+async def test_a_client_leaving_mid_item_costs_nothing(
+    server: HttpServer,
+    http: aiohttp.ClientSession,
+    clips: dict[str, FloatAudio],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Commit, then vanish: the server drops the work quietly and serves the next client."""
+    for _ in range(3):
+        sock = await connect(http, ws_url(server))
+        await sock.wait_type("session.created")
+        await sock.send(session_update(off=True))
+        await sock.wait_type("session.updated")
+        await stream_real_time(sock.send, clips["lamp"], real_time=False)
+        await sock.send({"type": "input_audio_buffer.commit"})
+        await sock.wait_type("input_audio_buffer.committed")
+        await sock.close()
+    sock = await connect(http, ws_url(server))
+    await sock.wait_type("session.created")
+    await sock.send(session_update(off=True))
+    await sock.wait_type("session.updated")
+    await stream_real_time(sock.send, clips["light"], real_time=False)
+    await sock.send({"type": "input_audio_buffer.commit"})
+    completed = await sock.wait_type("conversation.item.input_audio_transcription.completed")
+    assert_words_close(completed["transcript"], LIGHT_EN_TEXT)
+    await sock.close()
+    assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]
+    # Nothing is left holding the model: every session of the departed clients closed.
+    for _ in range(int(DEADLINE_S / 0.05)):
+        if not any(slot.sessions for slot in server.hub.slots()):
+            break
+        await asyncio.sleep(0.05)
+    assert not any(slot.sessions for slot in server.hub.slots())

@@ -548,10 +548,14 @@ class RealtimeSession:
                 async with asyncio.timeout(self.limits.session_timeout_s), track.changed:
                     await track.changed.wait_for(lambda: not track.awaiting)
         finally:
-            await track.pipeline.aclose()
-            while track.awaiting:  # never transcribed (timed out or cancelled)
-                item = await self._item_done(track)
-                _LOGGER.debug("Realtime: item %s dropped unfinished", getattr(item, "id", ""))
+            await self._abandon(track)
+
+    async def _abandon(self, track: _Track) -> None:
+        """Close ``track`` now; items still waiting for a transcript are dropped."""
+        await track.pipeline.aclose()
+        while track.awaiting:
+            item = await self._item_done(track)
+            _LOGGER.debug("Realtime: item %s dropped unfinished", getattr(item, "id", ""))
 
     async def close(self) -> None:
         """Cancel everything in flight (the socket is gone)."""
@@ -635,7 +639,8 @@ class RealtimeSession:
             )
         self._check_pending()
         if self._converter is not None and len(tail := self._converter.flush()):
-            await track.pipeline.feed(tail)
+            with contextlib.suppress(LimitExceededError):  # a full item keeps what it has
+                await track.pipeline.feed(tail)
         item = track.speaking or _Item(_new_id("item"))
         track.speaking = None
         self._track = None  # the next audio starts a new item on a new pipeline
@@ -656,8 +661,10 @@ class RealtimeSession:
                     await track.pipeline.finish()  # the transcript arrives as a pipeline event
                 except (EdgeVoiceError, RuntimeError) as exc:
                     await self._failed(track, exc)
-        finally:
-            await self._close_when_done(track)
+        except asyncio.CancelledError:
+            await self._abandon(track)  # the socket is gone: nobody waits for the rest
+            raise
+        await self._close_when_done(track)
 
     async def _clear(self) -> None:
         self._retire_track()
