@@ -274,7 +274,10 @@ class VoiceLibrary:
             _LOGGER.warning("Unreadable voice sample %s: %s", wav_path, exc)
             raise VoiceNotFoundError(voice_id) from None
         return VoiceReference(
-            audio=audio.samples, sample_rate_hz=audio.rate_hz, text=voice.transcript
+            audio=audio.samples,
+            sample_rate_hz=audio.rate_hz,
+            text=voice.transcript,
+            voice_id=voice_id,
         )
 
     def delete(self, voice_id: str) -> None:

@@ -104,6 +104,12 @@ class Segment:
     temperature: float = 0.0
     compression_ratio: float = 1.0
     tokens: tuple[int, ...] = ()
+    language: str | None = None
+    """Language the engine tagged this segment with (SenseVoice tags each one)."""
+    emotion: str | None = None
+    """Speech emotion the engine recognised (``happy``, ``sad``, ``angry``, ``neutral``, ...)."""
+    events: tuple[str, ...] = ()
+    """Audio events the engine tagged (``speech``, ``bgm``, ``applause``, ``laughter``, ...)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +128,10 @@ class Transcript:
     duration_s: float
     segments: tuple[Segment, ...] = ()
     language_probability: float = 1.0
+    emotion: str | None = None
+    """The emotion of the first segment that has one (engines that recognise emotion)."""
+    events: tuple[str, ...] = ()
+    """Every audio event tagged in any segment, in order of first appearance."""
 
     @classmethod
     def from_segments(cls, info: TranscriptInfo, segments: Sequence[Segment]) -> Transcript:
@@ -131,6 +141,8 @@ class Transcript:
             duration_s=info.duration_s,
             segments=tuple(segments),
             language_probability=info.language_probability,
+            emotion=next((s.emotion for s in segments if s.emotion), None),
+            events=tuple(dict.fromkeys(e for s in segments for e in s.events)),
         )
 
 
@@ -195,6 +207,8 @@ class VoiceReference:
     text: str | None = None
     """Transcript of the sample, when known."""
     instruct_text: str | None = None
+    voice_id: str | None = None
+    """The voice library id when the sample is a stored voice (engines key caches by it)."""
 
 
 @dataclass(frozen=True, slots=True)
