@@ -24,7 +24,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
@@ -68,6 +68,7 @@ from edgevoice.pipeline.endpointing import (
     SpeechStarted,
     SpeechStopped,
 )
+from edgevoice.pipeline.speak import Speech, TextFeed, speak
 from edgevoice.protocols.wyoming.framing import (
     MAX_BAD_EVENTS,
     ProtocolError,
@@ -76,7 +77,6 @@ from edgevoice.protocols.wyoming.framing import (
     read_event,
 )
 from edgevoice.protocols.wyoming.info import base_language, build_info, programs
-from edgevoice.text import SentenceBuffer
 
 if TYPE_CHECKING:
     from edgevoice.protocols.wyoming.server import WyomingServer
@@ -129,12 +129,11 @@ class _Detecting:
 class _Speaking:
     """An open ``synthesize-start`` … ``synthesize-stop`` request."""
 
-    options: SynthesizeOptions
-    text: asyncio.Queue[str | None] = field(default_factory=asyncio.Queue)
-    """Text chunks not yet taken by the synthesis job; ``None`` ends them."""
-    queued_chars: int = 0
+    feed: TextFeed
+    """Streamed text for the speak pipeline (bounded by ``max_input_chars`` unspoken)."""
     stop_received: asyncio.Event = field(default_factory=asyncio.Event)
     rejected: bool = False
+    """Text came faster than it was spoken: the rest of the chunks are dropped."""
 
 
 @dataclass
@@ -294,7 +293,7 @@ class WyomingConnection:
         speaking, self._speaking = self._speaking, None
         if speaking is not None:
             speaking.rejected = True
-            speaking.text.put_nowait(None)
+            speaking.feed.close()
             speaking.stop_received.set()
 
     def _enqueue(self, job: Job) -> None:
@@ -609,27 +608,22 @@ class WyomingConnection:
             name = self._model(EngineKind.TTS, None).name
         return SynthesizeOptions(voice=name or None, speaker=speaker or None)
 
-    def _check_text(self, chars: int) -> None:
-        limit = self._limits.max_input_chars
-        if chars > limit:
-            raise LimitExceededError(
-                "max_input_chars", limit, what="text to synthesize", unit="characters"
-            )
-
     async def _on_synthesize(self, event: Event) -> None:
         if self._speaking is not None:
             # Inside synthesize-start/stop the full text is repeated for old
             # servers; the streamed chunks already carry it.
             return
         request = Synthesize.from_event(event)
-        self._check_text(len(request.text))
-        options = self._synthesize_options(request.voice)
-        text = request.text
+        # The voice is resolved and the length checked now, before any work.
+        speech = speak(
+            self.hub, request.text, self._synthesize_options(request.voice), self._limits
+        )
 
         async def job() -> None:
-            out = _AudioOut()
-            await self._speak(out, _one(text), options)
-            await self._end_audio(out, options, empty_ok=False)
+            async with speech:
+                out = _AudioOut()
+                await self._stream_speech(out, speech)
+                await self._end_audio(out, speech, empty_ok=False)
 
         self._enqueue(job)
 
@@ -637,12 +631,15 @@ class WyomingConnection:
         request = SynthesizeStart.from_event(event)
         if self._speaking is not None:
             raise ProtocolError("synthesize-start while a synthesis is open", "unexpected-event")
-        speaking = _Speaking(self._synthesize_options(request.voice))
+        feed = TextFeed(self._limits.max_input_chars)
+        speech = speak(self.hub, feed, self._synthesize_options(request.voice), self._limits)
+        speaking = _Speaking(feed)
 
         async def job() -> None:
-            out = _AudioOut()
-            await self._speak(out, _drain(speaking), speaking.options)
-            await self._end_audio(out, speaking.options, empty_ok=True)
+            async with speech:
+                out = _AudioOut()
+                await self._stream_speech(out, speech)
+                await self._end_audio(out, speech, empty_ok=True)
             await speaking.stop_received.wait()
             await self.send(SynthesizeStopped())
 
@@ -657,88 +654,48 @@ class WyomingConnection:
         if speaking.rejected:
             return
         try:
-            self._check_text(speaking.queued_chars + len(chunk.text))
+            speaking.feed.put(chunk.text)
         except LimitExceededError:
-            # Text arrives faster than it is spoken: stop taking it (what is
-            # queued is still spoken) and say so once.
+            # Text arrives faster than it is spoken: what was taken is still
+            # spoken, the rest is refused (once) and dropped.
             speaking.rejected = True
-            speaking.text.put_nowait(None)
+            speaking.feed.close()
             raise
-        speaking.queued_chars += len(chunk.text)
-        speaking.text.put_nowait(chunk.text)
 
     async def _on_synthesize_stop(self, event: Event) -> None:
         speaking, self._speaking = self._speaking, None
         if speaking is None:
             raise ProtocolError("synthesize-stop before synthesize-start", "unexpected-event")
-        if not speaking.rejected:
-            speaking.text.put_nowait(None)
+        speaking.feed.close()
         speaking.stop_received.set()
 
-    async def _speak(
-        self, out: _AudioOut, texts: AsyncIterator[str], options: SynthesizeOptions
-    ) -> None:
-        """Synthesize text chunks sentence by sentence and stream the audio."""
-        limits = self._limits
-        buffer = SentenceBuffer(max_sentence_chars=limits.max_sentence_chars)
-
-        async def sentences() -> AsyncIterator[str]:
-            async for text in texts:
-                for sentence in buffer.feed(text):
-                    yield sentence
-            for sentence in buffer.flush():
-                yield sentence
-
-        async for sentence in sentences():
-            if not sentence.strip():
-                continue
-            _, rate, chunks = await self.hub.synthesize(sentence, options)
-            async for samples in chunks:
-                await self._send_audio(out, samples, rate)
-
-    async def _send_audio(self, out: _AudioOut, samples: FloatAudio, rate_hz: int) -> None:
-        if out.rate_hz is None:
-            out.rate_hz = rate_hz
-            await self.send(AudioStart(rate=rate_hz, width=2, channels=1, timestamp=0))
-        elif rate_hz != out.rate_hz:  # one format per stream
-            from edgevoice.audio import resample
-
-            samples = await asyncio.to_thread(resample, samples, rate_hz, out.rate_hz)
-        for i in range(0, len(samples), TTS_CHUNK_SAMPLES):
-            piece = samples[i : i + TTS_CHUNK_SAMPLES]
-            await self.send(
-                AudioChunk(
-                    rate=out.rate_hz,
-                    width=2,
-                    channels=1,
-                    audio=float_to_pcm16(piece),
-                    timestamp=out.timestamp_ms,
+    async def _stream_speech(self, out: _AudioOut, speech: Speech) -> None:
+        async for audio in speech:
+            if out.rate_hz is None:
+                out.rate_hz = speech.rate_hz
+                await self.send(AudioStart(rate=out.rate_hz, width=2, channels=1, timestamp=0))
+            samples = audio.samples
+            for i in range(0, len(samples), TTS_CHUNK_SAMPLES):
+                piece = samples[i : i + TTS_CHUNK_SAMPLES]
+                await self.send(
+                    AudioChunk(
+                        rate=out.rate_hz,
+                        width=2,
+                        channels=1,
+                        audio=float_to_pcm16(piece),
+                        timestamp=out.timestamp_ms,
+                    )
                 )
-            )
-            out.timestamp_ms += len(piece) * 1000 // out.rate_hz
+                out.timestamp_ms += len(piece) * 1000 // out.rate_hz
 
-    async def _end_audio(
-        self, out: _AudioOut, options: SynthesizeOptions, *, empty_ok: bool
-    ) -> None:
+    async def _end_audio(self, out: _AudioOut, speech: Speech, *, empty_ok: bool) -> None:
         if out.rate_hz is None:
             if not empty_ok:
                 raise UnsupportedRequestError("text produced no speech")
             # Keep the event sequence clients expect even with no text.
-            model, _ = self.hub.voice(options.voice)
-            out.rate_hz = model.engine.capabilities.sample_rate_hz
+            out.rate_hz = speech.rate_hz
             await self.send(AudioStart(rate=out.rate_hz, width=2, channels=1, timestamp=0))
         await self.send(AudioStop(timestamp=out.timestamp_ms))
-
-
-async def _one(text: str) -> AsyncIterator[str]:
-    yield text
-
-
-async def _drain(speaking: _Speaking) -> AsyncIterator[str]:
-    """The streamed text chunks until ``synthesize-stop`` (or a refusal)."""
-    while (text := await speaking.text.get()) is not None:
-        speaking.queued_chars -= len(text)
-        yield text
 
 
 _Handler = Callable[[WyomingConnection, Event], Awaitable[None]]
