@@ -184,10 +184,41 @@ async def test_consumer_stopping_early_releases_the_model(piper_hub: EngineHub) 
     async with speak(piper_hub, text) as speech:
         async for _chunk in speech:
             break
-    assert model.slot.active == 0
+    assert await _idle(model)
     # The model serves the next request normally.
     chunks = await _collect(piper_hub, "Still here.")
     assert chunks and sum(c.duration_s for c in chunks) > 0.3
+
+
+async def _idle(model: Any, deadline_s: float = 60.0) -> bool:
+    """Whether the model's slot drops to no activity (worker calls finish on their own)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + deadline_s
+    while model.slot.active and loop.time() < deadline:  # noqa: ASYNC110
+        await asyncio.sleep(0.01)
+    return bool(model.slot.active == 0)
+
+
+async def test_cancelling_the_consumer_stops_synthesis(fake_hub: EngineHub) -> None:
+    model, _voice = fake_hub.voice(None)
+    engine = model.engine
+    assert isinstance(engine, FakeTtsEngine)
+    started = asyncio.Event()
+
+    async def consume() -> None:
+        async with speak(fake_hub, _words(100_000)) as speech:
+            async for _chunk in speech:
+                started.set()
+
+    task = asyncio.create_task(consume())
+    await asyncio.wait_for(started.wait(), 60)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert await _idle(model)
+    calls = len(engine.calls)
+    await asyncio.sleep(0.1)
+    assert len(engine.calls) == calls  # nothing synthesizes on behind the consumer's back
 
 
 _RSS_SCRIPT = """

@@ -142,6 +142,15 @@ class _End:
 _DONE: Final = _End()
 
 
+def _raise_if_cancelled() -> None:
+    """Stop the producer once it was asked to, even if an await on the way
+    swallowed the ``CancelledError`` (``hub.iterate`` closing an engine
+    generator does)."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 def _speakable(text: str) -> bool:
     """Whether a piece holds anything to say (not only punctuation or symbols)."""
     return any(ch.isalnum() for ch in text)
@@ -220,9 +229,15 @@ class Speech:
         await self._reap()
 
     async def _reap(self) -> None:
-        if self._task is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        if self._task is None:
+            return
+        try:
+            await self._task
+        except asyncio.CancelledError:
+            # The producer's own cancellation is expected; the consumer's is not ours to eat.
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise
 
     # ----------------------------------------------------------- producer side
 
@@ -251,6 +266,7 @@ class Speech:
             try:
                 async with contextlib.aclosing(self._sentences()) as sentences:
                     async for sentence in sentences:
+                        _raise_if_cancelled()
                         if _speakable(sentence):
                             await self._speak_one(sentence)
             except Exception as exc:
@@ -277,6 +293,7 @@ class Speech:
                     await self._hand_over(SpokenAudio(samples, self.rate_hz, index, sentence))
 
     async def _hand_over(self, item: SpokenAudio | _End) -> None:
+        _raise_if_cancelled()
         # Wait until the consumer has taken it: at most one chunk is ready ahead.
         await self._queue.put(item)
         await self._queue.join()
