@@ -32,9 +32,11 @@ import pytest_asyncio
 import soundfile as sf
 
 from edgevoice.audio import Audio, decode
-from edgevoice.config import ModelConfig, Settings
+from edgevoice.config import ModelConfig, Settings, WyomingConfig
 from edgevoice.hub import EngineHub
+from edgevoice.protocols.base import set_peers
 from edgevoice.protocols.http import HttpServer
+from edgevoice.protocols.wyoming import WyomingServer
 from tests.conftest import JOE, LAMP_TEXT, LAMP_WAV, LIGHT_EN_WAV, REPO, TINY_EN, words
 
 selenium = pytest.importorskip("selenium")
@@ -337,6 +339,40 @@ async def test_status_endpoint(server: HttpServer) -> None:
     assert status["mqtt"] == {"enabled": False, "connected": None, "broker": None}
     assert status["memory"]["rss_bytes"] > 50 << 20
     assert status["metrics"]["http_requests_total"] >= 0
+
+
+async def test_status_lists_the_daemons_servers_and_their_clients(
+    hub: EngineHub, server: HttpServer
+) -> None:
+    """Beside a Wyoming server (as the daemon runs them): both, with Wyoming's clients."""
+    wyoming_settings = hub.settings.model_copy(
+        update={"wyoming": WyomingConfig(enabled=True, uri="tcp://127.0.0.1:0", zeroconf=False)}
+    )
+    url = f"http://127.0.0.1:{server.port}/v1/status"
+    async with WyomingServer(wyoming_settings, hub) as wyoming, aiohttp.ClientSession() as http:
+        set_peers(hub, lambda: [wyoming, server])
+        try:
+            listening = list(wyoming.addresses)
+            host, port = listening[0].removeprefix("tcp://").rsplit(":", 1)
+            _reader, writer = await asyncio.open_connection(host, int(port))
+            for _ in range(200):  # until the server has taken the connection
+                async with http.get(url) as response:
+                    status = await response.json()
+                if any(
+                    p.get("clients") == 1 for p in status["protocols"] if p["name"] == "wyoming"
+                ):
+                    break
+                await asyncio.sleep(0.05)
+            writer.close()
+            await writer.wait_closed()
+        finally:
+            set_peers(hub, lambda: [])
+    by_name = {p["name"]: p for p in status["protocols"]}
+    assert set(by_name) == {"wyoming", "http"}
+    assert by_name["wyoming"]["addresses"] == listening
+    assert by_name["wyoming"]["clients"] == 1
+    assert by_name["http"]["addresses"] == [f"http://127.0.0.1:{server.port}"]
+    assert by_name["http"]["requests_in_flight"] == 1  # this very request
 
 
 # ------------------------------------------------------------- the page
