@@ -823,6 +823,25 @@ async def test_reload_changing_wyoming_keeps_open_streams(
         await asyncio.wait_for(run, TIMEOUT_S)
 
 
+async def test_reconfigure_in_place_unless_the_listener_changes(hub: EngineHub) -> None:
+    async with WyomingServer(hub.settings, hub) as running:
+
+        def wyoming(**changes: Any) -> Settings:
+            return hub.settings.model_copy(
+                update={"wyoming": hub.settings.wyoming.model_copy(update=changes)}
+            )
+
+        assert await running.reconfigure(_limited(hub, max_connections=7))
+        assert running.settings.limits.max_connections == 7
+        assert await running.reconfigure(wyoming(end_of_speech_s=0.8))
+        assert await running.reconfigure(wyoming(zeroconf=True, zeroconf_name="renamed"))
+        assert running._zeroconf_task is not None  # advertising (or warning) under the new name
+        assert not await running.reconfigure(wyoming(uri="tcp://127.0.0.1:1"))
+        async with _client(running) as client:
+            await client.write_event(Ping(text="same server").event())
+            assert Pong.from_event(await _read(client)).text == "same server"
+
+
 async def test_unix_socket(hub: EngineHub, tmp_path: Path) -> None:
     path = tmp_path / "wyoming.sock"
     settings = hub.settings.model_copy(

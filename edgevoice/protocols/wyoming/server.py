@@ -53,6 +53,8 @@ class WyomingServer(ProtocolServer):
         self._stopping = False
         self._zeroconf: Any = None
         self._zeroconf_task: asyncio.Task[None] | None = None
+        self._tcp: tuple[str, int] | None = None
+        """(host, bound port) of the TCP listener, for zeroconf."""
         self._refused = 0
         self._refusal_logged = -REFUSAL_LOG_INTERVAL_S
 
@@ -73,17 +75,16 @@ class WyomingServer(ProtocolServer):
         """Adopt ``settings`` without restarting when the listener stays the same.
 
         Connections read the server's settings as they go, so open streams
-        keep going under the new ``[wyoming]``/``[limits]`` values.
+        keep going under the new ``[wyoming]``/``[limits]`` values; a changed
+        zeroconf name or switch re-advertises.
         """
         old, new = self.settings.wyoming, settings.wyoming
-        if (old.enabled, old.uri, old.zeroconf, old.zeroconf_name) != (
-            new.enabled,
-            new.uri,
-            new.zeroconf,
-            new.zeroconf_name,
-        ):
+        if old.uri != new.uri:
             return False
         self.settings = settings
+        if (old.zeroconf, old.zeroconf_name) != (new.zeroconf, new.zeroconf_name):
+            await self._stop_advertising()
+            self._advertise_if_wanted()
         return True
 
     async def start(self) -> None:
@@ -97,11 +98,8 @@ class WyomingServer(ProtocolServer):
             for sock in self._server.sockets:
                 addr = sock.getsockname()
                 self._addresses.append(f"tcp://{addr[0]}:{addr[1]}")
-            if self.config.zeroconf:
-                bound_port = self._server.sockets[0].getsockname()[1]
-                self._zeroconf_task = asyncio.create_task(
-                    self._advertise(host, bound_port), name="wyoming-zeroconf"
-                )
+            self._tcp = (host, self._server.sockets[0].getsockname()[1])
+            self._advertise_if_wanted()
         elif uri.scheme == "unix":
             path = (uri.netloc + uri.path) or "/run/edgevoice/wyoming.sock"
             with contextlib.suppress(FileNotFoundError):
@@ -199,6 +197,24 @@ class WyomingServer(ProtocolServer):
             with contextlib.suppress(ConnectionError, OSError, RuntimeError):
                 await writer.wait_closed()
 
+    def _advertise_if_wanted(self) -> None:
+        if self.config.zeroconf and self._tcp is not None:
+            self._zeroconf_task = asyncio.create_task(
+                self._advertise(*self._tcp), name="wyoming-zeroconf"
+            )
+
+    async def _stop_advertising(self) -> None:
+        if self._zeroconf_task is not None:
+            self._zeroconf_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._zeroconf_task
+            self._zeroconf_task = None
+        if self._zeroconf is not None:
+            with contextlib.suppress(Exception):
+                await self._zeroconf.async_unregister_all_services()
+                await self._zeroconf.async_close()
+            self._zeroconf = None
+
     async def _advertise(self, host: str, port: int) -> None:
         """Register ``_wyoming._tcp.local.``; a failure is a warning, never fatal."""
         try:
@@ -230,15 +246,7 @@ class WyomingServer(ProtocolServer):
         self._stopping = True
         if self._server is not None:
             self._server.close()
-        if self._zeroconf_task is not None:
-            self._zeroconf_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._zeroconf_task
-        if self._zeroconf is not None:
-            with contextlib.suppress(Exception):
-                await self._zeroconf.async_unregister_all_services()
-                await self._zeroconf.async_close()
-            self._zeroconf = None
+        await self._stop_advertising()
         # Idle connections go now; busy ones get ``timeout_s`` to finish.
         for task, connection in list(self._connections.items()):
             if connection.idle:
