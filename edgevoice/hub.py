@@ -6,6 +6,16 @@ call in a per-engine worker pool sized by ``max_concurrency`` (so one busy
 model never starves another, and the event loop never waits on inference),
 shares one engine between entries that configure the same model identically,
 and exposes the capabilities protocols advertise.
+
+Streams hold their model through *sessions* (:meth:`EngineHub.asr_session`,
+:meth:`EngineHub.wake_session`, :meth:`EngineHub.vad_session`, and
+:meth:`EngineHub.speak` for TTS): the model is resolved once, when the
+handle is made, and its slot is held until the session closes. A SIGHUP
+reload lets open sessions finish on the engine they started with while new
+ones get the new engine; a session still open ``shutdown_timeout_s`` later
+moves to the model that now serves its name (or ends with
+:class:`~edgevoice.errors.ShuttingDownError` when none does). Every call on a
+closed engine raises that error, never an executor's ``RuntimeError``.
 """
 
 from __future__ import annotations
@@ -593,8 +603,10 @@ class EngineHub:
                 if close is not None:
                     try:
                         await asyncio.shield(self.run(model, close))
-                    except (ValueError, RuntimeError, asyncio.CancelledError):
+                    except (ValueError, RuntimeError, ShuttingDownError):
                         pass  # still executing in another worker: it ends by itself
+                    # A CancelledError here is the caller's: the shielded close goes
+                    # on in the worker, the cancellation must reach the caller.
             finally:
                 model.slot.active -= 1
 
