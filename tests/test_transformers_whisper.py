@@ -451,9 +451,19 @@ def test_translate_with_word_timestamps(random_engine: TransformersWhisperAsrEng
 
 
 def test_language_detection_and_prompt(random_engine: TransformersWhisperAsrEngine) -> None:
-    info, segments = random_engine.transcribe(
-        _noise(1.5, seed=1), TranscribeOptions(prompt="Kitchen, living room. " * 200)
-    )
+    """A prompt far over Whisper's context keeps its latest tokens; hotwords join it."""
+    spy = GenerateSpy(random_engine._model)
+    try:
+        info, segments = random_engine.transcribe(
+            _noise(1.5, seed=1),
+            TranscribeOptions(prompt="Kitchen, living room. " * 200, hotwords="ComfyUI"),
+        )
+    finally:
+        random_engine._model.generate = spy._generate
+    (call,) = spy.calls
+    prompt = random_engine._processor.tokenizer.decode(call["prompt_ids"].tolist())
+    assert len(call["prompt_ids"]) == 15  # max_target_positions 32 // 2 - 1
+    assert prompt.startswith("<|startofprev|>") and prompt.endswith(" ComfyUI")
     assert info.language in random_engine.capabilities.languages
     assert 0.0 < info.language_probability <= 1.0
     _check_segments(list(segments), info.duration_s, timed=False)
@@ -506,6 +516,8 @@ def test_concurrent_requests_batch_with_their_own_languages(
 def test_bad_requests(random_engine: TransformersWhisperAsrEngine) -> None:
     with pytest.raises(EngineRequestError, match="language 'xx'"):
         random_engine.transcribe(_noise(1.0), TranscribeOptions(language="xx"))
+    with pytest.raises(EngineRequestError, match="beam_size"):
+        random_engine.transcribe(_noise(1.0), TranscribeOptions(beam_size=500))
     info, segments = random_engine.transcribe(np.zeros(0, np.float32), TranscribeOptions())
     assert info.duration_s == 0.0 and list(segments) == []
 

@@ -266,7 +266,11 @@ class MlxWhisperAsrEngine:
             logprob_threshold=self._options.logprob_threshold,
             no_speech_threshold=self._options.no_speech_threshold,
             condition_on_previous_text=self._options.condition_on_previous_text,
-            initial_prompt=options.prompt or self._options.initial_prompt,
+            # Hotwords have no slot of their own in Whisper: they join the prompt.
+            initial_prompt=" ".join(
+                p for p in (options.prompt or self._options.initial_prompt, options.hotwords) if p
+            )
+            or None,
             word_timestamps=options.word_timestamps,
             hallucination_silence_threshold=(
                 self._options.hallucination_silence_threshold_s if options.word_timestamps else None

@@ -82,12 +82,13 @@ _PREPEND_PUNCTUATION = "\"'“¡¿([{-"
 _APPEND_PUNCTUATION = "\"'.。,，!！?？:：”)]}、"
 _NO_SPACE_LANGUAGES = frozenset({"zh", "ja", "th", "lo", "my", "yue"})
 _DEFAULT_TEMPERATURES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+MAX_BEAM_SIZE = 20
 
 
 class TransformersWhisperOptions(EngineOptions):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     """Weights' precision; ``auto`` = float16 on CUDA, float32 on CPU."""
-    beam_size: int = Field(default=1, ge=1, le=20)
+    beam_size: int = Field(default=1, ge=1, le=MAX_BEAM_SIZE)
     """Default beam size (1 = greedy, fastest)."""
     language: str | None = None
     """Default language when a request names none (None: detect)."""
@@ -608,10 +609,19 @@ class TransformersWhisperAsrEngine:
             if options.temperature is not None
             else tuple(self._options.temperature)
         )
+        beam_size = options.beam_size or self._options.beam_size
+        if not 1 <= beam_size <= MAX_BEAM_SIZE:
+            raise EngineRequestError(
+                f"beam_size must be between 1 and {MAX_BEAM_SIZE}", param="beam_size"
+            )
+        # Hotwords have no slot of their own in Whisper: they join the prompt.
+        prompt = " ".join(
+            p for p in (options.prompt or self._options.initial_prompt, options.hotwords) if p
+        )
         key = _DecodeKey(
             task=options.task if self.multilingual else "transcribe",
-            prompt=(options.prompt or self._options.initial_prompt or None),
-            beam_size=options.beam_size or self._options.beam_size,
+            prompt=prompt or None,
+            beam_size=beam_size,
             temperature=temperature,
             word_timestamps=options.word_timestamps,
             long_form=duration_s > WINDOW_S,
