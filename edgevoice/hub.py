@@ -932,7 +932,9 @@ class AsrSession(_Session):
 
     Feed mono float32 at :attr:`rate_hz` with :meth:`append`; :meth:`transcribe`
     decodes all of it (or a given clip). The buffer is bounded by
-    ``max_audio_s`` (:class:`LimitExceededError` past it). Event-loop only.
+    ``max_audio_s`` (:class:`LimitExceededError` past it) and grows in place
+    (amortized, never past the bound), so :meth:`audio` is a view, not a copy:
+    clips taken from it stay valid while more audio is appended. Event-loop only.
     """
 
     def __init__(
@@ -947,7 +949,7 @@ class AsrSession(_Session):
         self.max_audio_s = max_audio_s
         self.rate_hz: int = model.engine.capabilities.sample_rate_hz
         """Rate of the audio this session buffers (the model's)."""
-        self._chunks: list[FloatAudio] = []
+        self._buffer: FloatAudio = np.zeros(0, dtype=np.float32)
         self._samples = 0
         self.decoding = 0
         """This session's decodes queued or running in a worker."""
@@ -974,24 +976,29 @@ class AsrSession(_Session):
     def append(self, samples: FloatAudio) -> None:
         """Buffer ``samples`` (mono float32 at :attr:`rate_hz`)."""
         self.check_room(len(samples) / self.rate_hz)
-        if len(samples):
-            self._chunks.append(samples)
-            self._samples += len(samples)
+        end = self._samples + len(samples)
+        if end > len(self._buffer):
+            # Double (at least 4 s), never beyond the bound: appends stay amortized O(1).
+            bound = int(self.max_audio_s * self.rate_hz) + 1
+            size = min(max(end, 2 * len(self._buffer), 4 * self.rate_hz), max(bound, end))
+            grown = np.empty(size, dtype=np.float32)
+            grown[: self._samples] = self._buffer[: self._samples]
+            self._buffer = grown  # clips taken before keep the old array alive
+        self._buffer[self._samples : end] = samples
+        self._samples = end
 
     def audio(self) -> Audio:
-        """Everything buffered, as one clip."""
-        if len(self._chunks) > 1:
-            self._chunks = [np.concatenate(self._chunks)]
-        samples = self._chunks[0] if self._chunks else np.zeros(0, dtype=np.float32)
-        return Audio(samples, self.rate_hz)
+        """Everything buffered, as one clip (a view; later appends do not change it)."""
+        return Audio(self._buffer[: self._samples], self.rate_hz)
 
     def keep_last(self, samples: int) -> None:
         """Drop all but the last ``samples`` buffered (pre-roll while waiting for speech)."""
         if self._samples <= samples:
             return
-        tail = self.audio().samples[self._samples - samples :] if samples > 0 else None
-        self._chunks = [tail.copy()] if tail is not None else []
-        self._samples = max(samples, 0)
+        keep = max(samples, 0)
+        # A fresh array: clips taken before still see their audio.
+        tail = self._buffer[self._samples - keep : self._samples].copy()
+        self._buffer, self._samples = tail, keep
 
     async def transcribe(self, audio: Audio | None = None) -> Transcript:
         """Decode ``audio`` (default: everything buffered) on the held model."""
