@@ -496,6 +496,27 @@ async def test_pending_requests_per_client(
     assert any("went away" in r.getMessage() for r in caplog.records)
 
 
+async def test_stalled_body_times_out(
+    hub: EngineHub, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with serving(hub, tmp_path, idle_timeout_s=1.0) as server:
+        with no_tracebacks(caplog):
+            reader, writer = await _stalled_upload(server)
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            assert head.startswith(b"HTTP/1.1 408"), head
+            writer.close()
+            # A JSON body that stops halfway, likewise.
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            writer.write(
+                b"POST /v1/audio/speech HTTP/1.1\r\nHost: x\r\n"
+                b"Content-Type: application/json\r\nContent-Length: 500\r\n\r\n"
+                b'{"input": "Hello'
+            )
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            assert head.startswith(b"HTTP/1.1 408"), head
+            writer.close()
+
+
 async def _closed_within(reader: asyncio.StreamReader, timeout_s: float) -> bool:
     try:
         async with asyncio.timeout(timeout_s):

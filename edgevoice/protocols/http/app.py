@@ -22,7 +22,7 @@ from edgevoice.engines.base import EngineKind
 from edgevoice.fairness import client_scope
 from edgevoice.hub import EngineHub
 from edgevoice.protocols.http.errors import ApiError, to_api_error
-from edgevoice.protocols.http.forms import ClientGone
+from edgevoice.protocols.http.forms import ClientGone, body_limit
 from edgevoice.protocols.http.metrics import Metrics
 from edgevoice.protocols.http.models import get_model, list_models
 from edgevoice.protocols.http.openapi import build_spec, render_docs
@@ -202,11 +202,7 @@ def _document_routes(settings: Settings, api_key: bool) -> tuple[Handler, Handle
 def build_app(settings: Settings, hub: EngineHub, api_key: str | None = None) -> web.Application:
     """The aiohttp application (routes, middleware); no sockets."""
     limits = settings.limits
-    # JSON bodies may carry a base64 voice sample (4/3 of the upload limit).
-    app = web.Application(
-        middlewares=[api_middleware],
-        client_max_size=limits.max_upload_bytes * 4 // 3 + (1 << 16),
-    )
+    app = web.Application(middlewares=[api_middleware], client_max_size=body_limit(limits))
     app[STATE] = ServerState(
         settings=settings,
         hub=hub,

@@ -11,16 +11,20 @@ import asyncio
 import json
 import logging
 import math
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 
+from edgevoice.config import LimitsConfig
 from edgevoice.errors import PayloadTooLargeError
 from edgevoice.protocols.http.errors import ApiError, client_error
 
 _LOGGER = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 _MAX_FIELD_BYTES: Final = 1 << 20
 """A text field (not a file) longer than this is refused."""
@@ -59,12 +63,29 @@ class Form:
         return {k: v[-1] for k, v in self.fields.items() if v}
 
 
+def body_limit(limits: LimitsConfig) -> int:
+    """Largest request body: JSON may carry a base64 sample (4/3 of the upload limit)."""
+    return limits.max_upload_bytes * 4 // 3 + (1 << 16)
+
+
 def too_large(limit_bytes: int) -> PayloadTooLargeError:
     return PayloadTooLargeError("max_upload_bytes", limit_bytes, what="request body", unit="bytes")
 
 
-async def read_form(request: web.Request, limit_bytes: int) -> Form:
-    """Stream-parse a multipart body, refusing it as soon as it passes ``limit_bytes``."""
+def _stalled(idle_timeout_s: float) -> ApiError:
+    return ApiError(
+        408,
+        f"the request body stalled: nothing arrived for {idle_timeout_s:g} s "
+        "(limits.idle_timeout_s)",
+        code="request_timeout",
+    )
+
+
+async def read_form(request: web.Request, limits: LimitsConfig) -> Form:
+    """Stream-parse a multipart body, refusing it as soon as it passes
+    ``limits.max_upload_bytes`` or stalls for ``limits.idle_timeout_s``."""
+    limit_bytes = limits.max_upload_bytes
+    idle_s = limits.idle_timeout_s
     if not request.content_type.startswith("multipart/"):
         raise ApiError(
             415,
@@ -78,7 +99,7 @@ async def read_form(request: web.Request, limit_bytes: int) -> Form:
     try:
         reader = await request.multipart()
         parts = 0
-        while (part := await reader.next()) is not None:
+        while (part := await _within(idle_s, reader.next())) is not None:
             parts += 1
             if parts > _MAX_PARTS:
                 raise client_error(f"more than {_MAX_PARTS} form fields", code="invalid_multipart")
@@ -91,7 +112,7 @@ async def read_form(request: web.Request, limit_bytes: int) -> Form:
             if not name:
                 continue
             chunks = bytearray()
-            while chunk := await part.read_chunk(1 << 16):
+            while chunk := await _within(idle_s, part.read_chunk(1 << 16)):
                 total += len(chunk)
                 if total > limit_bytes:
                     raise too_large(limit_bytes)
@@ -125,17 +146,35 @@ async def read_form(request: web.Request, limit_bytes: int) -> Form:
     return form
 
 
-async def read_json(request: web.Request) -> dict[str, Any]:
-    """The JSON object body (large bodies are parsed in a worker thread)."""
+async def _within(timeout_s: float, step: Awaitable[T]) -> T:
     try:
-        raw = await request.read()
+        async with asyncio.timeout(timeout_s):
+            return await step
+    except TimeoutError:
+        raise _stalled(timeout_s) from None
+
+
+async def read_json(request: web.Request, limits: LimitsConfig) -> dict[str, Any]:
+    """The JSON object body (large bodies are parsed in a worker thread).
+
+    At most :func:`body_limit` bytes, each read within ``limits.idle_timeout_s``.
+    """
+    max_bytes = body_limit(limits)
+    if request.content_length is not None and request.content_length > max_bytes:
+        raise too_large(limits.max_upload_bytes)
+    raw = bytearray()
+    try:
+        while chunk := await _within(limits.idle_timeout_s, request.content.readany()):
+            raw += chunk
+            if len(raw) > max_bytes:
+                raise too_large(limits.max_upload_bytes)
     except ConnectionError as exc:
         raise ClientGone(str(exc)) from None
     except HttpProcessingError as exc:
         raise client_error(f"malformed request body: {exc.message}", code="invalid_json") from None
     try:
         if len(raw) > _THREAD_JSON_BYTES:
-            body = await asyncio.to_thread(json.loads, raw)
+            body = await asyncio.to_thread(json.loads, bytes(raw))
         else:
             body = json.loads(raw)
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:

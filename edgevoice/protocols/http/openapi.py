@@ -15,6 +15,7 @@ _ERROR_RESPONSES = {
     "400": "Bad field, or a `[limits]` bound crossed (audio longer than `limits.max_audio_s`, text longer than `limits.max_input_chars`, ...)",
     "401": "Missing or wrong API key (when `api_key` is set)",
     "404": "Unknown model or voice (the message lists configured names only)",
+    "408": "The request body stalled: nothing arrived for `limits.idle_timeout_s`",
     "413": "Upload larger than `limits.max_upload_bytes` (or a full voice library: `limits.max_voice_library_bytes`)",
     "415": "Audio that cannot be decoded, or a body that is not multipart/form-data",
     "426": "Plain HTTP request to the WebSocket route",
@@ -519,7 +520,7 @@ def build_spec(limits: LimitsConfig | None = None, *, api_key: bool = False) -> 
                 },
                 "responses": {
                     "200": {"description": "The transcript", "content": transcript_content},
-                    **_errors("400", "404", "413", "415", "503"),
+                    **_errors("400", "404", "408", "413", "415", "503"),
                 },
             }
         },
@@ -535,7 +536,7 @@ def build_spec(limits: LimitsConfig | None = None, *, api_key: bool = False) -> 
                 },
                 "responses": {
                     "200": {"description": "The English transcript", "content": transcript_content},
-                    **_errors("400", "404", "413", "415", "503"),
+                    **_errors("400", "404", "408", "413", "415", "503"),
                 },
             }
         },
@@ -560,7 +561,7 @@ def build_spec(limits: LimitsConfig | None = None, *, api_key: bool = False) -> 
                             "text/event-stream": {"schema": _sse("SpeechStreamEvent")},
                         },
                     },
-                    **_errors("400", "404", "413", "415", "503"),
+                    **_errors("400", "404", "408", "413", "415", "503"),
                 },
             }
         },
@@ -594,7 +595,7 @@ def build_spec(limits: LimitsConfig | None = None, *, api_key: bool = False) -> 
                 },
                 "responses": {
                     "201": _json(_ref("Voice"), "Created"),
-                    **_errors("400", "413", "415"),
+                    **_errors("400", "408", "413", "415"),
                 },
             },
         },

@@ -26,6 +26,9 @@ from edgevoice.protocols.http.state import STATE
 
 _LOGGER = logging.getLogger(__name__)
 
+_LINGERING_S = 2.0
+"""How long a connection answered before its body arrived keeps reading it."""
+
 
 class _GuardedRequestHandler(RequestHandler):
     """aiohttp's connection handler with a deadline for each request's headers.
@@ -167,6 +170,9 @@ class HttpServer(ProtocolServer):
             access_log=None,
             shutdown_timeout=1.0,
             keepalive_timeout=limits.idle_timeout_s,
+            # After an early answer (429, 413, ...) aiohttp reads and drops the
+            # rest of the body so the client sees the answer; not for 10 s.
+            lingering_time=_LINGERING_S,
         )
         await self._runner.setup()
         http = self.settings.http

@@ -249,11 +249,11 @@ async def speech(request: web.Request) -> web.StreamResponse:
     st = state(request)
     files: dict[str, UploadedFile] = {}
     if request.content_type.startswith("multipart/"):
-        form = await read_form(request, st.settings.limits.max_upload_bytes)
+        form = await read_form(request, st.settings.limits)
         body: dict[str, Any] = form.as_dict()
         files = form.files
     else:
-        body = await read_json(request)
+        body = await read_json(request, st.settings.limits)
     text = check_text(body.get("input"), st.settings.limits.max_input_chars)
     fmt = parse_choice(body.get("response_format"), "response_format", OUTPUT_FORMATS, "mp3")
     speed = parse_float(body.get("speed"), "speed", *SPEED_RANGE)

@@ -125,7 +125,7 @@ async def _transcribe(request: web.Request, task: str) -> web.StreamResponse:
     st = state(request)
     hub = st.hub
     limits = st.settings.limits
-    form = await read_form(request, limits.max_upload_bytes)
+    form = await read_form(request, limits)
     upload = form.files.get("file")
     if upload is None:
         raise client_error("file is required (an audio file upload)", "file", "missing_file")

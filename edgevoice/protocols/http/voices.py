@@ -52,7 +52,7 @@ async def create_voice(request: web.Request) -> web.Response:
         )
         error.code = "cloning_not_supported"
         raise error
-    form = await read_form(request, st.settings.limits.max_upload_bytes)
+    form = await read_form(request, st.settings.limits)
     name = form.get("name")
     if not name:
         raise client_error("name is required", "name", "missing_name")
