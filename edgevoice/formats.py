@@ -87,10 +87,18 @@ def verbose_json(transcript: Transcript, task: str = "transcribe") -> dict[str, 
                 "avg_logprob": s.avg_logprob,
                 "compression_ratio": s.compression_ratio,
                 "no_speech_prob": s.no_speech_prob,
+                # What engines such as SenseVoice tag (language, emotion, audio events).
+                **({"language": s.language} if s.language else {}),
+                **({"emotion": s.emotion} if s.emotion else {}),
+                **({"events": list(s.events)} if s.events else {}),
             }
             for s in transcript.segments
         ],
     }
+    if transcript.emotion:
+        body["emotion"] = transcript.emotion
+    if transcript.events:
+        body["events"] = list(transcript.events)
     words = [w for s in transcript.segments for w in s.words]
     if words:
         body["words"] = [
