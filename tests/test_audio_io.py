@@ -11,6 +11,7 @@ mock (sound card only). Waits are generous upper bounds, never asserted timings.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import uuid
@@ -124,13 +125,12 @@ async def until(check: Callable[[], bool], what: str, timeout_s: float = WAIT_S)
 # ------------------------------------------------------------------ fixtures
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def hub(
-    shared_cache: Path, tmp_path_factory: pytest.TempPathFactory
-) -> AsyncIterator[EngineHub]:
+@contextlib.asynccontextmanager
+async def audio_io_hub(state_dir: Path, cache_dir: Path) -> AsyncIterator[EngineHub]:
+    """tiny.en, steady joe, hey_jarvis + okay_nabu, silero: loaded for real."""
     settings = Settings(
-        cache_dir=shared_cache,
-        state_dir=tmp_path_factory.mktemp("state"),
+        cache_dir=cache_dir,
+        state_dir=state_dir,
         asr=[TINY_EN],
         tts=[JOE_STEADY],
         wake=WAKE_WORDS,
@@ -143,11 +143,23 @@ async def hub(
         yield loaded
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def hey_jarvis(hub: EngineHub) -> FloatAudio:
+async def say_hey_jarvis(hub: EngineHub) -> FloatAudio:
     """Piper saying "Hey Jarvis." at 16 kHz."""
     audio = await hub.synthesize_all("Hey Jarvis.", SynthesizeOptions(voice="joe"))
     return audio.at_rate(CAPTURE_RATE_HZ).samples
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def hub(
+    shared_cache: Path, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[EngineHub]:
+    async with audio_io_hub(tmp_path_factory.mktemp("state"), shared_cache) as loaded:
+        yield loaded
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def hey_jarvis(hub: EngineHub) -> FloatAudio:
+    return await say_hey_jarvis(hub)
 
 
 @pytest.fixture(scope="module")
@@ -162,7 +174,13 @@ def light() -> FloatAudio:
 
 def settings_for(hub: EngineHub, **audio_io: Any) -> Settings:
     """The hub's settings with an ``[audio_io]`` for one test (``file:`` pace PACE)."""
-    values: dict[str, Any] = {"enabled": True, "file_pace": PACE, "retry_min_s": 0.05}
+    # 128 ms blocks: half the engine calls per second of the default 64 ms.
+    values: dict[str, Any] = {
+        "enabled": True,
+        "file_pace": PACE,
+        "retry_min_s": 0.05,
+        "block_ms": 128,
+    }
     values.update(audio_io)
     return hub.settings.model_copy(update={"audio_io": AudioIoConfig(**values)})
 
@@ -408,7 +426,7 @@ async def test_no_sound_card_logs_retries_and_keeps_running(
     card = MockSoundCard(fail_open=True, pace=PACE)
     run = await start_loop(mqtt=False, devices=card, retry_min_s=0.05, retry_max_s=0.2)
     await start(run)  # not required: starts without a sound card
-    await until(lambda: card.opens >= 3, "three attempts to open the sound card")
+    await until(lambda: run.server.attempts >= 3, "three attempts to open the sound card")
     assert not run.server.running.is_set()
     assert "mock sound card" in (run.server.device_error or "")
     lines = [
@@ -418,10 +436,10 @@ async def test_no_sound_card_logs_retries_and_keeps_running(
     # The card comes back (plugged in): the loop runs; unplugged mid-run: retried again.
     card.plug_in()
     await until(run.server.running.is_set, "the loop to run once the card is back")
-    opens = card.opens
+    attempts = run.server.attempts
     card.unplug()
     await until(lambda: not run.server.running.is_set(), "the unplugged card to be noticed")
-    await until(lambda: card.opens > opens, "a new attempt after the unplug")
+    await until(lambda: run.server.attempts > attempts, "a new attempt after the unplug")
     card.plug_in()
     await until(run.server.running.is_set, "the loop to run again")
 
@@ -435,7 +453,12 @@ async def test_required_audio_fails_the_start(start_loop: Callable[..., Any]) ->
 async def test_missing_file_device_is_a_clear_error(
     start_loop: Callable[..., Any], tmp_path: Path
 ) -> None:
-    run = await start_loop(mqtt=False, input=f"file:{tmp_path / 'missing.wav'}", required=True)
+    run = await start_loop(
+        mqtt=False,
+        input=f"file:{tmp_path / 'missing.wav'}",
+        output=f"file:{tmp_path / 'out.wav'}",
+        required=True,
+    )
     with pytest.raises(AudioDeviceError, match=r"cannot open file:.*missing\.wav"):
         await run.server.start()
 

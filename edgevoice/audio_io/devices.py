@@ -34,7 +34,7 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -591,12 +591,9 @@ class MockSoundCard:
         self.echo = echo
         self.output_rate_hz = output_rate_hz
         self.plugged = not fail_open
-        self.opens = 0
-        """Open attempts (tests check the retry backoff)."""
         self.played: list[FloatAudio] = []
         """Everything the speaker played, at ``output_rate_hz``."""
         self._echo: deque[FloatAudio] = deque()
-        self.on_open: Callable[[], None] | None = None
 
     def unplug(self) -> None:
         self.plugged = False
@@ -626,9 +623,6 @@ class MockSoundCard:
             raise AudioDeviceError(f"mock sound card: {what} unplugged")
 
     async def open_input(self, spec: str, *, block_samples: int, queue_blocks: int) -> Microphone:
-        self.opens += 1
-        if self.on_open is not None:
-            self.on_open()
         self._check("microphone")
         return _MockMicrophone(self, block_samples)
 

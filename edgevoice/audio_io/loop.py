@@ -66,8 +66,9 @@ class WakeLoop:
         self.config = config
         self.hub = hub
         self.player = player
-        self.wake_names: list[str] = list(config.wake_words)
-        """Wake words listened for (``[[wake]]`` names); empty: every wake model."""
+        self.wake_names: list[str] | None = list(config.wake_words) or None
+        """Wake words listened for (``[[wake]]`` names); ``None``: every wake
+        model; empty: none (a satellite whose wake words were all deselected)."""
         self.muted = False
         """No wake detection (and, in subclasses, no listening)."""
         self.audio_s = 0.0
@@ -94,17 +95,15 @@ class WakeLoop:
         with contextlib.suppress(ValueError):
             self.player.on_activity.remove(self._speaker_activity)
 
-    def set_wake_words(self, names: list[str]) -> None:
-        """Listen for these wake words from the next block on."""
-        self.wake_names = list(names)
+    def set_wake_words(self, names: list[str] | None) -> None:
+        """Listen for these wake words (``None``: all) from the next block on."""
+        self.wake_names = None if names is None else list(names)
         self._wake_changed = True
 
     def _wake_session(self) -> WakeSession | None:
-        if not self.hub.models(EngineKind.WAKE):
+        if not self.hub.models(EngineKind.WAKE) or self.wake_names == []:
             return None
-        if not self.wake_names and self.config.wake_words:
-            return None  # every configured word was deselected
-        return self.hub.wake_session(self.wake_names or None)
+        return self.hub.wake_session(self.wake_names)
 
     def wake_live(self) -> bool:
         """Whether a block may be fed to wake detection now."""

@@ -19,10 +19,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
 import logging
 import time
-from typing import Any
+from typing import TYPE_CHECKING
 
 import aiohttp
 
@@ -44,6 +43,9 @@ from edgevoice.config import ConfigError, Settings
 from edgevoice.engines.base import EngineKind
 from edgevoice.hub import EngineHub
 from edgevoice.protocols.base import ProtocolServer
+
+if TYPE_CHECKING:
+    from edgevoice.audio_io.esphome.satellite import EsphomeSatellite
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -70,7 +72,7 @@ class AudioIoServer(ProtocolServer):
         self.devices: DeviceFactory = devices or SystemDevices(self.config.file_pace)
         self.player = Player(max_queued=self.config.max_queued_playback, volume=self.config.volume)
         self.loop: WakeLoop | None = None
-        self.satellite: Any = None
+        self.satellite: EsphomeSatellite | None = None
         """The ESPHome satellite (``mode = "esphome"``)."""
         self.actions: Actions | None = None
         self.sounds: dict[str, Audio | None] = {}
@@ -115,8 +117,9 @@ class AudioIoServer(ProtocolServer):
         self.player.on_device_error = self._on_speaker_error
         try:
             if config.mode == "esphome":
-                satellite = importlib.import_module("edgevoice.audio_io.esphome.satellite")
-                self.satellite = satellite.EsphomeSatellite(
+                from edgevoice.audio_io.esphome.satellite import EsphomeSatellite
+
+                self.satellite = EsphomeSatellite(
                     self.settings, self.hub, self.player, self._session, self.sounds
                 )
                 await self.satellite.start()
