@@ -680,3 +680,47 @@ async def test_unknown_voice_never_lists_stored_ids(hub: EngineHub, tmp_path: Pa
     for message in (unknown.value.message, unknown_id.value.message, lookup):
         assert stored["id"] not in message and "Private" not in message, message
     assert "fake" in unknown.value.message  # configured voices may be named
+
+
+async def test_reload_adopts_new_limits_in_place(hub: EngineHub, tmp_path: Path) -> None:
+    async with (
+        serving(hub, tmp_path, max_input_chars=100) as server,
+        aiohttp.ClientSession() as session,
+    ):
+        text = {"model": "tts-1", "input": "word " * 12, "response_format": "pcm"}
+        async with session.post(base_url(server) + "/v1/audio/speech", json=text) as response:
+            assert response.status == 200
+            await response.read()
+        tighter = _settings(tmp_path / "state", tmp_path / "cache", [CLONER], max_input_chars=50)
+        assert await server.reconfigure(tighter)
+        async with session.post(base_url(server) + "/v1/audio/speech", json=text) as response:
+            assert response.status == 400
+            assert (await response.json())["error"]["code"] == "limit_exceeded"
+        async with session.get(base_url(server) + "/openapi.json") as response:
+            spec = await response.json()
+        assert (
+            spec["components"]["schemas"]["SpeechRequest"]["properties"]["input"]["maxLength"] == 50
+        )
+        # A new listener needs a restart (the daemon's job).
+        moved = tighter.model_copy(
+            update={"http": tighter.http.model_copy(update={"port": server.port + 1})}
+        )
+        assert not await server.reconfigure(moved)
+
+
+async def test_what_schemathesis_found_holds(hub: EngineHub, tmp_path: Path) -> None:
+    """405 names the allowed methods; blank input is refused and the document says so."""
+    async with serving(hub, tmp_path) as server, aiohttp.ClientSession() as session:
+        async with session.delete(base_url(server) + "/v1/models") as response:
+            assert response.status == 405
+            assert "GET" in response.headers["Allow"].split(",")[0]
+            assert (await response.json())["error"]["code"] == "method_not_allowed"
+        async with session.get(base_url(server) + "/openapi.json") as response:
+            spec = await response.json()
+        text = spec["components"]["schemas"]["SpeechRequest"]["properties"]["input"]
+        assert text["minLength"] == 1 and text["pattern"] == "\\S"
+        for blank in ("", "   "):
+            body = {"model": "tts-1", "input": blank}
+            async with session.post(base_url(server) + "/v1/audio/speech", json=body) as response:
+                assert response.status == 400
+                assert (await response.json())["error"]["param"] == "input"

@@ -29,7 +29,7 @@ from edgevoice.protocols.http.openapi import build_spec, render_docs
 from edgevoice.protocols.http.realtime import REALTIME_PATH, realtime, websocket_token
 from edgevoice.protocols.http.speech import speech
 from edgevoice.protocols.http.speech_stream import STREAM_PATH, speech_stream
-from edgevoice.protocols.http.state import STATE, ServerState, state
+from edgevoice.protocols.http.state import STATE, Documents, ServerState, state
 from edgevoice.protocols.http.status import STATUS_PATH, status
 from edgevoice.protocols.http.transcription import transcriptions, translations
 from edgevoice.protocols.http.ui import add_ui_routes, is_ui_path
@@ -182,18 +182,19 @@ async def metrics(request: web.Request) -> web.Response:
     )  # fmt: skip
 
 
-def _document_routes(settings: Settings, api_key: bool) -> tuple[Handler, Handler]:
-    """``/openapi.json`` and ``/docs``, rendered once for this configuration."""
-    spec = build_spec(settings.limits, api_key=api_key)
-    page = render_docs(spec)
+async def openapi(request: web.Request) -> web.StreamResponse:
+    return web.json_response(state(request).documents.spec)
 
-    async def openapi(_request: web.Request) -> web.StreamResponse:
-        return web.json_response(spec)
 
-    async def docs(_request: web.Request) -> web.StreamResponse:
-        return web.Response(text=page, content_type="text/html", charset="utf-8")
+async def docs(request: web.Request) -> web.StreamResponse:
+    page = state(request).documents.page
+    return web.Response(text=page, content_type="text/html", charset="utf-8")
 
-    return openapi, docs
+
+def documents(settings: Settings, api_key: str | None) -> Documents:
+    """``/openapi.json`` and ``/docs`` for this configuration (its limits, its key)."""
+    spec = build_spec(settings.limits, api_key=api_key is not None)
+    return Documents(spec, render_docs(spec))
 
 
 # ---------------------------------------------------------------- the app
@@ -213,6 +214,7 @@ def build_app(settings: Settings, hub: EngineHub, api_key: str | None = None) ->
         ),
         metrics=Metrics(),
         api_key=api_key,
+        documents=documents(settings, api_key),
     )
     app.on_response_prepare.append(_on_prepare)
     app.router.add_post("/v1/audio/transcriptions", transcriptions)
@@ -230,7 +232,6 @@ def build_app(settings: Settings, hub: EngineHub, api_key: str | None = None) ->
     app.router.add_get("/metrics", metrics)
     app.router.add_get(STATUS_PATH, status)
     add_ui_routes(app)  # the web page: / and /ui/
-    openapi, docs = _document_routes(settings, api_key is not None)
     app.router.add_get("/openapi.json", openapi)
     app.router.add_get("/docs", docs)
     return app

@@ -21,7 +21,7 @@ from aiohttp.web_protocol import RequestHandler
 from edgevoice.config import Settings
 from edgevoice.hub import EngineHub
 from edgevoice.protocols.base import ProtocolServer
-from edgevoice.protocols.http.app import build_app, read_api_key
+from edgevoice.protocols.http.app import build_app, documents, read_api_key
 from edgevoice.protocols.http.state import STATE
 
 _LOGGER = logging.getLogger(__name__)
@@ -119,6 +119,11 @@ class _GuardedServer(web.Server):
         self._header_timeout_s = header_timeout_s
         self._max_connections = max_connections
 
+    def set_limits(self, header_timeout_s: float, max_connections: int) -> None:
+        """For connections made from now on."""
+        self._header_timeout_s = header_timeout_s
+        self._max_connections = max_connections
+
     def __call__(self) -> RequestHandler:
         return _GuardedRequestHandler(
             self,
@@ -185,6 +190,30 @@ class HttpServer(ProtocolServer):
             raise
         if api_key is None and http.host not in ("127.0.0.1", "localhost", "::1"):
             _LOGGER.info("HTTP API has no api_key: anyone on the network can use it")
+
+    async def reconfigure(self, settings: Settings) -> bool:
+        """Adopt a reload's settings in place when the listener stays the same.
+
+        New ``[limits]``, ``cors_origins`` and API key apply to the next
+        request and connection; open requests and WebSockets go on. The
+        keep-alive timeout of connections already open stays as it was.
+        """
+        old, new = self.settings.http, settings.http
+        if self.app is None or not new.enabled or (new.host, new.port) != (old.host, old.port):
+            return False
+        api_key = await asyncio.to_thread(read_api_key, settings)
+        limits = settings.limits
+        st = self.app[STATE]
+        st.settings = settings
+        st.api_key = api_key
+        st.documents = documents(settings, api_key)
+        st.library.max_voices = limits.max_voices
+        st.library.max_bytes = limits.max_voice_library_bytes
+        server = self._runner.server if self._runner is not None else None
+        if isinstance(server, _GuardedServer):
+            server.set_limits(limits.header_timeout_s, limits.max_connections)
+        self.settings = settings
+        return True
 
     async def stop(self, timeout_s: float) -> None:
         runner, self._runner = self._runner, None

@@ -7,7 +7,7 @@ import time
 import weakref
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Any, Final
 
 from aiohttp import web
 
@@ -16,6 +16,14 @@ from edgevoice.errors import BusyError
 from edgevoice.hub import EngineHub
 from edgevoice.protocols.http.metrics import Metrics
 from edgevoice.voices import VoiceLibrary
+
+
+@dataclass(frozen=True)
+class Documents:
+    """The OpenAPI document and the ``/docs`` page rendered from it."""
+
+    spec: dict[str, Any]
+    page: str
 
 
 @dataclass
@@ -30,6 +38,7 @@ class ServerState:
     library: VoiceLibrary
     metrics: Metrics
     api_key: str | None
+    documents: Documents
     started_at: float = field(default_factory=time.time)
     websockets: weakref.WeakSet[web.WebSocketResponse] = field(default_factory=weakref.WeakSet)
     inflight: int = 0
