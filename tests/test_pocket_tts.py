@@ -36,7 +36,13 @@ from wyoming.tts import Synthesize, SynthesizeVoice
 
 from edgevoice.audio import Audio, decode, encode, pcm_to_float
 from edgevoice.config import HttpConfig, ModelConfig, MqttConfig, Settings, WyomingConfig
-from edgevoice.engines.base import EngineKind, EngineRequestError, SynthesizeOptions, VoiceReference
+from edgevoice.engines.base import (
+    EngineContext,
+    EngineKind,
+    EngineRequestError,
+    SynthesizeOptions,
+    VoiceReference,
+)
 from edgevoice.engines.pocket_tts import (
     PocketTtsEngine,
     PocketTtsOptions,
@@ -235,6 +241,27 @@ def test_resolution_makes_paths_local(tiny_config: Path, tmp_path: Path) -> None
     assert resolved.cloning and resolved.shipped is None
     # A directory holding one config works too.
     assert resolve_config(str(tiny_config.parent), tmp_path, offline=True).config == resolved.config
+
+
+def test_a_bad_default_voice_fails_the_load(tiny_config: Path, tmp_path: Path) -> None:
+    silent = tmp_path / "silent.wav"
+    silent.write_bytes(encode(np.zeros(48000, np.float32), 24000, "wav"))
+    cases = [
+        ({}, "needs a default voice"),
+        ({"voice": str(silent)}, "silent"),
+        ({"voice": "alba"}, "released weights"),
+        ({"voice": str(tmp_path / "nowhere.wav")}, "does not exist"),
+    ]
+    for options, message in cases:
+        entry = ModelConfig(name="p", engine="pocket-tts", model=str(tiny_config))
+        context = EngineContext(model=entry, device="cpu", cache_dir=tmp_path, offline=True)
+        engine = PocketTtsEngine(context, PocketTtsOptions.model_validate(options))
+        with pytest.raises(ModelNotFoundError, match=message):
+            engine.load()
+    entry = ModelConfig(name="p", engine="pocket-tts", model=str(tiny_config))
+    context = EngineContext(model=entry, device="cuda", cache_dir=tmp_path, offline=True)
+    with pytest.raises(ValueError, match="runs on cpu"):
+        PocketTtsEngine(context, PocketTtsOptions()).load()
 
 
 # ---------------------------------------------------------------- the hub

@@ -60,7 +60,7 @@ from edgevoice.engines.base import (
     VoiceInfo,
     VoiceReference,
 )
-from edgevoice.errors import BadAudioError, UnknownModelError
+from edgevoice.errors import BadAudioError, ClientError, UnknownModelError
 from edgevoice.models import ModelNotFoundError, as_local_path
 from edgevoice.text import split_sentences
 
@@ -419,20 +419,25 @@ class PocketTtsEngine:
             location = get_predefined_voice(language=resolved.shipped, name=voice)
             state_file = _hf_file(location, self._context.cache_dir, self._context.offline)
             return self._model.get_state_for_audio_prompt(state_file)
-        path = as_local_path(voice) if not voice.startswith("hf://") else None
         if voice.startswith("hf://"):
-            path = _hf_file(voice, self._context.cache_dir, self._context.offline)
+            path: Path | None = _hf_file(voice, self._context.cache_dir, self._context.offline)
+        else:
+            path = as_local_path(voice)
         if path is None or not path.is_file():
             raise ModelNotFoundError(
                 f"default voice {voice!r} is neither a predefined Pocket TTS voice nor a file"
             )
         if path.suffix == ".safetensors":
             return self._model.get_state_for_audio_prompt(path)
-        audio = decode(path, max_duration_s=self._options.max_reference_s + 1.0)
-        reference = VoiceReference(audio.samples, audio.rate_hz)
+        if not self._cloning:
+            raise ModelNotFoundError(
+                f"default voice {path} is a reference clip, but the voice-cloning weights are "
+                "unavailable; use a predefined voice or a .safetensors voice state"
+            )
         try:
-            samples = self._checked_reference(reference)
-        except EngineRequestError as exc:
+            audio = decode(path, max_duration_s=self._options.max_reference_s + 1.0)
+            samples = self._checked_reference(VoiceReference(audio.samples, audio.rate_hz))
+        except ClientError as exc:
             raise ModelNotFoundError(f"default voice {path}: {exc}") from None
         return self._encode(samples, audio.rate_hz)
 
