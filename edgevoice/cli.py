@@ -27,8 +27,8 @@ from edgevoice.engines.base import (
 )
 from edgevoice.engines.registry import default_registry, validate_engines
 from edgevoice.errors import EngineError, UnknownModelError
-from edgevoice.formats import TRANSCRIPT_FORMATS, format_transcript
 from edgevoice.hub import EngineHub, HubStartError
+from edgevoice.transcript_formats import TRANSCRIPT_FORMATS, format_transcript
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -86,6 +86,9 @@ def _parser() -> argparse.ArgumentParser:
 
     eng = sub.add_parser("engines", help="list engine plugins")
     eng.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+    dev = sub.add_parser("devices", help="list sound devices ([audio_io] input/output)")
+    dev.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
     check = sub.add_parser("check-config", help="validate a config and print the effective one")
     check.add_argument("path", nargs="?", type=Path)
@@ -195,6 +198,31 @@ def _engines() -> None:
         print("  ".join([*cells, row[5]]).rstrip())
 
 
+def _devices() -> int:
+    """Print the PortAudio devices (``[audio_io] input``/``output`` take an index,
+    a name or a part of one); 1 when PortAudio is missing."""
+    from edgevoice.audio_io.devices import AudioDeviceError, list_devices
+
+    try:
+        devices = list_devices()
+    except AudioDeviceError as exc:
+        print(f"edgevoice: error: {exc}", file=sys.stderr)
+        return 1
+    if not devices:
+        print("no sound devices found (file:PATH devices still work)")
+        return 0
+    print("INDEX   IN  OUT   RATE  HOST API    NAME")
+    for d in devices:
+        mark = (" <default in" if d.default_input else "") + (
+            " <default out" if d.default_output else ""
+        )
+        print(
+            f"{d.index:>5}  {d.max_input_channels:>3}  {d.max_output_channels:>3}  "
+            f"{d.default_rate_hz:>5}  {d.host_api[:10]:<10}  {d.name}{mark}"
+        )
+    return 0
+
+
 def _check_config(args: argparse.Namespace) -> None:
     settings = load_config(args.path)
     validate_engines(settings)
@@ -209,6 +237,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "engines":
             setup_logging(args.log_level or "WARNING")
             _engines()
+        elif args.command == "devices":
+            setup_logging(args.log_level or "WARNING")
+            return _devices()
         elif args.command == "check-config":
             setup_logging(args.log_level or "WARNING")
             _check_config(args)

@@ -19,7 +19,7 @@ from edgevoice.engines.base import (
 )
 from edgevoice.engines.faster_whisper import FasterWhisperAsrEngine, FasterWhisperOptions
 from edgevoice.engines.piper import PiperOptions, PiperTtsEngine
-from edgevoice.models import ModelNotFoundError
+from edgevoice.model_files import ModelNotFoundError
 from edgevoice.testing import (
     FakeAsrEngine,
     FakeTtsEngine,

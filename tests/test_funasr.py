@@ -43,7 +43,7 @@ from edgevoice.engines.funasr import (
     split_long,
 )
 from edgevoice.hub import EngineHub
-from edgevoice.models import ModelNotFoundError
+from edgevoice.model_files import ModelNotFoundError
 from edgevoice.protocols.http import HttpServer
 from tests.conftest import LAMP_WAV, LIGHT_EN_WAV
 

@@ -44,7 +44,7 @@ from edgevoice.engines.kokoro import (
 from edgevoice.engines.registry import default_registry
 from edgevoice.errors import UnknownModelError
 from edgevoice.hub import EngineHub
-from edgevoice.models import ModelNotFoundError
+from edgevoice.model_files import ModelNotFoundError
 from edgevoice.protocols.http import HttpServer
 from edgevoice.protocols.wyoming import WyomingServer
 from edgevoice.testing import check_tts_engine

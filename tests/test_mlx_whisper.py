@@ -33,7 +33,7 @@ from edgevoice.engines.mlx_whisper import (
 )
 from edgevoice.engines.registry import EngineRegistry
 from edgevoice.hub import EngineHub
-from edgevoice.models import ModelNotFoundError
+from edgevoice.model_files import ModelNotFoundError
 from edgevoice.protocols.http import HttpServer
 from edgevoice.testing import check_asr_engine
 from tests.conftest import LIGHT_EN_TEXT, LIGHT_EN_WAV, words

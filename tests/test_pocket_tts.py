@@ -51,7 +51,7 @@ from edgevoice.engines.pocket_tts import (
 )
 from edgevoice.errors import BadAudioError, UnknownModelError
 from edgevoice.hub import EngineHub
-from edgevoice.models import ModelNotFoundError
+from edgevoice.model_files import ModelNotFoundError
 from edgevoice.protocols.http import HttpServer
 from edgevoice.protocols.wyoming import WyomingServer
 from edgevoice.testing import check_tts_engine

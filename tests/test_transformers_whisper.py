@@ -45,7 +45,7 @@ from edgevoice.engines.transformers_whisper import (
     timed_words,
 )
 from edgevoice.hub import EngineHub
-from edgevoice.models import ModelNotFoundError
+from edgevoice.model_files import ModelNotFoundError
 from edgevoice.protocols.http import HttpServer
 from edgevoice.testing import check_asr_engine
 from tests.conftest import LAMP_TEXT, LAMP_WAV, LIGHT_EN_TEXT, LIGHT_EN_WAV, words

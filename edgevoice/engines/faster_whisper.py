@@ -27,7 +27,7 @@ from edgevoice.engines.base import (
     TranscriptInfo,
     Word,
 )
-from edgevoice.models import ModelNotFoundError, as_local_path, hf_snapshot, packaged_model
+from edgevoice.model_files import ModelNotFoundError, as_local_path, hf_snapshot, packaged_model
 
 _LOGGER = logging.getLogger(__name__)
 

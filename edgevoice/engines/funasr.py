@@ -49,7 +49,7 @@ from edgevoice.engines.base import (
     TranscribeOptions,
     TranscriptInfo,
 )
-from edgevoice.models import ModelNotFoundError, as_local_path, hf_snapshot
+from edgevoice.model_files import ModelNotFoundError, as_local_path, hf_snapshot
 
 _LOGGER = logging.getLogger(__name__)
 

@@ -48,7 +48,7 @@ from edgevoice.engines.base import (
     VoiceInfo,
 )
 from edgevoice.errors import UnknownModelError
-from edgevoice.models import ModelNotFoundError, as_local_path, packaged_model
+from edgevoice.model_files import ModelNotFoundError, as_local_path, packaged_model
 from edgevoice.text import split_sentences
 
 _LOGGER = logging.getLogger(__name__)

@@ -5,7 +5,7 @@ float16. ``device = "cpu"`` runs MLX's CPU backend in float32 — on Linux
 that is ``pip install "mlx[cpu]"`` (which the extra installs there); it works
 but is slow, so use it for testing rather than serving. Models: a local MLX
 Whisper directory (``config.json`` + ``weights.npz``/``weights.safetensors``)
-or an ``mlx-community`` repo id, resolved through :mod:`edgevoice.models`.
+or an ``mlx-community`` repo id, resolved through :mod:`edgevoice.model_files`.
 The heavy libraries are imported in :meth:`MlxWhisperAsrEngine.load`.
 
 mlx-whisper keeps one model in a process-wide holder and MLX evaluation is
@@ -38,7 +38,7 @@ from edgevoice.engines.base import (
     TranscriptInfo,
     Word,
 )
-from edgevoice.models import ModelNotFoundError, as_local_path, hf_snapshot
+from edgevoice.model_files import ModelNotFoundError, as_local_path, hf_snapshot
 
 _LOGGER = logging.getLogger(__name__)
 

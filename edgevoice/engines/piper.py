@@ -40,7 +40,7 @@ from edgevoice.engines.base import (
     TtsCapabilities,
     VoiceInfo,
 )
-from edgevoice.models import ModelNotFoundError, as_local_path, hf_snapshot, packaged_model
+from edgevoice.model_files import ModelNotFoundError, as_local_path, hf_snapshot, packaged_model
 from edgevoice.text import split_for_streaming
 
 _LOGGER = logging.getLogger(__name__)

@@ -61,7 +61,7 @@ from edgevoice.engines.base import (
     VoiceReference,
 )
 from edgevoice.errors import BadAudioError, ClientError, UnknownModelError
-from edgevoice.models import ModelNotFoundError, as_local_path
+from edgevoice.model_files import ModelNotFoundError, as_local_path
 from edgevoice.text import split_sentences
 
 _LOGGER = logging.getLogger(__name__)

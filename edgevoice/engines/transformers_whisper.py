@@ -2,7 +2,7 @@
 
 Any Whisper checkpoint in Hugging Face format (``openai/whisper-*``,
 ``distil-whisper/*``, fine-tunes; a local directory or a repo id resolved
-through :mod:`edgevoice.models`). Devices: CUDA in float16 (Jetson too, with
+through :mod:`edgevoice.model_files`). Devices: CUDA in float16 (Jetson too, with
 NVIDIA's torch build) and CPU in float32. The heavy libraries (torch,
 transformers) are imported in :meth:`TransformersWhisperAsrEngine.load`.
 
@@ -45,7 +45,7 @@ from edgevoice.engines.base import (
     TranscriptInfo,
     Word,
 )
-from edgevoice.models import ModelNotFoundError, as_local_path, hf_snapshot
+from edgevoice.model_files import ModelNotFoundError, as_local_path, hf_snapshot
 
 _LOGGER = logging.getLogger(__name__)
 

@@ -19,7 +19,6 @@ from aiohttp import web
 from edgevoice.audio import Audio, decode
 from edgevoice.engines.base import TranscribeOptions, Transcript
 from edgevoice.errors import LimitExceededError, UnsupportedRequestError
-from edgevoice.formats import TRANSCRIPT_FORMATS, format_transcript, verbose_json
 from edgevoice.hub import EngineHub, LoadedModel
 from edgevoice.protocols.http.errors import client_error, error_payload
 from edgevoice.protocols.http.forms import (
@@ -32,6 +31,7 @@ from edgevoice.protocols.http.forms import (
 )
 from edgevoice.protocols.http.models import resolve_asr
 from edgevoice.protocols.http.state import state
+from edgevoice.transcript_formats import TRANSCRIPT_FORMATS, format_transcript, verbose_json
 
 _LOGGER = logging.getLogger(__name__)
 
