@@ -244,7 +244,8 @@ async def test_reload_restarts_changed_protocol_servers(
 
     configs = [
         settings(),  # models only: the server keeps running and is told
-        settings(cors_origins=["http://x.test"]),  # same port: stop, then start
+        settings(cors_origins=["http://x.test"]),  # same listener: adopted in place
+        settings(host="localhost"),  # same port, another bind: stop, then start
         settings(port=0),  # a new port: the new server starts before the old stops
         settings(enabled=False),
     ]
@@ -269,11 +270,18 @@ async def test_reload_restarts_changed_protocol_servers(
         daemon.request_reload()
         ready = await listener.until("READY")
         assert f"HTTP on http://127.0.0.1:{port}" in ready["STATUS"]
+        assert daemon.servers == [first]  # reconfigured, never closed
+        assert daemon.settings.http.cors_origins == ["http://x.test"]
+        assert first.settings.http.cors_origins == ["http://x.test"]
+
+        daemon.request_reload()
+        ready = await listener.until("READY")
+        assert f":{port}" in ready["STATUS"]
         second = daemon.servers[0]
         assert second is not first
         assert first.addresses == []  # stopped
         assert await _connects(("127.0.0.1", port))
-        assert daemon.settings.http.cors_origins == ["http://x.test"]
+        assert daemon.settings.http.host == "localhost"
 
         daemon.request_reload()
         ready = await listener.until("READY")
