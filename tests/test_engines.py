@@ -19,6 +19,11 @@ from edgevoice.engines.base import (
 )
 from edgevoice.engines.faster_whisper import FasterWhisperAsrEngine, FasterWhisperOptions
 from edgevoice.engines.piper import PiperOptions, PiperTtsEngine
+from edgevoice.engines.whisper_common import (
+    prompt_with_hotwords,
+    request_language,
+    whisper_capabilities,
+)
 from edgevoice.model_files import ModelNotFoundError
 from edgevoice.testing import (
     FakeAsrEngine,
@@ -79,6 +84,25 @@ def test_faster_whisper_rejects_translate_and_unknown_language(
         whisper.transcribe(speech, TranscribeOptions(task="translate"))
     with pytest.raises(EngineRequestError, match="language 'de'"):
         whisper.transcribe(speech, TranscribeOptions(language="de"))
+
+
+def test_whisper_request_checks_shared_by_the_whisper_engines() -> None:
+    multi = whisper_capabilities(("en", "de"), translate=True, streaming=False)
+    english = whisper_capabilities(("en",), translate=False, streaming=True)
+    assert request_language("m", multi, TranscribeOptions(language="de-DE"), None) == "de"
+    assert request_language("m", multi, TranscribeOptions(language="EN_us"), None) == "en"
+    assert request_language("m", multi, TranscribeOptions(), "de") == "de"
+    assert request_language("m", multi, TranscribeOptions(), None) is None
+    with pytest.raises(EngineRequestError, match="English-only") as translate:
+        request_language("m", english, TranscribeOptions(task="translate"), None)
+    assert translate.value.param == "task"
+    for bad in ("fr", "-", " _x"):  # unknown, or nothing left of it once normalized
+        with pytest.raises(EngineRequestError, match="does not support language") as lang:
+            request_language("m", multi, TranscribeOptions(language=bad), None)
+        assert lang.value.param == "language"
+    assert prompt_with_hotwords(TranscribeOptions(hotwords="Nabu"), "Lights.") == "Lights. Nabu"
+    assert prompt_with_hotwords(TranscribeOptions(prompt="Hi."), "Lights.") == "Hi."
+    assert prompt_with_hotwords(TranscribeOptions(), None) is None
 
 
 def test_piper_conformance(piper: PiperTtsEngine) -> None:

@@ -18,16 +18,20 @@ from edgevoice.engines.base import (
     AsrCapabilities,
     EngineContext,
     EngineKind,
-    EngineOptions,
     EnginePlugin,
-    EngineRequestError,
     FloatAudio,
     Segment,
     TranscribeOptions,
     TranscriptInfo,
     Word,
 )
-from edgevoice.model_files import ModelNotFoundError, as_local_path, hf_snapshot, packaged_model
+from edgevoice.engines.whisper_common import (
+    WhisperOptions,
+    request_language,
+    resolve_whisper_model,
+    whisper_capabilities,
+)
+from edgevoice.model_files import as_local_path, packaged_model
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -63,22 +67,16 @@ _CT2_FILES = [
 ]
 
 
-class FasterWhisperOptions(EngineOptions):
+class FasterWhisperOptions(WhisperOptions):
     compute_type: str = "auto"
     """CTranslate2 compute type; ``auto`` = int8 on CPU, float16 on CUDA."""
     beam_size: int = Field(default=1, ge=1, le=20)
     """Default beam size (1 = greedy, fastest)."""
     cpu_threads: int = Field(default=0, ge=0)
     """0 lets CTranslate2 decide."""
-    language: str | None = None
-    """Default language when a request names none (None: detect)."""
-    initial_prompt: str | None = None
     hotwords: str | None = None
     vad_filter: bool = False
     """Skip non-speech with faster-whisper's Silero VAD."""
-    condition_on_previous_text: bool = True
-    temperature: list[float] = Field(default_factory=lambda: [0.0, 0.2, 0.4, 0.6, 0.8, 1.0])
-    """Fallback temperatures."""
 
 
 def resolve_model(model: str, cache_dir: Path, offline: bool) -> Path:
@@ -88,19 +86,20 @@ def resolve_model(model: str, cache_dir: Path, offline: bool) -> Path:
     packaged = packaged_model(ENGINE_NAME, model)
     if packaged is not None and packaged.installed():
         return packaged.locate(cache_dir)
-    repo_id = SHORT_NAMES.get(model, model)
-    if "/" not in repo_id:
-        raise ModelNotFoundError(
-            f"unknown faster-whisper model {model!r}: use a local path, one of "
-            f"{', '.join(SHORT_NAMES)} or an org/repo id"
-        )
     hint = (
         f"pip install {packaged.pip}"
         if packaged is not None
         else 'put a CTranslate2 Whisper model directory somewhere and set model = "/path"'
     )
-    return hf_snapshot(
-        repo_id, cache_dir=cache_dir, offline=offline, allow_patterns=_CT2_FILES, install_hint=hint
+    return resolve_whisper_model(
+        model,
+        cache_dir,
+        offline,
+        engine=ENGINE_NAME,
+        short_names=SHORT_NAMES,
+        allow_patterns=_CT2_FILES,
+        install_hint=hint,
+        local_kind="local path",
     )
 
 
@@ -116,23 +115,15 @@ class FasterWhisperAsrEngine:
 
     @staticmethod
     def _make_capabilities(*, multilingual: bool) -> AsrCapabilities:
+        languages: tuple[str, ...] = ("en",)
         if multilingual:
             try:
                 from faster_whisper.tokenizer import _LANGUAGE_CODES
 
                 languages = tuple(_LANGUAGE_CODES)
             except ImportError:
-                languages = ("en",)
-        else:
-            languages = ("en",)
-        return AsrCapabilities(
-            languages=languages,
-            sample_rate_hz=16000,
-            translate=multilingual,
-            word_timestamps=True,
-            streaming=True,
-            prompt=True,
-        )
+                pass
+        return whisper_capabilities(languages, translate=multilingual, streaming=True)
 
     @property
     def capabilities(self) -> AsrCapabilities:
@@ -174,19 +165,9 @@ class FasterWhisperAsrEngine:
     ) -> tuple[TranscriptInfo, Iterator[Segment]]:
         if self._model is None:
             raise RuntimeError("engine not loaded")
-        caps = self._capabilities
-        if options.task == "translate" and not caps.translate:
-            raise EngineRequestError(
-                f"model {self._context.model.name!r} is English-only and cannot translate; "
-                "use a multilingual model such as 'base'"
-            )
-        language = options.language or self._options.language
-        if language is not None:
-            language = language.split("-")[0].split("_")[0].lower()
-            if language not in caps.languages:
-                raise EngineRequestError(
-                    f"model {self._context.model.name!r} does not support language {language!r}"
-                )
+        language = request_language(
+            self._context.model.name, self._capabilities, options, self._options.language
+        )
         temperature: float | list[float] = (
             options.temperature if options.temperature is not None else self._options.temperature
         )

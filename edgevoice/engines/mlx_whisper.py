@@ -23,28 +23,32 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from edgevoice.engines.base import (
     AsrCapabilities,
     EngineContext,
     EngineKind,
-    EngineOptions,
     EnginePlugin,
-    EngineRequestError,
     FloatAudio,
     Segment,
     TranscribeOptions,
     TranscriptInfo,
     Word,
 )
-from edgevoice.model_files import ModelNotFoundError, as_local_path, hf_snapshot
+from edgevoice.engines.whisper_common import (
+    SAMPLE_RATE_HZ,
+    WhisperThresholdOptions,
+    prompt_with_hotwords,
+    request_language,
+    resolve_whisper_model,
+    whisper_capabilities,
+)
+from edgevoice.model_files import ModelNotFoundError
 
 _LOGGER = logging.getLogger(__name__)
 
 ENGINE_NAME = "mlx-whisper"
-
-SAMPLE_RATE_HZ = 16000
 
 SHORT_NAMES: dict[str, str] = {
     "tiny.en": "mlx-community/whisper-tiny.en-mlx",
@@ -62,62 +66,34 @@ SHORT_NAMES: dict[str, str] = {
     "turbo": "mlx-community/whisper-large-v3-turbo",
 }
 _MLX_FILES = ["config.json", "weights.npz", "weights.safetensors"]
-_DEFAULT_TEMPERATURES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 
 _MLX_LOCK = threading.Lock()
 """Serialises every mlx-whisper call in the process (shared model holder, MLX state)."""
 
 
-class MlxWhisperOptions(EngineOptions):
+class MlxWhisperOptions(WhisperThresholdOptions):
+    """mlx-whisper has no beam search: a request's ``beam_size`` is ignored."""
+
     dtype: Literal["auto", "float16", "float32"] = "auto"
     """``auto`` = float16 on the Apple GPU (``mlx``), float32 on CPU."""
-    language: str | None = None
-    """Default language when a request names none (None: detect)."""
-    initial_prompt: str | None = Field(default=None, max_length=2000)
-    temperature: list[float] = Field(default_factory=lambda: list(_DEFAULT_TEMPERATURES))
-    """Fallback temperatures (mlx-whisper has no beam search: ``beam_size`` is ignored)."""
-    compression_ratio_threshold: float | None = Field(default=2.4, gt=0)
-    logprob_threshold: float | None = -1.0
-    no_speech_threshold: float | None = Field(default=0.6, ge=0, le=1)
-    condition_on_previous_text: bool = True
     hallucination_silence_threshold_s: float | None = Field(default=None, gt=0)
     """With word timestamps: skip silences longer than this around likely hallucinations."""
-
-    @field_validator("temperature")
-    @classmethod
-    def _temperatures(cls, value: list[float]) -> list[float]:
-        if not value or len(value) > 10 or any(not 0 <= t <= 2 for t in value):
-            raise ValueError("temperature needs 1 to 10 values between 0 and 2")
-        return value
 
 
 def resolve_model(model: str, cache_dir: Path, offline: bool) -> Path:
     """Where the MLX Whisper directory for ``model`` is (blocking)."""
-    if (local := as_local_path(model)) is not None:
-        return local
-    repo_id = SHORT_NAMES.get(model, model)
-    if "/" not in repo_id:
-        raise ModelNotFoundError(
-            f"unknown mlx-whisper model {model!r}: use a local directory, one of "
-            f"{', '.join(SHORT_NAMES)} or an org/repo id"
-        )
-    return hf_snapshot(
-        repo_id,
-        cache_dir=cache_dir,
-        offline=offline,
+    return resolve_whisper_model(
+        model,
+        cache_dir,
+        offline,
+        engine=ENGINE_NAME,
+        short_names=SHORT_NAMES,
         allow_patterns=_MLX_FILES,
         install_hint=(
             "put an MLX Whisper directory (config.json + weights) somewhere and set "
             'model = "/path" (or allow downloads: offline = false)'
         ),
     )
-
-
-def _normalize_language(language: str | None) -> str | None:
-    """``en-US`` / ``en_US`` / ``EN`` → ``en``."""
-    if language is None:
-        return None
-    return language.split("-")[0].split("_")[0].strip().lower() or None
 
 
 def choose_dtype(device: str, requested: str) -> str:
@@ -139,18 +115,7 @@ class MlxWhisperAsrEngine:
         self._path = ""
         self._fp16 = False
         self._languages: tuple[str, ...] = ("en",)
-        self._capabilities = self._make_capabilities(("en",), translate=False)
-
-    @staticmethod
-    def _make_capabilities(languages: tuple[str, ...], *, translate: bool) -> AsrCapabilities:
-        return AsrCapabilities(
-            languages=languages,
-            sample_rate_hz=SAMPLE_RATE_HZ,
-            translate=translate,
-            word_timestamps=True,
-            streaming=False,
-            prompt=True,
-        )
+        self._capabilities = whisper_capabilities(("en",), translate=False, streaming=False)
 
     @property
     def capabilities(self) -> AsrCapabilities:
@@ -178,7 +143,9 @@ class MlxWhisperAsrEngine:
         self._mx, self._model, self._device = mx, model, device
         self._path, self._fp16 = str(path), dtype_name == "float16"
         self._languages = languages
-        self._capabilities = self._make_capabilities(languages, translate=multilingual)
+        self._capabilities = whisper_capabilities(
+            languages, translate=multilingual, streaming=False
+        )
         _LOGGER.info(
             "mlx-whisper %s loaded from %s on %s (%s, %s) in %.2f s",
             self._context.model.model,
@@ -195,19 +162,9 @@ class MlxWhisperAsrEngine:
         """Decode ``audio`` (blocking; the whole clip before returning)."""
         if self._model is None:
             raise RuntimeError("engine not loaded")
-        caps = self._capabilities
-        if options.task == "translate" and not caps.translate:
-            raise EngineRequestError(
-                f"model {self._context.model.name!r} is English-only and cannot translate; "
-                "use a multilingual model such as 'base'",
-                param="task",
-            )
-        language = _normalize_language(options.language or self._options.language)
-        if language is not None and language not in caps.languages:
-            raise EngineRequestError(
-                f"model {self._context.model.name!r} does not support language {language!r}",
-                param="language",
-            )
+        language = request_language(
+            self._context.model.name, self._capabilities, options, self._options.language
+        )
         duration_s = len(audio) / SAMPLE_RATE_HZ
         if len(audio) == 0:
             return TranscriptInfo(language or "en", 1.0, 0.0), iter(())
@@ -266,11 +223,7 @@ class MlxWhisperAsrEngine:
             logprob_threshold=self._options.logprob_threshold,
             no_speech_threshold=self._options.no_speech_threshold,
             condition_on_previous_text=self._options.condition_on_previous_text,
-            # Hotwords have no slot of their own in Whisper: they join the prompt.
-            initial_prompt=" ".join(
-                p for p in (options.prompt or self._options.initial_prompt, options.hotwords) if p
-            )
-            or None,
+            initial_prompt=prompt_with_hotwords(options, self._options.initial_prompt),
             word_timestamps=options.word_timestamps,
             hallucination_silence_threshold=(
                 self._options.hallucination_silence_threshold_s if options.word_timestamps else None

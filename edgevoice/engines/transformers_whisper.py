@@ -30,13 +30,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, Literal, TypeVar
 
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from edgevoice.engines.base import (
     AsrCapabilities,
     EngineContext,
     EngineKind,
-    EngineOptions,
     EnginePlugin,
     EngineRequestError,
     FloatAudio,
@@ -45,13 +44,20 @@ from edgevoice.engines.base import (
     TranscriptInfo,
     Word,
 )
-from edgevoice.model_files import ModelNotFoundError, as_local_path, hf_snapshot
+from edgevoice.engines.whisper_common import (
+    SAMPLE_RATE_HZ,
+    WhisperThresholdOptions,
+    prompt_with_hotwords,
+    request_language,
+    resolve_whisper_model,
+    whisper_capabilities,
+)
+from edgevoice.model_files import ModelNotFoundError
 
 _LOGGER = logging.getLogger(__name__)
 
 ENGINE_NAME = "transformers-whisper"
 
-SAMPLE_RATE_HZ = 16000
 WINDOW_S = 30.0
 """Whisper's input window; longer audio is decoded long-form (sequentially)."""
 
@@ -81,26 +87,16 @@ _HF_FILES = ["*.json", "*.txt", "*.safetensors"]
 _PREPEND_PUNCTUATION = "\"'“¡¿([{-"
 _APPEND_PUNCTUATION = "\"'.。,，!！?？:：”)]}、"
 _NO_SPACE_LANGUAGES = frozenset({"zh", "ja", "th", "lo", "my", "yue"})
-_DEFAULT_TEMPERATURES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 MAX_BEAM_SIZE = 20
 
 
-class TransformersWhisperOptions(EngineOptions):
+class TransformersWhisperOptions(WhisperThresholdOptions):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     """Weights' precision; ``auto`` = float16 on CUDA, float32 on CPU."""
     beam_size: int = Field(default=1, ge=1, le=MAX_BEAM_SIZE)
     """Default beam size (1 = greedy, fastest)."""
-    language: str | None = None
-    """Default language when a request names none (None: detect)."""
-    initial_prompt: str | None = Field(default=None, max_length=2000)
-    temperature: list[float] = Field(default_factory=lambda: list(_DEFAULT_TEMPERATURES))
-    """Fallback temperatures, tried in order when a window's decoding fails the thresholds."""
     compression_ratio_threshold: float | None = Field(default=1.35, gt=0)
     """transformers' token-level zlib ratio (its docs recommend 1.35, not Whisper's 2.4)."""
-    logprob_threshold: float | None = -1.0
-    no_speech_threshold: float | None = Field(default=0.6, ge=0, le=1)
-    condition_on_previous_text: bool = True
-    """Long-form: condition each window on the text of the previous one."""
     batch_size: int = Field(default=8, ge=1, le=64)
     """Most clips decoded in one ``generate()`` call."""
     batch_window_ms: float = Field(default=30.0, ge=0, le=1000)
@@ -110,28 +106,15 @@ class TransformersWhisperOptions(EngineOptions):
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
     """Attention kernel; word timestamps switch to ``eager`` for their call only."""
 
-    @field_validator("temperature")
-    @classmethod
-    def _temperatures(cls, value: list[float]) -> list[float]:
-        if not value or len(value) > 10 or any(not 0 <= t <= 2 for t in value):
-            raise ValueError("temperature needs 1 to 10 values between 0 and 2")
-        return value
-
 
 def resolve_model(model: str, cache_dir: Path, offline: bool) -> Path:
     """Where the Hugging Face Whisper directory for ``model`` is (blocking)."""
-    if (local := as_local_path(model)) is not None:
-        return local
-    repo_id = SHORT_NAMES.get(model, model)
-    if "/" not in repo_id:
-        raise ModelNotFoundError(
-            f"unknown transformers-whisper model {model!r}: use a local directory, one of "
-            f"{', '.join(SHORT_NAMES)} or an org/repo id"
-        )
-    return hf_snapshot(
-        repo_id,
-        cache_dir=cache_dir,
-        offline=offline,
+    return resolve_whisper_model(
+        model,
+        cache_dir,
+        offline,
+        engine=ENGINE_NAME,
+        short_names=SHORT_NAMES,
         allow_patterns=_HF_FILES,
         install_hint=(
             'put a Hugging Face Whisper directory somewhere and set model = "/path" '
@@ -164,13 +147,6 @@ def _available_cpus() -> int:
         return len(os.sched_getaffinity(0))  # honours taskset/cgroup pinning
     except AttributeError:  # macOS
         return os.cpu_count() or 1
-
-
-def normalize_language(language: str | None) -> str | None:
-    """``en-US`` / ``en_US`` / ``EN`` → ``en``."""
-    if language is None:
-        return None
-    return language.split("-")[0].split("_")[0].strip().lower() or None
 
 
 # ------------------------------------------------------------------ words
@@ -472,23 +448,12 @@ class TransformersWhisperAsrEngine:
         self._eos_id = 50256
         self._max_prompt_tokens = 223
         # Known after load (from the checkpoint's generation config).
-        self._capabilities = self._make_capabilities(languages=("en",), translate=False)
+        self._capabilities = whisper_capabilities(("en",), translate=False, streaming=False)
         self._batcher: RequestBatcher[_Request, _Result] = RequestBatcher(
             self._decode_batch,
             max_batch=options.batch_size,
             window_s=options.batch_window_ms / 1000,
             key=lambda r: r.key,
-        )
-
-    @staticmethod
-    def _make_capabilities(*, languages: tuple[str, ...], translate: bool) -> AsrCapabilities:
-        return AsrCapabilities(
-            languages=languages,
-            sample_rate_hz=SAMPLE_RATE_HZ,
-            translate=translate,
-            word_timestamps=True,
-            streaming=False,
-            prompt=True,
         )
 
     @property
@@ -553,9 +518,10 @@ class TransformersWhisperAsrEngine:
         self._max_prompt_tokens = int(model.config.max_target_positions) // 2 - 1
         self._torch, self._model, self._processor = torch, model, processor
         self._device, self._dtype = device, dtype
-        self._capabilities = self._make_capabilities(
-            languages=tuple(self._lang_to_id) if multilingual else ("en",),
+        self._capabilities = whisper_capabilities(
+            tuple(self._lang_to_id) if multilingual else ("en",),
             translate=multilingual and "translate" in task_to_id,
+            streaming=False,
         )
         _LOGGER.info(
             "transformers-whisper %s loaded from %s on %s (%s, %s) in %.2f s",
@@ -588,19 +554,9 @@ class TransformersWhisperAsrEngine:
         """
         if self._model is None:
             raise RuntimeError("engine not loaded")
-        caps = self._capabilities
-        if options.task == "translate" and not caps.translate:
-            raise EngineRequestError(
-                f"model {self._context.model.name!r} is English-only and cannot translate; "
-                "use a multilingual model such as 'base'",
-                param="task",
-            )
-        language = normalize_language(options.language or self._options.language)
-        if language is not None and language not in caps.languages:
-            raise EngineRequestError(
-                f"model {self._context.model.name!r} does not support language {language!r}",
-                param="language",
-            )
+        language = request_language(
+            self._context.model.name, self._capabilities, options, self._options.language
+        )
         duration_s = len(audio) / SAMPLE_RATE_HZ
         if len(audio) == 0:
             return TranscriptInfo(language or "en", 1.0, 0.0), iter(())
@@ -614,13 +570,9 @@ class TransformersWhisperAsrEngine:
             raise EngineRequestError(
                 f"beam_size must be between 1 and {MAX_BEAM_SIZE}", param="beam_size"
             )
-        # Hotwords have no slot of their own in Whisper: they join the prompt.
-        prompt = " ".join(
-            p for p in (options.prompt or self._options.initial_prompt, options.hotwords) if p
-        )
         key = _DecodeKey(
             task=options.task if self.multilingual else "transcribe",
-            prompt=prompt or None,
+            prompt=prompt_with_hotwords(options, self._options.initial_prompt),
             beam_size=beam_size,
             temperature=temperature,
             word_timestamps=options.word_timestamps,
