@@ -106,6 +106,9 @@ class HttpConfig(_Strict):
     """Read the key from a file (systemd ``LoadCredential=``)."""
     cors_origins: list[str] = Field(default_factory=list)
     """Allowed CORS origins; empty disables CORS."""
+    speakers: dict[str, str] = Field(default_factory=dict)
+    """Speaker names of compatible APIs (CosyVoice ``spk_id``, Fish ``reference_id``)
+    → a configured voice name or a voice-library id/name, e.g. ``{"中文女" = "voice_anna"}``."""
 
 
 class MqttConfig(_Strict):

@@ -21,6 +21,7 @@ from edgevoice.config import Settings
 from edgevoice.engines.base import EngineKind
 from edgevoice.fairness import client_scope
 from edgevoice.hub import EngineHub
+from edgevoice.protocols.http.cosyvoice import add_cosyvoice_routes
 from edgevoice.protocols.http.errors import ApiError, to_api_error
 from edgevoice.protocols.http.forms import ClientGone, body_limit
 from edgevoice.protocols.http.metrics import Metrics
@@ -231,6 +232,7 @@ def build_app(settings: Settings, hub: EngineHub, api_key: str | None = None) ->
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
     app.router.add_get(STATUS_PATH, status)
+    add_cosyvoice_routes(app)  # CosyVoice's FastAPI server: /inference_*
     add_ui_routes(app)  # the web page: / and /ui/
     app.router.add_get("/openapi.json", openapi)
     app.router.add_get("/docs", docs)

@@ -10,6 +10,8 @@ from typing import Any
 
 from edgevoice import __version__ as VERSION
 from edgevoice.config import LimitsConfig
+from edgevoice.protocols.http.openapi_compat import SCHEMAS as COMPAT_SCHEMAS
+from edgevoice.protocols.http.openapi_compat import compat_paths
 
 _ERROR_RESPONSES = {
     "400": "Bad field, or a `[limits]` bound crossed (audio longer than `limits.max_audio_s`, text longer than `limits.max_input_chars`, ...)",
@@ -758,6 +760,8 @@ def build_spec(limits: LimitsConfig | None = None, *, api_key: bool = False) -> 
             }
         },
     }
+    paths.update(compat_paths(limits))  # CosyVoice, CSM, Fish Speech
+    schemas.update(copy.deepcopy(COMPAT_SCHEMAS))
     if api_key:
         for item in paths.values():
             for operation in item.values():
