@@ -82,6 +82,12 @@ class ModelConfig(_Strict):
     """Extra public names (e.g. ``whisper-1``, ``tts-1``)."""
     options: dict[str, Any] = Field(default_factory=dict)
     """Engine-specific options, validated by the engine's options model."""
+    load: Literal["startup", "on_demand"] = "startup"
+    """``startup``: loaded before the daemon reports ready; ``on_demand``: on first use."""
+    ttl_s: float = Field(default=0.0, ge=0)
+    """Unload after this many seconds unused (0 = never); it loads again on demand."""
+    load_timeout_s: float = Field(default=300.0, gt=0)
+    """How long a request waits for this model to load on demand before it fails."""
 
 
 class WyomingConfig(_Strict):

@@ -1,11 +1,15 @@
 """EngineHub: engine lifecycle, name mapping and the thread boundary.
 
-The hub loads every configured engine at startup (before the daemon reports
-ready), maps public model/voice names to engines, runs every blocking engine
-call in a per-engine worker pool sized by ``max_concurrency`` (so one busy
-model never starves another, and the event loop never waits on inference),
-shares one engine between entries that configure the same model identically,
-and exposes the capabilities protocols advertise.
+The hub loads every ``load = "startup"`` engine at startup (before the daemon
+reports ready) and the ``on_demand`` ones on first use (each behind its own
+load lock, so a slow load never blocks other models; a request waits for it
+at most ``load_timeout_s``), unloads engines idle for their ``ttl_s`` (never
+one with open sessions or calls in flight), reports each model's state
+(:meth:`EngineHub.model_states`), maps public model/voice names to engines,
+runs every blocking engine call in a per-engine worker pool sized by
+``max_concurrency`` (so one busy model never starves another, and the event
+loop never waits on inference), shares one engine between entries that
+configure the same model identically, and exposes the capabilities protocols advertise.
 
 Streams hold their model through *sessions* (:meth:`EngineHub.asr_session`,
 :meth:`EngineHub.wake_session`, :meth:`EngineHub.vad_session`, and
@@ -25,12 +29,13 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Generic, Self, TypeVar, cast
+from typing import Any, Generic, Literal, Self, TypeVar, cast
 
 import numpy as np
 
@@ -53,14 +58,16 @@ from edgevoice.engines.base import (
     TranscriptInfo,
     TtsCapabilities,
     TtsEngine,
+    VadCapabilities,
     VadEngine,
     VadStream,
     VoiceInfo,
+    WakeCapabilities,
     WakeEngine,
     WakeStream,
 )
 from edgevoice.engines.registry import EngineRegistry, default_registry, validate_engines
-from edgevoice.errors import ShuttingDownError, UnknownModelError
+from edgevoice.errors import BusyError, EngineError, ShuttingDownError, UnknownModelError
 from edgevoice.fairness import FairLimiter
 from edgevoice.pipeline import speak as speak_pipeline
 
@@ -76,6 +83,62 @@ class HubStartError(RuntimeError):
 
 SESSION_MOVE_WAIT_S = 5.0
 """How long closing a slot waits for a session's call in flight before moving it."""
+
+IDLE_CHECK_MAX_S = 5.0
+"""Longest pause between two checks for engines idle past their ``ttl_s``."""
+
+ModelState = Literal["loaded", "loading", "unloaded", "failed"]
+
+
+def _rss_bytes() -> int | None:
+    """This process's resident set size (Linux ``/proc``; ``None`` elsewhere)."""
+    try:
+        with open("/proc/self/statm", encoding="ascii") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+
+
+@dataclass(frozen=True)
+class ModelStatus:
+    """One configured model's lifecycle state (:meth:`EngineHub.model_states`)."""
+
+    name: str
+    kind: EngineKind
+    engine: str
+    model: str
+    state: ModelState
+    load: str
+    """The configured policy: ``startup`` or ``on_demand``."""
+    ttl_s: float
+    device: str | None
+    """The device it runs on (``None`` until first loaded)."""
+    memory_bytes: int | None
+    """Estimate: the process's RSS growth while it loaded (loads running at the
+    same time blur it; memory on an accelerator is not counted); ``None`` when
+    unloaded or unknown."""
+    load_s: float
+    idle_s: float | None
+    """Seconds since its last call or session ended (``None`` while in use or unloaded)."""
+    error: str | None
+    """Why the last load failed (state ``failed``)."""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "kind": self.kind.value,
+            "engine": self.engine,
+            "model": self.model,
+            "state": self.state,
+            "load": self.load,
+            "ttl_s": self.ttl_s,
+            "device": self.device,
+            "memory_bytes": self.memory_bytes,
+            "memory_estimate": "rss_delta_at_load",
+            "load_s": round(self.load_s, 3),
+            "idle_s": None if self.idle_s is None else round(self.idle_s, 3),
+            "error": self.error,
+        }
 
 
 @dataclass
@@ -101,6 +164,22 @@ class EngineSlot:
     """Sessions holding this slot (each also counts once in ``active``)."""
     closed: bool = False
     """Set when the slot starts closing: no new session may hold it."""
+    kind: EngineKind = EngineKind.ASR
+    load_args: tuple[Any, ...] = ()
+    """``(entry, options, settings)`` to load the engine again (on demand)."""
+    state: ModelState = "unloaded"
+    error: str | None = None
+    capabilities: Any = None
+    """The engine's capabilities, kept while it is unloaded (what protocols list)."""
+    memory_bytes: int | None = None
+    on_demand: bool = False
+    """Every entry it serves says ``load = "on_demand"`` (not loaded at start)."""
+    ttl_s: float = 0.0
+    load_timeout_s: float = 300.0
+    last_used_s: float = field(default_factory=time.monotonic)
+    load_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    """Held while the engine loads or unloads."""
+    load_task: asyncio.Task[None] | None = None
 
 
 @dataclass
@@ -131,7 +210,43 @@ class LoadedModel(Generic[E]):
 
     @property
     def engine(self) -> E:
-        return cast(E, self.slot.engine)
+        """The engine; while unloaded, a stand-in that has only ``capabilities``
+        (the last loaded engine's). Calls go through the hub, which loads first."""
+        engine = self.slot.engine
+        if engine is None and not self.slot.closed:
+            return cast(E, _Unloaded(self.slot))
+        return cast(E, engine)
+
+    @property
+    def loaded(self) -> bool:
+        return self.slot.engine is not None
+
+
+class _Unloaded:
+    """What :attr:`LoadedModel.engine` is while the engine is not loaded."""
+
+    def __init__(self, slot: EngineSlot) -> None:
+        self._slot = slot
+
+    @property
+    def capabilities(self) -> Any:
+        if self._slot.capabilities is not None:
+            return self._slot.capabilities
+        return _placeholder_capabilities(self._slot.kind)
+
+    def __getattr__(self, name: str) -> Any:
+        raise ShuttingDownError(f"{self._slot.plugin.name} engine is not loaded")
+
+
+def _placeholder_capabilities(kind: EngineKind) -> Any:
+    """Capabilities of an engine never loaded yet (listed before its first load)."""
+    if kind is EngineKind.ASR:
+        return AsrCapabilities(languages=())
+    if kind is EngineKind.TTS:
+        return TtsCapabilities(voices=(), sample_rate_hz=22050)
+    if kind is EngineKind.WAKE:
+        return WakeCapabilities(wake_words=())
+    return VadCapabilities()
 
 
 class EngineHub:
@@ -156,6 +271,8 @@ class EngineHub:
         # id(slot) -> (slot, task closing it once idle), for slots a reload dropped.
         self._retiring: dict[int, tuple[EngineSlot, asyncio.Task[None]]] = {}
         self._reload_lock = asyncio.Lock()
+        self._reaper: asyncio.Task[None] | None = None
+        self._state_listeners: list[Callable[[], None]] = []
 
     # ------------------------------------------------------------ lifecycle
 
@@ -209,20 +326,45 @@ class EngineHub:
                 except HubStartError:
                     await self.close()
                     raise
+                slot.load_args = (entry, options, self.settings)
                 self._slots[key] = slot
-                loads.append(
-                    loop.run_in_executor(
-                        slot.executor, self._load_slot, slot, kind, entry, options, self.settings
-                    )
-                )
+        self._apply_policies([(kind, entry, self._slots[key]) for kind, entry, key in pending])
+        for slot in self._slots.values():
+            if not slot.on_demand:
+                loads.append(self._start_load(slot, loop))
         results = await asyncio.gather(*loads, return_exceptions=True)
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:
             await self.close()
             raise HubStartError("; ".join(str(e) for e in errors)) from errors[0]
+        for slot in self._slots.values():
+            slot.state = "loaded" if slot.engine is not None else "unloaded"
         for kind, entry, key in pending:
             self._bind(kind, entry, self._slots[key])
         self._finish_defaults()
+        self._reaper = asyncio.create_task(self._reap_idle(), name="hub-idle-unload")
+
+    def _start_load(
+        self, slot: EngineSlot, loop: asyncio.AbstractEventLoop
+    ) -> asyncio.Future[None]:
+        slot.state = "loading"
+        entry, options, settings = slot.load_args
+        return loop.run_in_executor(
+            slot.executor, self._load_slot, slot, slot.kind, entry, options, settings
+        )
+
+    @staticmethod
+    def _apply_policies(plan: Sequence[tuple[EngineKind, ModelConfig, EngineSlot]]) -> None:
+        """Per slot, from all entries it serves: on demand only when every entry
+        says so; ``ttl_s`` 0 (never) when any says so, else the longest."""
+        entries: dict[int, tuple[EngineSlot, list[ModelConfig]]] = {}
+        for _kind, entry, slot in plan:
+            entries.setdefault(id(slot), (slot, []))[1].append(entry)
+        for slot, configs in entries.values():
+            slot.on_demand = all(c.load == "on_demand" for c in configs)
+            ttls = [c.ttl_s for c in configs]
+            slot.ttl_s = 0.0 if 0 in ttls else max(ttls)
+            slot.load_timeout_s = max(c.load_timeout_s for c in configs)
 
     def _new_slot(self, kind: EngineKind, entry: ModelConfig, key: str) -> EngineSlot:
         """An unloaded slot for ``entry`` with its own worker pool."""
@@ -241,6 +383,7 @@ class EngineHub:
             executor,
             entry.max_concurrency,
             FairLimiter(entry.max_concurrency),
+            kind=kind,
         )
 
     @staticmethod
@@ -274,10 +417,18 @@ class EngineHub:
                 offline=settings.offline,
             )
             started = time.monotonic()
+            rss_before = _rss_bytes()
             engine = slot.plugin.factory(context, options)
             engine.load()
-            slot.engine = engine
+            rss_after = _rss_bytes()
+            slot.capabilities = engine.capabilities
+            slot.memory_bytes = (
+                max(0, rss_after - rss_before)
+                if rss_before is not None and rss_after is not None
+                else None
+            )
             slot.load_s = time.monotonic() - started
+            slot.engine = engine
             _LOGGER.info("Loaded %s in %.2f s", label, slot.load_s)
         except Exception as exc:
             hint = ""
@@ -294,8 +445,7 @@ class EngineHub:
         for public in model.public_names:
             self._names[kind][public] = model
         if kind is EngineKind.TTS:
-            engine = cast(TtsEngine, slot.engine)
-            voices = engine.capabilities.voices
+            voices = cast(TtsEngine, model.engine).capabilities.voices
             for public in model.public_names:
                 self._voices.setdefault(public, (model, voices[0].name if voices else ""))
             for voice in voices:
@@ -341,15 +491,14 @@ class EngineHub:
                     except HubStartError:
                         await self._close_slots(list(fresh.values()))
                         raise
+                    slot.load_args = (entry, options, settings)
                     fresh[key] = slot
-                    loads.append(
-                        loop.run_in_executor(
-                            slot.executor, self._load_slot, slot, kind, entry, options, settings
-                        )
-                    )
                 else:
                     self._grow(slot, entry.max_concurrency)
                 plan.append((kind, entry, slot))
+        fresh_plan = [p for p in plan if p[2].key in fresh]
+        self._apply_policies(fresh_plan)
+        loads = [self._start_load(s, loop) for s in fresh.values() if not s.on_demand]
         try:
             results = await asyncio.gather(*loads, return_exceptions=True)
         except asyncio.CancelledError:
@@ -360,6 +509,8 @@ class EngineHub:
         if errors:
             await self._close_slots(list(fresh.values()))
             raise HubStartError("; ".join(str(e) for e in errors)) from errors[0]
+        for slot in fresh.values():
+            slot.state = "loaded" if slot.engine is not None else "unloaded"
 
         # The switch: synchronous, so no request observes a mix of old and new.
         old = (self._models, self._names, self._voices, self._slots, self.settings)
@@ -374,6 +525,7 @@ class EngineHub:
             self._models, self._names, self._voices, self._slots, self.settings = old
             await self._close_slots(list(fresh.values()))
             raise
+        self._apply_policies(plan)
         used = {slot.key: slot for _kind, _entry, slot in plan}
         retired = [slot for key, slot in self._slots.items() if key not in used]
         self._slots = used
@@ -381,6 +533,7 @@ class EngineHub:
         for slot in retired:
             task = asyncio.create_task(self._retire(slot), name=f"retire-{slot.plugin.name}")
             self._retiring[id(slot)] = (slot, task)
+        self._state_changed()
         summary = HubReload(
             loaded=[e.name for _k, e, s in plan if s.key in fresh],
             kept=[e.name for _k, e, s in plan if s.key not in fresh],
@@ -423,6 +576,7 @@ class EngineHub:
                     _LOGGER.exception("Moving a session off %s failed", slot.plugin.name)
             engine: Engine | None = slot.engine
             slot.engine = cast(Engine, None)  # closed once, even if this task is cancelled
+            slot.state = "unloaded"
             if engine is not None:
                 try:
                     await loop.run_in_executor(slot.executor, engine.close)
@@ -443,6 +597,10 @@ class EngineHub:
 
     async def close(self) -> None:
         """Release every engine (in its own thread) and stop the worker pools."""
+        if self._reaper is not None:
+            self._reaper.cancel()
+            await asyncio.gather(self._reaper, return_exceptions=True)
+            self._reaper = None
         retiring = list(self._retiring.values())
         self._retiring.clear()
         for _slot, task in retiring:
@@ -455,6 +613,192 @@ class EngineHub:
             self._names[kind].clear()
         self._voices.clear()
         await self._close_slots(slots)
+
+    # ------------------------------------------------------ on-demand loading
+
+    async def ensure_loaded(self, model: LoadedModel[Any]) -> None:
+        """Load ``model``'s engine if it is not loaded (on demand), waiting at most
+        its ``load_timeout_s``.
+
+        Loads run in the model's own worker pool behind its own lock, so other
+        models keep serving. Raises :class:`EngineError` naming why the load
+        failed or that it timed out (the load goes on; a later request may find
+        it loaded), :class:`ShuttingDownError` for a closed model.
+        """
+        slot = model.slot
+        if slot.engine is not None:
+            return
+        if slot.closed:
+            raise _gone(model)
+        task = slot.load_task
+        if task is None or task.done():
+            task = asyncio.create_task(self._load_on_demand(slot), name=f"load-{model.name}")
+            task.add_done_callback(_retrieve)
+            slot.load_task = task
+        try:
+            await asyncio.wait_for(asyncio.shield(task), slot.load_timeout_s)
+        except TimeoutError:
+            raise EngineError(
+                f"{model.kind.value} model {model.name!r} is still loading after "
+                f"{slot.load_timeout_s:g} s (load_timeout_s); try again later"
+            ) from None
+        if slot.engine is None:  # unloaded again meanwhile (explicit unload, shutdown)
+            if slot.closed:
+                raise _gone(model)
+            await self.ensure_loaded(model)
+
+    async def _load_on_demand(self, slot: EngineSlot) -> None:
+        async with slot.load_lock:
+            if slot.engine is not None or slot.closed:
+                return
+            loop = asyncio.get_running_loop()
+            self._set_state(slot, "loading")
+            try:
+                await self._start_load(slot, loop)
+            except HubStartError as exc:
+                slot.error = str(exc)
+                self._set_state(slot, "failed")
+                _LOGGER.warning("On-demand load failed: %s", exc)
+                raise EngineError(f"load failed: {exc}") from None
+            except RuntimeError as exc:  # the pool was shut down: the hub closed
+                slot.state = "unloaded"
+                raise ShuttingDownError(f"{slot.plugin.name} engine closed") from exc
+            slot.error = None
+            slot.last_used_s = time.monotonic()
+            self._register_voices(slot)
+            self._set_state(slot, "loaded")
+
+    def _register_voices(self, slot: EngineSlot) -> None:
+        """Map a TTS engine's voices (known once it first loaded) to its models."""
+        if slot.kind is not EngineKind.TTS:
+            return
+        for model in self._models[EngineKind.TTS]:
+            if model.slot is slot:
+                for voice in cast(TtsEngine, slot.engine).capabilities.voices:
+                    self._voices.setdefault(voice.name, (model, voice.name))
+                voices = slot.engine.capabilities.voices  # type: ignore[union-attr]
+                for public in model.public_names:
+                    current = self._voices.get(public)
+                    if current is not None and current[0] is model and not current[1]:
+                        self._voices[public] = (model, voices[0].name if voices else "")
+
+    async def _unload_slot(self, slot: EngineSlot, *, idle_only: bool) -> bool:
+        """Close ``slot``'s engine, keeping the slot (it loads again on demand).
+
+        Never while sessions are open or calls in flight (:class:`BusyError`,
+        or ``False`` with ``idle_only``). Returns whether it unloaded.
+        """
+        async with slot.load_lock:
+            if slot.engine is None or slot.closed:
+                return False
+            if slot.active > 0:
+                if idle_only:
+                    return False
+                raise BusyError(
+                    f"{slot.kind.value} model is in use ({len(slot.sessions)} open sessions, "
+                    f"{slot.active - len(slot.sessions)} calls); unload it when idle"
+                )
+            if idle_only and (slot.ttl_s <= 0 or self._idle_s(slot) < slot.ttl_s):
+                return False
+            engine: Engine = slot.engine
+            slot.engine = cast(Engine, None)
+            slot.memory_bytes = None
+            loop = asyncio.get_running_loop()
+            try:
+                await loop.run_in_executor(slot.executor, engine.close)
+            except Exception:
+                _LOGGER.exception("Error closing engine %s", slot.plugin.name)
+            _LOGGER.info(
+                "Unloaded %s engine (%s)", slot.plugin.name, "idle" if idle_only else "asked"
+            )
+            self._set_state(slot, "unloaded")
+            return True
+
+    @staticmethod
+    def _idle_s(slot: EngineSlot) -> float:
+        return time.monotonic() - slot.last_used_s
+
+    async def _reap_idle(self) -> None:
+        """Background: unload engines unused for their ``ttl_s``."""
+        while True:
+            ttls = [s.ttl_s for s in self._slots.values() if s.ttl_s > 0]
+            pause = min([IDLE_CHECK_MAX_S, *(t / 4 for t in ttls)])
+            await asyncio.sleep(max(pause, 0.02))
+            for slot in list(self._slots.values()):
+                idle = slot.engine is not None and slot.active == 0
+                if idle and 0 < slot.ttl_s <= self._idle_s(slot):
+                    try:
+                        await self._unload_slot(slot, idle_only=True)
+                    except Exception:
+                        _LOGGER.exception("Unloading idle %s failed", slot.plugin.name)
+
+    def _find(self, name: str) -> LoadedModel[Any]:
+        for kind in EngineKind:
+            model = self._names[kind].get(name)
+            if model is not None:
+                return model
+        raise UnknownModelError(
+            EngineKind.ASR, name, [m.name for k in EngineKind for m in self._models[k]]
+        )
+
+    async def load(self, name: str) -> ModelStatus:
+        """Load the model called ``name`` (any kind) now; its state after."""
+        model = self._find(name)
+        await self.ensure_loaded(model)
+        return self._status(model)
+
+    async def unload(self, name: str) -> ModelStatus:
+        """Unload the model called ``name`` (with every entry sharing its engine);
+        :class:`BusyError` while it serves sessions or calls."""
+        model = self._find(name)
+        if model.slot.load_task is not None and not model.slot.load_task.done():
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(
+                    asyncio.shield(model.slot.load_task), model.slot.load_timeout_s
+                )
+        await self._unload_slot(model.slot, idle_only=False)
+        return self._status(model)
+
+    def _status(self, model: LoadedModel[Any]) -> ModelStatus:
+        slot = model.slot
+        loaded = slot.engine is not None
+        return ModelStatus(
+            name=model.name,
+            kind=model.kind,
+            engine=slot.plugin.name,
+            model=model.config.model,
+            state=slot.state,
+            load=model.config.load,
+            ttl_s=model.config.ttl_s,
+            device=slot.device.device if slot.capabilities is not None else None,
+            memory_bytes=slot.memory_bytes if loaded else None,
+            load_s=slot.load_s,
+            idle_s=self._idle_s(slot) if loaded and slot.active == 0 else None,
+            error=slot.error,
+        )
+
+    def model_states(self) -> list[ModelStatus]:
+        """Every configured model's state, device and memory estimate."""
+        return [self._status(m) for kind in EngineKind for m in self._models[kind]]
+
+    def add_state_listener(self, listener: Callable[[], None]) -> Callable[[], None]:
+        """Call ``listener()`` (on the event loop) when a model's state changes;
+        returns a function that removes it."""
+        self._state_listeners.append(listener)
+        return lambda: self._state_listeners.remove(listener)
+
+    def _set_state(self, slot: EngineSlot, state: ModelState) -> None:
+        if slot.state == state:
+            return
+        slot.state = state
+        self._state_changed()
+
+    def _state_changed(self) -> None:
+        for listener in list(self._state_listeners):
+            try:
+                listener()
+            except Exception:
+                _LOGGER.exception("Model state listener failed")
 
     # -------------------------------------------------------------- lookups
 
@@ -557,6 +901,7 @@ class EngineHub:
         def finished() -> None:
             slot.limiter.release()
             slot.active -= 1
+            slot.last_used_s = time.monotonic()
             if on_done is not None:
                 on_done()
 
@@ -568,7 +913,7 @@ class EngineHub:
         submitted = False
         try:
             if slot.engine is None:
-                raise _gone(model)
+                await self.ensure_loaded(model)
             await slot.limiter.acquire()
             try:
                 future = slot.executor.submit(timed)
@@ -584,6 +929,7 @@ class EngineHub:
         finally:
             if not submitted:
                 slot.active -= 1
+                slot.last_used_s = time.monotonic()
                 if on_done is not None:
                     on_done()
 
@@ -621,6 +967,7 @@ class EngineHub:
         """Start transcribing; segments stream as the engine decodes them."""
         loaded = self.asr(model)
         options = options or TranscribeOptions()
+        await self.ensure_loaded(loaded)
         engine = loaded.engine
         rate = engine.capabilities.sample_rate_hz
         loaded.slot.requests += 1
@@ -719,6 +1066,7 @@ class EngineHub:
         ``options.voice`` is a public voice name (entry name, alias or engine voice).
         """
         loaded, request = self._tts_request(options)
+        await self.ensure_loaded(loaded)
         engine = loaded.engine
         chunks = await self.run(loaded, engine.synthesize, text, request)
         return loaded, engine.capabilities.sample_rate_hz, self.iterate(loaded, chunks)
@@ -726,6 +1074,7 @@ class EngineHub:
     async def synthesize_all(self, text: str, options: SynthesizeOptions | None = None) -> Audio:
         """Synthesize and join all chunks (one worker call)."""
         loaded, request = self._tts_request(options)
+        await self.ensure_loaded(loaded)
         engine = loaded.engine
 
         def work() -> FloatAudio:
@@ -781,7 +1130,7 @@ class _Session:
 
     def __init__(self, hub: EngineHub, models: Sequence[LoadedModel[Any]]) -> None:
         for model in models:
-            if model.slot.engine is None or model.slot.closed:
+            if model.slot.closed:
                 raise _gone(model)
         self._hub = hub
         self._bound = [_Binding(model) for model in models]
@@ -808,6 +1157,9 @@ class _Session:
             self._hold(bound.model.slot)
         self._state = "open"
         try:
+            for bound in self._bound:  # held first: an idle unload cannot interleave
+                await self._hub.ensure_loaded(bound.model)
+            self._loaded()
             await self._open_streams()
         except BaseException:
             await self.aclose()
@@ -837,6 +1189,9 @@ class _Session:
     async def _open_streams(self) -> None:
         """Start the engine streams (in the worker pools)."""
 
+    def _loaded(self) -> None:
+        """Called once the models are loaded, before the streams start."""
+
     def _new_stream(self, model: LoadedModel[Any]) -> Any:
         """Blocking: a fresh engine stream for ``model`` (runs in its pool)."""
         return None
@@ -849,6 +1204,7 @@ class _Session:
 
     def _release(self, slot: EngineSlot) -> None:
         slot.active -= 1
+        slot.last_used_s = time.monotonic()
         if not any(b.model.slot is slot for b in self._bound):
             slot.sessions.discard(self)
 
@@ -916,6 +1272,12 @@ class _Session:
                 self._lock.release()
 
 
+def _retrieve(task: asyncio.Task[None]) -> None:
+    """Mark a load task's failure seen (its waiters may all have timed out)."""
+    if not task.cancelled():
+        task.exception()
+
+
 def _close_in_pool(slot: EngineSlot, stream: Any) -> None:
     """Close an engine stream in the worker pool that ran it (fire and forget)."""
     close = getattr(stream, "close", None)
@@ -953,6 +1315,9 @@ class AsrSession(_Session):
         self._samples = 0
         self.decoding = 0
         """This session's decodes queued or running in a worker."""
+
+    def _loaded(self) -> None:
+        self.rate_hz = self._bound[0].model.engine.capabilities.sample_rate_hz
 
     @property
     def model(self) -> LoadedModel[AsrEngine]:
@@ -1023,6 +1388,9 @@ class WakeSession(_Session):
         self.rate_hz: int = models[0].engine.capabilities.sample_rate_hz
         """The rate callers should feed (the first model's)."""
 
+    def _loaded(self) -> None:
+        self.rate_hz = self._bound[0].model.engine.capabilities.sample_rate_hz
+
     async def _open_streams(self) -> None:
         async with self._lock:
             for bound in self._bound:
@@ -1059,6 +1427,9 @@ class VadSession(_Session):
     def __init__(self, hub: EngineHub, model: LoadedModel[VadEngine]) -> None:
         super().__init__(hub, [model])
         self.rate_hz: int = model.engine.capabilities.sample_rate_hz
+
+    def _loaded(self) -> None:
+        self.rate_hz = self._bound[0].model.engine.capabilities.sample_rate_hz
 
     async def _open_streams(self) -> None:
         async with self._lock:

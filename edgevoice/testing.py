@@ -14,6 +14,7 @@ pytest module and provide an ``engine`` fixture.
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -56,6 +57,18 @@ class FakeAsrOptions(EngineOptions):
     translate: bool = False
     fail: bool = False
     """Raise on transcribe: exercises engine-failure paths."""
+    load_gate: str = ""
+    """Name of a :data:`LOAD_GATES` event ``load()`` waits for (a slow load, bounded
+    by :data:`LOAD_GATE_MAX_S`); empty loads at once."""
+    fail_load: str = ""
+    """When set, ``load()`` raises ``RuntimeError`` with this text."""
+
+
+LOAD_GATES: dict[str, threading.Event] = {}
+"""Events fake engines' ``load()`` waits for (``FakeAsrOptions.load_gate``): a
+test sets one to finish a "slow" load exactly when it wants."""
+LOAD_GATE_MAX_S = 60.0
+"""Longest a gated fake load waits before it fails (a test that never opens it)."""
 
 
 class FakeAsrEngine:
@@ -77,6 +90,13 @@ class FakeAsrEngine:
         )
 
     def load(self) -> None:
+        """Blocking: waits for the ``load_gate`` event when one is named."""
+        if self.options.load_gate:
+            gate = LOAD_GATES.setdefault(self.options.load_gate, threading.Event())
+            if not gate.wait(LOAD_GATE_MAX_S):
+                raise RuntimeError(f"load gate {self.options.load_gate!r} never opened")
+        if self.options.fail_load:
+            raise RuntimeError(self.options.fail_load)
         self.loaded = True
 
     def transcribe(

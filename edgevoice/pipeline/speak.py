@@ -264,6 +264,8 @@ class Speech:
         slot.active += 1  # hold the slot: a reload retires it only once we are done
         try:
             try:
+                await self._hub.ensure_loaded(self.model)  # an on-demand model loads now
+                self.rate_hz = self.model.engine.capabilities.sample_rate_hz
                 async with contextlib.aclosing(self._sentences()) as sentences:
                     async for sentence in sentences:
                         _raise_if_cancelled()
