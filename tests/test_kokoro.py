@@ -36,11 +36,11 @@ from edgevoice.engines.kokoro import (
     KokoroOptions,
     KokoroTtsEngine,
     normalize_language,
-    onnx_providers,
     parse_blend,
     resolve_model,
     voice_language,
 )
+from edgevoice.engines.onnx_session import onnx_providers
 from edgevoice.engines.registry import default_registry
 from edgevoice.errors import UnknownModelError
 from edgevoice.hub import EngineHub

@@ -47,6 +47,7 @@ from edgevoice.engines.base import (
     TtsCapabilities,
     VoiceInfo,
 )
+from edgevoice.engines.onnx_session import inference_session
 from edgevoice.errors import UnknownModelError
 from edgevoice.model_files import ModelNotFoundError, as_local_path, packaged_model
 from edgevoice.text import split_sentences
@@ -127,22 +128,6 @@ def voice_language(voice: str) -> str | None:
     if sep and len(prefix) == 2 and prefix[1] in "fm":
         return PREFIX_LANGUAGES.get(prefix[0].lower())
     return None
-
-
-def onnx_providers(device: str) -> list[Any]:
-    """onnxruntime execution providers for a resolved device (``cpu``, ``cuda[:N]``).
-
-    CUDA grows its arena only by what each run asks for, so a long request
-    does not leave a doubled arena behind; CPU stays as the fallback for the
-    few operators CUDA lacks.
-    """
-    family, _, index = device.partition(":")
-    if family == "cuda":
-        cuda = {"device_id": int(index or 0), "arena_extend_strategy": "kSameAsRequested"}
-        return [("CUDAExecutionProvider", cuda), "CPUExecutionProvider"]
-    if family != "cpu":
-        raise ValueError(f"Kokoro runs on cpu or cuda, not {device!r}")
-    return ["CPUExecutionProvider"]
 
 
 def parse_blend(spec: str) -> list[tuple[str, float]]:
@@ -307,7 +292,6 @@ class KokoroTtsEngine:
         return self._capabilities
 
     def load(self) -> None:
-        import onnxruntime
         from kokoro_onnx import Kokoro
 
         started = time.monotonic()
@@ -317,16 +301,11 @@ class KokoroTtsEngine:
         self._voices = load_voices(files.voices)
         self._default_voice = self._options.voice or next(iter(self._voices))
         self._style(self._default_voice)  # an unknown default voice fails at startup
-        session_options = onnxruntime.SessionOptions()
-        # Without these, onnxruntime keeps the peak of the longest request
-        # (hundreds of MB for a long sentence) for the life of the process.
-        session_options.enable_cpu_mem_arena = False
-        session_options.enable_mem_pattern = False
-        session_options.intra_op_num_threads = self._options.intra_op_threads
-        session = onnxruntime.InferenceSession(
-            str(files.model),
-            sess_options=session_options,
-            providers=onnx_providers(self._context.device),
+        session = inference_session(
+            files.model,
+            self._context.device,
+            engine="Kokoro",
+            intra_op_threads=self._options.intra_op_threads,
         )
         kokoro = Kokoro.from_session(session, str(files.voices))
         close = getattr(kokoro.voices, "close", None)

@@ -16,13 +16,11 @@ inside :meth:`PiperTtsEngine.synthesize`, which the hub runs in a worker thread.
 
 from __future__ import annotations
 
-import ctypes
-import functools
 import json
 import logging
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +38,7 @@ from edgevoice.engines.base import (
     TtsCapabilities,
     VoiceInfo,
 )
+from edgevoice.engines.onnx_session import inference_session, return_freed_memory
 from edgevoice.model_files import ModelNotFoundError, as_local_path, hf_snapshot, packaged_model
 from edgevoice.text import split_for_streaming
 
@@ -108,53 +107,7 @@ def resolve_voice(model: str, cache_dir: Path, offline: bool) -> Path:
     return path
 
 
-@functools.cache
-def _malloc_trim() -> Callable[[int], int] | None:
-    """glibc's ``malloc_trim`` (None on other C libraries)."""
-    try:
-        trim: Callable[[int], int] = ctypes.CDLL(None).malloc_trim
-    except (AttributeError, OSError):
-        return None
-    return trim
-
-
-def _return_freed_memory() -> None:
-    """Hand the heap's free pages back to the OS (blocking, about a millisecond).
-
-    Without the onnxruntime arena, a run's tensors are freed, but glibc keeps
-    large freed blocks for reuse (its mmap threshold rises after the first big
-    free), so RSS would stay near the peak of the largest request.
-    """
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
-
-
-def _inference_session(path: Path, *, cuda: bool) -> Any:
-    """An onnxruntime session that gives memory back after each run (blocking).
-
-    Piper's own loader uses the defaults: a CPU arena that grows to the largest
-    request and keeps it (gigabytes after one long unpunctuated text) and
-    memory-pattern planning that caches per input shape. Both are off here; a
-    VITS voice's run time is dominated by compute, not allocation.
-    """
-    import onnxruntime
-
-    options = onnxruntime.SessionOptions()
-    options.enable_cpu_mem_arena = False
-    options.enable_mem_pattern = False
-    providers: list[Any] = ["CPUExecutionProvider"]
-    if cuda:
-        providers = [
-            (
-                "CUDAExecutionProvider",
-                {
-                    "cudnn_conv_algo_search": "HEURISTIC",
-                    "arena_extend_strategy": "kSameAsRequested",
-                },
-            )
-        ]
-    return onnxruntime.InferenceSession(str(path), sess_options=options, providers=providers)
+_PIPER_CUDA_OPTIONS = {"cudnn_conv_algo_search": "HEURISTIC"}
 
 
 class PiperTtsEngine:
@@ -186,7 +139,9 @@ class PiperTtsEngine:
         started = time.monotonic()
         raw = json.loads(config_path.read_text(encoding="utf-8"))
         self._voice = PiperVoice(
-            session=_inference_session(path, cuda=self._context.device.startswith("cuda")),
+            session=inference_session(
+                path, self._context.device, engine="Piper", cuda_options=_PIPER_CUDA_OPTIONS
+            ),
             config=PiperConfig.from_dict(raw),
         )
         language = raw.get("language", {}).get("code") or raw.get("espeak", {}).get("voice", "en")
@@ -268,7 +223,7 @@ class PiperTtsEngine:
                     produced = True
                     yield np.concatenate([audio, pause]) if len(pause) else audio
         finally:
-            _return_freed_memory()
+            return_freed_memory()
         if not produced:
             raise EngineRequestError("text produced no speech")
 
