@@ -17,7 +17,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from pydantic import Field
 
 from edgevoice.engines.base import (
@@ -26,16 +25,20 @@ from edgevoice.engines.base import (
     EngineKind,
     EngineOptions,
     EnginePlugin,
-    EngineRequestError,
     FloatAudio,
     WakeCapabilities,
     WakeWordInfo,
+)
+from edgevoice.engines.wake_common import (
+    DetectionClock,
+    check_names,
+    to_pcm16,
+    wake_capabilities,
 )
 
 _LOGGER = logging.getLogger(__name__)
 
 ENGINE_NAME = "microwakeword"
-SAMPLE_RATE_HZ = 16000
 BUILTIN_MODELS = ("okay_nabu", "hey_jarvis", "alexa", "hey_mycroft")
 
 
@@ -83,28 +86,16 @@ class _MicroWakeStream:
             self._model.sliding_window_size = options.sliding_window_size
             self._model._probabilities = deque(maxlen=options.sliding_window_size)
         self._features = MicroWakeWordFeatures()
-        self._refractory_samples = round(options.refractory_s * SAMPLE_RATE_HZ)
-        self._samples = 0
-        self._last_detection: int | None = None
+        self._clock = DetectionClock(self._name, options.refractory_s)
 
     def process(self, audio: FloatAudio) -> list[Detection]:
-        pcm = (np.clip(audio, -1.0, 1.0) * 32767.0).astype("<i2").tobytes()
         detections: list[Detection] = []
-        start = self._samples
-        self._samples += len(audio)
-        for features in self._features.process_streaming(pcm):
+        self._clock.advance(len(audio))
+        for features in self._features.process_streaming(to_pcm16(audio)):
             if not self._model.process_streaming(features):
                 continue
-            # The front end consumes 10 ms per feature window; the exact
-            # position inside this chunk does not matter to clients.
-            now = self._samples
-            if (
-                self._last_detection is not None
-                and now - self._last_detection < self._refractory_samples
-            ):
-                continue
-            self._last_detection = now
-            detections.append(Detection(self._name, (start + len(audio)) * 1000 // SAMPLE_RATE_HZ))
+            if (found := self._clock.detect()) is not None:
+                detections.append(found)
         return detections
 
     def close(self) -> None:
@@ -122,7 +113,7 @@ class MicroWakeWordEngine:
 
     @property
     def capabilities(self) -> WakeCapabilities:
-        return WakeCapabilities(wake_words=(self.info,), sample_rate_hz=SAMPLE_RATE_HZ)
+        return wake_capabilities(self.info)
 
     def load(self) -> None:
         path = resolve_config(self._context.model.model)
@@ -134,10 +125,7 @@ class MicroWakeWordEngine:
         _MicroWakeStream(self).close()
 
     def start_stream(self, names: Sequence[str] | None = None) -> _MicroWakeStream:
-        if names is not None and self.info.name not in names:
-            raise EngineRequestError(
-                f"wake word engine {self.info.name!r} does not serve {', '.join(names)}"
-            )
+        check_names(self.info, names)
         if self.config_path is None:
             raise RuntimeError("engine not loaded")
         return _MicroWakeStream(self)

@@ -20,7 +20,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from pydantic import Field
 
 from edgevoice.engines.base import (
@@ -29,16 +28,20 @@ from edgevoice.engines.base import (
     EngineKind,
     EngineOptions,
     EnginePlugin,
-    EngineRequestError,
     FloatAudio,
     WakeCapabilities,
     WakeWordInfo,
+)
+from edgevoice.engines.wake_common import (
+    DetectionClock,
+    check_names,
+    to_pcm16,
+    wake_capabilities,
 )
 
 _LOGGER = logging.getLogger(__name__)
 
 ENGINE_NAME = "openwakeword"
-SAMPLE_RATE_HZ = 16000
 BUILTIN_MODELS: dict[str, str] = {
     "alexa": "Alexa",
     "hey_jarvis": "Hey Jarvis",
@@ -100,21 +103,17 @@ class _OpenWakeStream:
         except BaseException:
             self._features.close()
             raise
-        self._refractory_samples = round(engine.options.refractory_s * SAMPLE_RATE_HZ)
-        self._samples = 0
+        self._clock = DetectionClock(self._name, engine.options.refractory_s)
         self._activations = 0
-        self._last_detection: int | None = None
 
     def process(self, audio: FloatAudio) -> list[Detection]:
         """Feed the next chunk (any length, 16 kHz); return detections in it."""
         if len(audio) == 0:
             return []
-        pcm = (np.clip(audio, -1.0, 1.0) * 32767.0).astype("<i2").tobytes()
-        start = self._samples
-        self._samples += len(audio)
+        self._clock.advance(len(audio))
         detections: list[Detection] = []
         threshold = self._options.threshold
-        for embeddings in self._features.process_streaming(pcm):
+        for embeddings in self._features.process_streaming(to_pcm16(audio)):
             for score in self._classifier.process_streaming(embeddings):
                 if score < threshold:
                     self._activations = max(0, self._activations - 1)
@@ -123,18 +122,8 @@ class _OpenWakeStream:
                 if self._activations < self._options.trigger_level:
                     continue
                 self._activations = 0
-                now = self._samples
-                if (
-                    self._last_detection is not None
-                    and now - self._last_detection < self._refractory_samples
-                ):
-                    continue
-                self._last_detection = now
-                # The front end works in 80 ms steps; the exact position
-                # inside this chunk does not matter to clients.
-                detections.append(
-                    Detection(self._name, (start + len(audio)) * 1000 // SAMPLE_RATE_HZ)
-                )
+                if (found := self._clock.detect()) is not None:
+                    detections.append(found)
         return detections
 
     def close(self) -> None:
@@ -153,7 +142,7 @@ class OpenWakeWordEngine:
 
     @property
     def capabilities(self) -> WakeCapabilities:
-        return WakeCapabilities(wake_words=(self.info,), sample_rate_hz=SAMPLE_RATE_HZ)
+        return wake_capabilities(self.info)
 
     def load(self) -> None:
         self.model_path = resolve_model(self._context.model.model)
@@ -162,10 +151,7 @@ class OpenWakeWordEngine:
         _LOGGER.info("openWakeWord %s loaded from %s", self.info.name, self.model_path)
 
     def start_stream(self, names: Sequence[str] | None = None) -> _OpenWakeStream:
-        if names is not None and self.info.name not in names:
-            raise EngineRequestError(
-                f"wake word engine {self.info.name!r} does not serve {', '.join(names)}"
-            )
+        check_names(self.info, names)
         if self.model_path is None:
             raise RuntimeError("engine not loaded")
         return _OpenWakeStream(self)
