@@ -180,6 +180,15 @@ class LimitsConfig(_Strict):
     """Bytes the voice library's reference clips may take together."""
     max_mqtt_outbox_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
     """Bytes of MQTT messages held while the broker is unreachable (oldest dropped)."""
+    max_stream_sessions: int = Field(default=32, ge=1)
+    """Text-streaming sessions of the compatible APIs (CSM) open at once; idle ones
+    expire after ``session_timeout_s``."""
+    max_stored_audio_files: int = Field(default=64, ge=1)
+    """Generated files kept for download (CSM ``/v1/audio/{filename}``); oldest dropped."""
+    max_stored_audio_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+    """Bytes of generated files kept for download; oldest dropped."""
+    stored_audio_ttl_s: float = Field(default=600.0, gt=0)
+    """A generated file can be downloaded for this long."""
 
 
 class AudioIoMqttConfig(_Strict):

@@ -58,6 +58,17 @@ include-tag = "cosyvoice"
 # audio (415), and text of only punctuation, or non-Latin text for the
 # English-only cloner's cross-lingual mode, is refused (400): all documented.
 checks.positive_data_acceptance.expected-statuses = ["2xx", "400", "404", "415"]
+
+[[operations]]
+include-operation-id = ["csmVoiceClone", "csmStreamingSession", "csmStreamText", "csmAudioFile"]
+# CSM: audio_file must be decodable audio (415); a random session or file name
+# is unknown (404); punctuation-only text is refused (400); the session bound (429).
+checks.positive_data_acceptance.expected-statuses = ["2xx", "400", "404", "415", "429"]
+
+[[operations]]
+include-operation-id = ["csmStreamTextWebSocket"]
+checks.positive_data_acceptance.expected-statuses = ["426"]
+checks.negative_data_rejection.expected-statuses = ["400", "426"]
 """
 
 

@@ -20,8 +20,9 @@ import numpy as np
 import pytest
 import pytest_asyncio
 import requests
+import websockets
 
-from edgevoice.audio import pcm_to_float
+from edgevoice.audio import decode, pcm_to_float
 from edgevoice.config import ModelConfig, Settings
 from edgevoice.hub import EngineHub
 from edgevoice.protocols.http import HttpServer
@@ -41,6 +42,9 @@ CLONER = ModelConfig(
 SECONDS_PER_CHAR = 0.01  # the fake engine's default
 MAX_INPUT_CHARS = 2000
 SPEAKERS = {"中文女": "voice_anna", "narrator": "joe"}
+EXPIRY_S = 4.0  # CSM sessions and generated files
+MAX_FILES = 3
+MAX_SESSIONS = 2
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
@@ -57,7 +61,14 @@ async def server(
         "wyoming": {"enabled": False},
         "mqtt": {"enabled": False},
         "http": {"host": "127.0.0.1", "port": 0, "speakers": SPEAKERS},
-        "limits": {"max_upload_bytes": 1 << 20, "max_input_chars": MAX_INPUT_CHARS},
+        "limits": {
+            "max_upload_bytes": 1 << 20,
+            "max_input_chars": MAX_INPUT_CHARS,
+            "session_timeout_s": EXPIRY_S,
+            "stored_audio_ttl_s": EXPIRY_S,
+            "max_stored_audio_files": MAX_FILES,
+            "max_stream_sessions": MAX_SESSIONS,
+        },
     }
     settings = Settings(**values)
     async with EngineHub(settings) as hub, HttpServer(settings, hub) as srv:
@@ -254,5 +265,168 @@ async def test_a_stored_voice_serves_every_api(server: HttpServer) -> None:
     assert response.status_code == 200
     response, body = await call(
         "POST", f"{url}/inference_sft", data={"tts_text": text, "spk_id": "中文女"}
+    )
+    assert response.status_code == 404
+
+
+# --------------------------------------------------------------------- CSM
+
+
+async def csm_clone(server: HttpServer, text: str, **data: Any) -> tuple[requests.Response, bytes]:
+    """The README's ``POST /v1/voice-clone`` with requests (form + ``audio_file``)."""
+    return await call(
+        "POST",
+        f"{base(server)}/v1/voice-clone",
+        data={"text": text, "context_text": LIGHT_EN_TEXT, **data},
+        files={"audio_file": ("sample.wav", LIGHT_EN_WAV.read_bytes(), "audio/wav")},
+    )
+
+
+async def test_csm_voice_clone_and_fetch(server: HttpServer) -> None:
+    text = "Hello, this is my cloned voice speaking."
+    response, body = await csm_clone(server, text, speaker_id="999", temperature="0.6", topk="20")
+    assert response.status_code == 200, body[:300]
+    made = json.loads(body)
+    assert set(made) == {"audio_url", "duration_seconds"}
+    assert made["audio_url"].startswith("/v1/audio/") and made["audio_url"].endswith(".wav")
+    assert made["duration_seconds"] == pytest.approx(fake_samples(text) / CLONER_RATE_HZ, abs=1e-3)
+    response, wav = await call("GET", base(server) + made["audio_url"])
+    assert response.status_code == 200
+    assert response.headers["Content-Type"] == "audio/wav"
+    audio = decode(wav)
+    assert audio.rate_hz == CLONER_RATE_HZ and len(audio.samples) == fake_samples(text)
+    assert abs(dominant_hz(audio.samples, CLONER_RATE_HZ) - 440) < 5
+    # mp3, and max_audio_length_ms cuts the audio there.
+    response, body = await csm_clone(server, text, output_format="mp3", max_audio_length_ms="250")
+    assert response.status_code == 200, body[:300]
+    made = json.loads(body)
+    assert made["audio_url"].endswith(".mp3") and made["duration_seconds"] == 0.25
+    response, mp3 = await call("GET", base(server) + made["audio_url"])
+    assert response.headers["Content-Type"] == "audio/mpeg"
+    assert 0.24 <= decode(mp3).duration_s <= 0.25 + 0.15  # mp3 frames pad the end
+
+
+async def test_csm_voice_clone_streamed(server: HttpServer) -> None:
+    text = "Streaming audio responses. As they are made."
+    response, body = await csm_clone(server, text, stream="true")
+    assert response.status_code == 200, body[:300]
+    assert response.headers["Content-Type"] == "audio/wav"
+    assert len(decode(body).samples) == fake_samples(text)
+
+
+async def test_csm_files_are_bounded_expire_and_never_leave_the_store(server: HttpServer) -> None:
+    urls = []
+    for n in range(MAX_FILES + 1):
+        response, body = await csm_clone(server, f"File number {n}.")
+        assert response.status_code == 200, body[:300]
+        urls.append(json.loads(body)["audio_url"])
+    statuses = [(await call("GET", base(server) + u))[0].status_code for u in urls]
+    assert statuses == [404] + [200] * MAX_FILES  # the oldest made room
+    for path in (
+        "/v1/audio/..%2F..%2F..%2Fetc%2Fpasswd.wav",
+        "/v1/audio/%2e%2e%2fvoices%2fvoice_anna.wav",
+        "/v1/audio/" + "0" * 32 + ".wav",
+        "/v1/audio/nothing.mp3",
+    ):
+        response, body = await call("GET", base(server) + path)
+        assert response.status_code == 404, path
+        assert b"root:" not in body
+    await asyncio.sleep(EXPIRY_S + 0.5)
+    response, body = await call("GET", base(server) + urls[-1])
+    assert response.status_code == 404
+    assert json.loads(body) == {"detail": "Audio file not found"}
+
+
+async def test_csm_stream_text_session(server: HttpServer) -> None:
+    url = base(server)
+    response, body = await call(
+        "POST",
+        f"{url}/v1/streaming-session",
+        files={"audio_file": ("sample.wav", LIGHT_EN_WAV.read_bytes(), "audio/wav")},
+    )
+    assert response.status_code == 200, body[:300]
+    session = json.loads(body)
+    assert session["message"] == "Streaming session created successfully"
+    chunks = ["Hello, ", "this is ", "streaming ", "text input."]
+    samples = 0
+    for i, chunk in enumerate(chunks):
+        payload = {"session_id": session["session_id"], "text_chunk": chunk, "is_final": i == 3}
+        response, wav = await call("POST", f"{url}/v1/stream-text", json=payload)
+        assert response.status_code == 200, wav[:300]
+        assert response.headers["Content-Type"] == "audio/wav"
+        samples += len(decode(wav).samples) if len(wav) > 44 else 0
+    assert samples == fake_samples("".join(chunks))
+    response, body = await call("POST", f"{url}/v1/stream-text", json=payload)
+    assert response.status_code == 404  # the final chunk ended the session
+    assert "session" in json.loads(body)["detail"]
+
+
+async def test_csm_websocket_as_documented(server: HttpServer) -> None:
+    url = base(server)
+
+    def create_session() -> str:  # the README's create_session, verbatim in spirit
+        with LIGHT_EN_WAV.open("rb") as f:
+            response = requests.post(f"{url}/v1/streaming-session", files={"audio_file": f})
+        return str(response.json()["session_id"])
+
+    session_id = await asyncio.to_thread(create_session)
+    ws_url = f"ws://{url.replace('http://', '')}/v1/ws/stream-text/{session_id}"
+    chunks = ["Hello, ", "this is ", "streaming ", "text input."]
+    received = []
+    async with websockets.connect(ws_url) as websocket:
+        for i, chunk in enumerate(chunks):
+            is_final = i == len(chunks) - 1
+            await websocket.send(json.dumps({"text_chunk": chunk, "is_final": is_final}))
+            received.append(await websocket.recv())
+    wavs = [r for r in received if isinstance(r, bytes)]
+    assert len(wavs) == len(chunks)  # one binary answer per chunk
+    audio = [decode(wav) for wav in wavs if len(wav) > 44]
+    assert sum(len(a.samples) for a in audio) == fake_samples("".join(chunks))
+
+
+async def test_csm_sessions_are_bounded_and_expire(server: HttpServer) -> None:
+    url = base(server)
+    await asyncio.sleep(EXPIRY_S + 0.5)  # earlier tests' sessions are gone
+    files = {"audio_file": ("sample.wav", LIGHT_EN_WAV.read_bytes(), "audio/wav")}
+    opened = []
+    for _ in range(MAX_SESSIONS):
+        response, body = await call("POST", f"{url}/v1/streaming-session", files=files)
+        assert response.status_code == 200, body[:300]
+        opened.append(json.loads(body)["session_id"])
+    response, body = await call("POST", f"{url}/v1/streaming-session", files=files)
+    assert response.status_code == 429
+    assert "max_stream_sessions" in json.loads(body)["detail"]
+    await asyncio.sleep(EXPIRY_S + 0.5)
+    payload = {"session_id": opened[0], "text_chunk": "Hi.", "is_final": True}
+    response, body = await call("POST", f"{url}/v1/stream-text", json=payload)
+    assert response.status_code == 404
+    response, body = await call("POST", f"{url}/v1/streaming-session", files=files)
+    assert response.status_code == 200
+
+
+async def test_csm_bad_input_gets_fastapi_errors(server: HttpServer) -> None:
+    url = base(server)
+    response, body = await call("POST", f"{url}/v1/voice-clone", data={"text": "Hi."})
+    assert response.status_code == 422
+    assert json.loads(body)["detail"][0]["loc"] == ["body", "audio_file"]
+    response, body = await csm_clone(server, "Hi.", output_format="ogg")
+    assert response.status_code == 400
+    assert "output_format" in json.loads(body)["detail"]
+    response, body = await csm_clone(server, "Hi.", topk="many")
+    assert response.status_code == 400
+    response, body = await call(
+        "POST",
+        f"{url}/v1/voice-clone",
+        data={"text": "Hi."},
+        files={"audio_file": ("x.wav", b"RIFF" + b"\0" * 400, "audio/wav")},
+    )
+    assert response.status_code == 415
+    assert isinstance(json.loads(body)["detail"], str)
+    response, body = await call(
+        "POST", f"{url}/v1/stream-text", json={"text_chunk": "Hi.", "is_final": True}
+    )
+    assert response.status_code == 422
+    response, body = await call(
+        "POST", f"{url}/v1/stream-text", json={"session_id": "nope", "text_chunk": "Hi."}
     )
     assert response.status_code == 404

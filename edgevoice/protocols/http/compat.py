@@ -24,9 +24,9 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from edgevoice.audio import float_to_pcm16
 from edgevoice.engines.base import FloatAudio, VoiceReference
-from edgevoice.errors import ClientError, UnknownModelError, UnsupportedRequestError
+from edgevoice.errors import UnknownModelError, UnsupportedRequestError
 from edgevoice.hub import LoadedModel
-from edgevoice.protocols.http.errors import client_error
+from edgevoice.protocols.http.errors import client_error, to_api_error
 from edgevoice.protocols.http.forms import ClientGone, UploadedFile, read_form, too_large
 from edgevoice.protocols.http.models import resolve_tts
 from edgevoice.protocols.http.state import ServerState
@@ -185,5 +185,38 @@ def to_pcm16(samples: FloatAudio) -> bytes:
     return float_to_pcm16(np.asarray(samples, dtype=np.float32))
 
 
-def missing(param: str) -> ClientError:
-    return client_error(f"{param} is required", param, "missing_field")
+class MissingFields(Exception):
+    """Required fields absent: FastAPI's 422 in the FastAPI-shaped APIs."""
+
+    def __init__(self, fields: list[str]) -> None:
+        super().__init__(", ".join(fields))
+        self.fields = fields
+
+
+def require(fields: Fields, names: tuple[str, ...], files: frozenset[str] = frozenset()) -> None:
+    """Raise :class:`MissingFields` for each of ``names`` absent (``files`` must be uploads)."""
+    absent = [
+        n for n in names if (n not in fields.files if n in files else fields.values.get(n) is None)
+    ]
+    if absent:
+        raise MissingFields(absent)
+
+
+def fastapi_error(exc: BaseException, headers: dict[str, str] | None = None) -> web.Response:
+    """FastAPI's error shape (CosyVoice's and CSM's servers are FastAPI apps).
+
+    Missing fields are 422 ``{"detail": [{type, loc, msg, input}]}``; anything
+    else ``{"detail": message}`` with the status the HTTP face gives it.
+    """
+    if isinstance(exc, MissingFields):
+        detail = [
+            {"type": "missing", "loc": ["body", name], "msg": "Field required", "input": None}
+            for name in exc.fields
+        ]
+        return web.json_response({"detail": detail}, status=422, headers=headers)
+    error = to_api_error(exc)
+    if error.status >= 500 and error.status != 503:
+        _LOGGER.error("Request failed", exc_info=exc)
+    return web.json_response(
+        {"detail": error.message}, status=error.status, headers={**(headers or {}), **error.headers}
+    )

@@ -36,13 +36,15 @@ from edgevoice.pipeline.speak import SpokenAudio, speak
 from edgevoice.protocols.http.compat import (
     Fields,
     cloning_model,
+    fastapi_error,
     read_fields,
+    require,
     require_instructions,
     resolve_speaker,
     to_pcm16,
     uploaded_reference,
 )
-from edgevoice.protocols.http.errors import client_error, to_api_error
+from edgevoice.protocols.http.errors import client_error
 from edgevoice.protocols.http.forms import ClientGone
 from edgevoice.protocols.http.speech import check_text, log_stream_failure
 from edgevoice.protocols.http.state import ServerState, state
@@ -60,34 +62,18 @@ class _Plan:
     options: SynthesizeOptions
 
 
-class _Missing(Exception):
-    def __init__(self, fields: list[str]) -> None:
-        super().__init__(", ".join(fields))
-        self.fields = fields
-
-
-def _require(fields: Fields, names: tuple[str, ...]) -> None:
-    absent = [
-        n
-        for n in names
-        if (n not in fields.files if n in FILE_FIELDS else fields.values.get(n) is None)
-    ]
-    if absent:
-        raise _Missing(absent)
-
-
 def _non_latin(text: str) -> bool:
     return any(ch.isalpha() and ord(ch) > 0x24F for ch in text)
 
 
 async def _sft(st: ServerState, f: Fields) -> _Plan:
-    _require(f, ("tts_text", "spk_id"))
+    require(f, ("tts_text", "spk_id"), FILE_FIELDS)
     speaker = await resolve_speaker(st, f.values["spk_id"], "spk_id")
     return _Plan(speaker.model, SynthesizeOptions(voice=speaker.voice, reference=speaker.reference))
 
 
 async def _instruct(st: ServerState, f: Fields) -> _Plan:
-    _require(f, ("tts_text", "spk_id", "instruct_text"))
+    require(f, ("tts_text", "spk_id", "instruct_text"), FILE_FIELDS)
     speaker = await resolve_speaker(st, f.values["spk_id"], "spk_id")
     require_instructions(st, speaker.model)
     options = SynthesizeOptions(
@@ -107,13 +93,13 @@ async def _cloned(
 
 
 async def _zero_shot(st: ServerState, f: Fields) -> _Plan:
-    _require(f, ("tts_text", "prompt_text", "prompt_wav"))
+    require(f, ("tts_text", "prompt_text", "prompt_wav"), FILE_FIELDS)
     model, reference = await _cloned(st, f, f.text("prompt_text"), None)
     return _Plan(model, SynthesizeOptions(voice=model.name, reference=reference))
 
 
 async def _cross_lingual(st: ServerState, f: Fields) -> _Plan:
-    _require(f, ("tts_text", "prompt_wav"))
+    require(f, ("tts_text", "prompt_wav"), FILE_FIELDS)
     model = cloning_model(st, "prompt_wav")
     languages = {lang for v in model.engine.capabilities.voices for lang in v.languages}
     if languages == {"en"} and _non_latin(f.values["tts_text"]):
@@ -127,7 +113,7 @@ async def _cross_lingual(st: ServerState, f: Fields) -> _Plan:
 
 
 async def _instruct2(st: ServerState, f: Fields) -> _Plan:
-    _require(f, ("tts_text", "instruct_text", "prompt_wav"))
+    require(f, ("tts_text", "instruct_text", "prompt_wav"), FILE_FIELDS)
     instruct = f.text("instruct_text")
     model, reference = await _cloned(st, f, None, instruct)
     options = SynthesizeOptions(voice=model.name, reference=reference, instructions=instruct)
@@ -146,18 +132,7 @@ MODES: Final[dict[str, Callable[[ServerState, Fields], Awaitable[_Plan]]]] = {
 
 def error_response(exc: BaseException) -> web.Response:
     """FastAPI's error shape for anything a CosyVoice handler raises."""
-    if isinstance(exc, _Missing):
-        detail = [
-            {"type": "missing", "loc": ["body", name], "msg": "Field required", "input": None}
-            for name in exc.fields
-        ]
-        return web.json_response({"detail": detail}, status=422, headers=CORS)
-    error = to_api_error(exc)
-    if error.status >= 500 and error.status != 503:
-        _LOGGER.error("CosyVoice request failed", exc_info=exc)
-    return web.json_response(
-        {"detail": error.message}, status=error.status, headers={**CORS, **error.headers}
-    )
+    return fastapi_error(exc, CORS)
 
 
 async def inference(request: web.Request) -> web.StreamResponse:

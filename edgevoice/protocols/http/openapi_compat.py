@@ -37,6 +37,30 @@ SCHEMAS: dict[str, Any] = {
     },
 }
 
+SCHEMAS.update(
+    {
+        "CsmClone": {
+            "type": "object",
+            "required": ["audio_url", "duration_seconds"],
+            "properties": {"audio_url": {"type": "string"}, "duration_seconds": {"type": "number"}},
+        },
+        "CsmSession": {
+            "type": "object",
+            "required": ["session_id", "message"],
+            "properties": {"session_id": {"type": "string"}, "message": {"type": "string"}},
+        },
+        "CsmTextChunk": {
+            "type": "object",
+            "required": ["session_id"],
+            "properties": {
+                "session_id": {"type": "string", "minLength": 1},
+                "text_chunk": {"type": "string", "default": ""},
+                "is_final": {"type": "boolean", "default": False},
+            },
+        },
+    }
+)
+
 _COSY_FIELDS: dict[str, dict[str, Any]] = {
     "tts_text": {
         "type": "string",
@@ -163,6 +187,203 @@ def _cosyvoice_operation(
     }
 
 
+def _csm_errors(*codes: str) -> dict[str, Any]:
+    described = {
+        "400": "Bad field or a `[limits]` bound crossed",
+        "404": "Unknown or expired session, or no such generated file",
+        "408": "The request body stalled for `limits.idle_timeout_s`",
+        "413": "Body larger than `limits.max_upload_bytes`",
+        "415": "`audio_file` cannot be decoded, or a wrong body type",
+        "422": "A required field is missing",
+        "429": "Too many requests of this client in flight, or `limits.max_stream_sessions` sessions open",
+        "500": "Engine failure (the daemon keeps serving)",
+        "503": "The model is being retired by a reload, or the daemon is stopping",
+    }
+    return {code: _either_error(described[code]) for code in sorted({*codes, "429", "500"})}
+
+
+def _csm_form(limits: LimitsConfig, *, text: bool) -> dict[str, Any]:
+    properties: dict[str, Any] = {
+        "audio_file": {
+            "type": "string",
+            "format": "binary",
+            "description": "Voice sample to clone, 1-30 s.",
+        },
+        "context_text": {"type": "string", "description": "Transcript of the sample."},
+        "speaker_id": {
+            "type": "integer",
+            "minimum": 0,
+            "maximum": 2**31,
+            "default": 999,
+            "description": "Accepted for compatibility.",
+        },
+        "temperature": {
+            "type": "number",
+            "minimum": 0,
+            "maximum": 2,
+            "default": 0.6,
+            "description": "Accepted for compatibility (engines choose their sampling).",
+        },
+        "topk": {
+            "type": "integer",
+            "minimum": 1,
+            "maximum": 100000,
+            "default": 20,
+            "description": "Accepted for compatibility.",
+        },
+        "output_format": {"type": "string", "enum": ["wav", "mp3"], "default": "wav"},
+    }
+    required = ["audio_file"]
+    if text:
+        properties["text"] = {
+            "type": "string",
+            "minLength": 1,
+            "maxLength": limits.max_input_chars,
+            "pattern": "\\S",
+        }
+        properties["max_audio_length_ms"] = {
+            "type": "number",
+            "minimum": 1,
+            "maximum": limits.max_audio_s * 1000,
+            "default": 15000,
+        }
+        properties["stream"] = {
+            "type": "boolean",
+            "default": False,
+            "description": "Answer the audio itself, streamed as it is made.",
+        }
+        required.insert(0, "text")
+    return {
+        "type": "object",
+        "propertyNames": _FIELD_NAME,
+        "required": required,
+        "properties": properties,
+    }
+
+
+def _csm_paths(limits: LimitsConfig) -> dict[str, Any]:
+    binary = {"schema": {"type": "string", "format": "binary"}}
+    return {
+        "/v1/voice-clone": {
+            "post": {
+                "operationId": "csmVoiceClone",
+                "tags": ["csm"],
+                "summary": "CSM: clone a voice and speak",
+                "description": "Answers `{audio_url, duration_seconds}` for a file kept `limits.stored_audio_ttl_s` (at most `limits.max_stored_audio_files` / `max_stored_audio_bytes`, oldest dropped), or with `stream` the audio itself. Errors in FastAPI's shape.",
+                "requestBody": {
+                    "required": True,
+                    "content": {"multipart/form-data": {"schema": _csm_form(limits, text=True)}},
+                },
+                "responses": {
+                    "200": {
+                        "description": "Where the file is, or the streamed audio",
+                        "content": {
+                            "application/json": {
+                                "schema": {"$ref": "#/components/schemas/CsmClone"}
+                            },
+                            "audio/wav": binary,
+                            "audio/mpeg": binary,
+                        },
+                    },
+                    **_csm_errors("400", "408", "413", "415", "422", "503"),
+                },
+            }
+        },
+        "/v1/audio/{filename}": {
+            "get": {
+                "operationId": "csmAudioFile",
+                "tags": ["csm"],
+                "summary": "CSM: a generated file (until it expires)",
+                "parameters": [
+                    {
+                        "name": "filename",
+                        "in": "path",
+                        "required": True,
+                        "schema": {"type": "string", "pattern": "^[^/]+\\.(wav|mp3)$"},
+                    }
+                ],
+                "responses": {
+                    "200": {
+                        "description": "The file",
+                        "content": {"audio/wav": binary, "audio/mpeg": binary},
+                    },
+                    **_csm_errors("404"),
+                },
+            }
+        },
+        "/v1/streaming-session": {
+            "post": {
+                "operationId": "csmStreamingSession",
+                "tags": ["csm"],
+                "summary": "CSM: open a text-streaming session with a cloned voice",
+                "description": "At most `limits.max_stream_sessions` open; each expires after `limits.session_timeout_s` unused.",
+                "requestBody": {
+                    "required": True,
+                    "content": {"multipart/form-data": {"schema": _csm_form(limits, text=False)}},
+                },
+                "responses": {
+                    "200": {
+                        "description": "The session",
+                        "content": {
+                            "application/json": {
+                                "schema": {"$ref": "#/components/schemas/CsmSession"}
+                            }
+                        },
+                    },
+                    **_csm_errors("400", "408", "413", "415", "422", "503"),
+                },
+            }
+        },
+        "/v1/stream-text": {
+            "post": {
+                "operationId": "csmStreamText",
+                "tags": ["csm"],
+                "summary": "CSM: a text chunk in, the WAV of the sentences it completes out",
+                "description": "A WAV with no samples when the chunk completes no sentence; `is_final` speaks the rest and ends the session.",
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {
+                            "schema": {"$ref": "#/components/schemas/CsmTextChunk"}
+                        }
+                    },
+                },
+                "responses": {
+                    "200": {"description": "WAV", "content": {"audio/wav": binary}},
+                    **_csm_errors("400", "404", "408", "413", "422", "503"),
+                },
+            }
+        },
+        "/v1/ws/stream-text/{session_id}": {
+            "get": {
+                "operationId": "csmStreamTextWebSocket",
+                "tags": ["csm"],
+                "summary": "CSM WebSocket: JSON `{text_chunk, is_final}` in, one binary WAV out per message",
+                "description": 'Errors arrive as text messages `{"detail": ...}`; the socket closes after `is_final`.',
+                "parameters": [
+                    {
+                        "name": "session_id",
+                        "in": "path",
+                        "required": True,
+                        "schema": {"type": "string"},
+                    }
+                ],
+                "responses": {
+                    "101": {"description": "Switching protocols"},
+                    "426": {
+                        "description": "Plain HTTP request to the WebSocket route",
+                        "content": {
+                            "application/json": {"schema": {"$ref": "#/components/schemas/Error"}}
+                        },
+                    },
+                    "429": _either_error("Too many requests of this client in flight"),
+                    "500": _either_error("Failure"),
+                },
+            }
+        },
+    }
+
+
 def compat_paths(limits: LimitsConfig) -> dict[str, Any]:
     """The compatible APIs' paths, with this configuration's limits."""
     paths: dict[str, Any] = {}
@@ -171,4 +392,5 @@ def compat_paths(limits: LimitsConfig) -> dict[str, Any]:
             method: _cosyvoice_operation(operation_id, summary, fields, method, limits)
             for method in ("get", "post")
         }
+    paths.update(_csm_paths(limits))
     return paths
