@@ -745,7 +745,7 @@ class EngineHub:
         """Load the model called ``name`` (any kind) now; its state after."""
         model = self._find(name)
         await self.ensure_loaded(model)
-        return self._status(model)
+        return self.status(model)
 
     async def unload(self, name: str) -> ModelStatus:
         """Unload the model called ``name`` (with every entry sharing its engine);
@@ -757,9 +757,10 @@ class EngineHub:
                     asyncio.shield(model.slot.load_task), model.slot.load_timeout_s
                 )
         await self._unload_slot(model.slot, idle_only=False)
-        return self._status(model)
+        return self.status(model)
 
-    def _status(self, model: LoadedModel[Any]) -> ModelStatus:
+    def status(self, model: LoadedModel[Any]) -> ModelStatus:
+        """``model``'s lifecycle state now."""
         slot = model.slot
         loaded = slot.engine is not None
         return ModelStatus(
@@ -779,7 +780,7 @@ class EngineHub:
 
     def model_states(self) -> list[ModelStatus]:
         """Every configured model's state, device and memory estimate."""
-        return [self._status(m) for kind in EngineKind for m in self._models[kind]]
+        return [self.status(m) for kind in EngineKind for m in self._models[kind]]
 
     def add_state_listener(self, listener: Callable[[], None]) -> Callable[[], None]:
         """Call ``listener()`` (on the event loop) when a model's state changes;

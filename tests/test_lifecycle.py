@@ -12,14 +12,17 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 
+import aiohttp
 import numpy as np
+import openai
 import pytest
 
-from edgevoice.audio import Audio
+from edgevoice.audio import Audio, encode
 from edgevoice.config import ModelConfig, Settings
 from edgevoice.engines.base import EngineKind, SynthesizeOptions
 from edgevoice.errors import BusyError, EngineError, UnknownModelError
 from edgevoice.hub import EngineHub
+from edgevoice.protocols.http import HttpServer
 from edgevoice.testing import LOAD_GATES
 
 FAST = ModelConfig(name="fast", engine="test-asr", model="fake", options={"text": "fast model"})
@@ -187,3 +190,79 @@ async def test_on_demand_tts_speaks_at_its_rate_on_first_use(
         assert rates == {16000} and speech.rate_hz == 16000
         _model, rate, chunks = await hub.synthesize("More words.")
         assert rate == 16000 and [c async for c in chunks]
+
+
+# ------------------------------------------------------------------ HTTP
+
+
+async def test_http_models_show_state_and_load_unload_endpoints(
+    make_settings: Callable[..., Settings], gate: threading.Event
+) -> None:
+    slow = ModelConfig(
+        name="slow",
+        engine="test-asr",
+        model="fake",
+        load="on_demand",
+        options={"text": "slow model", "load_gate": "lifecycle"},
+    )
+    broken = ModelConfig(
+        name="broken",
+        engine="test-asr",
+        model="fake",
+        load="on_demand",
+        options={"fail_load": "no such weights"},
+    )
+    settings = make_settings(
+        asr=[FAST, slow, broken], tts=[], http={"host": "127.0.0.1", "port": 0}
+    )
+    wav = encode(_clip().samples, 16000, "wav")
+    async with (
+        EngineHub(settings) as hub,
+        HttpServer(settings, hub) as server,
+        aiohttp.ClientSession(f"http://127.0.0.1:{server.port}") as http,
+    ):
+        oai = await asyncio.to_thread(
+            openai.AsyncOpenAI,
+            base_url=f"http://127.0.0.1:{server.port}/v1",
+            api_key="unused",
+            max_retries=0,
+        )
+        listed = await oai.models.list()
+        states = {m.id: (m.model_extra or {}).get("state") for m in listed.data}
+        assert states == {"fast": "loaded", "slow": "unloaded", "broken": "unloaded"}
+
+        loading = asyncio.create_task(http.post("/v1/models/slow/load"))
+        await _until(lambda: _states(hub)["slow"] == "loading")
+        # A request to the loading model waits; the other model answers meanwhile.
+        waiting = asyncio.create_task(
+            oai.audio.transcriptions.create(file=("a.wav", wav), model="slow")
+        )
+        for _ in range(2):
+            served = await oai.audio.transcriptions.create(file=("a.wav", wav), model="fast")
+            assert served.text == "fast model"
+        async with http.get("/v1/models/slow") as response:
+            assert (await response.json())["state"] == "loading"
+        assert not waiting.done()
+        gate.set()
+        async with await loading as response:
+            body = await response.json()
+            assert response.status == 200, body
+            assert body["state"] == "loaded" and body["device"] == "cpu"
+        assert (await waiting).text == "slow model"
+
+        async with http.post("/v1/models/slow/unload") as response:
+            assert response.status == 200 and (await response.json())["state"] == "unloaded"
+        async with http.post("/v1/models/nope/load") as response:
+            assert response.status == 404
+            assert (await response.json())["error"]["code"] == "model_not_found"
+        async with http.post("/v1/models/broken/load") as response:
+            error = (await response.json())["error"]
+            assert response.status == 500 and "no such weights" in error["message"]
+        with pytest.raises(openai.InternalServerError, match="no such weights"):
+            await oai.audio.transcriptions.create(file=("a.wav", wav), model="broken")
+        async with http.get("/v1/models/broken") as response:
+            body = await response.json()
+            assert body["state"] == "failed" and "no such weights" in body["error"]
+        # An on-demand transcription loads "slow" again.
+        assert (await oai.audio.transcriptions.create(file=("a.wav", wav), model="slow")).text
+        await oai.close()

@@ -2,8 +2,10 @@
 
 Audio is fed as fast as the test can (durations inside the pipeline are
 counted in audio, not wall-clock time), so nothing here depends on CPU speed.
-Where a test needs a decode to wait, it holds the model's only worker with a
-gate instead of guessing how long inference takes.
+Tests of speculation and partials switch the arrival-rate gate off
+(``max_arrival_rate=None``) or drive it with a fake clock; tests of the gate
+feed with the real clock. Where a test needs a decode to wait, it holds the
+model's only worker with a gate instead of guessing how long inference takes.
 """
 
 from __future__ import annotations
@@ -120,14 +122,39 @@ def _hold_worker(hub: EngineHub) -> tuple[threading.Event, asyncio.Task[Any]]:
 
 
 def _pipeline(
-    hub: EngineHub, recorder: Recorder, vad: bool = True, **config: Any
+    hub: EngineHub,
+    recorder: Recorder,
+    vad: bool = True,
+    clock: Callable[[], float] | None = None,
+    **config: Any,
 ) -> EndpointingPipeline:
+    """A pipeline that speculates whatever the arrival rate, unless ``config``
+    sets ``max_arrival_rate``."""
+    config.setdefault("max_arrival_rate", None)
     return EndpointingPipeline(
         hub.asr_session(),
         hub.vad_session() if vad else None,
         recorder,
         EndpointConfig(**config),
+        **({} if clock is None else {"clock": clock}),
     )
+
+
+class FakeClock:
+    """Wall-clock time that the test advances as if audio came at real time."""
+
+    def __init__(self) -> None:
+        self.now_s = 1000.0
+
+    def __call__(self) -> float:
+        return self.now_s
+
+
+async def _feed_paced(pipeline: EndpointingPipeline, audio: FloatAudio, clock: FakeClock) -> None:
+    for i in range(0, len(audio), CHUNK):
+        piece = audio[i : i + CHUNK]
+        await pipeline.feed(piece)
+        clock.now_s += len(piece) / RATE
 
 
 async def test_endpoints_found_and_speculation_reused_when_the_utterance_ended(
@@ -158,7 +185,7 @@ async def test_endpoints_found_and_speculation_reused_when_the_utterance_ended(
     assert kinds.index(PartialTranscript) < kinds.index(FinalTranscript)
 
 
-async def test_finish_while_the_speculation_runs_reuses_it(
+async def test_a_guess_waits_for_a_free_worker_and_is_reused(
     hub: EngineHub, clips: dict[str, FloatAudio], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     decoded = _count_decodes(hub, monkeypatch)
@@ -166,12 +193,14 @@ async def test_finish_while_the_speculation_runs_reuses_it(
     gate, holder = _hold_worker(hub)
     async with _pipeline(hub, recorder) as pipeline:
         await _feed(pipeline, np.concatenate([clips["light"], _silence(0.7)]))
-        assert pipeline.asr.decoding == 1  # the speculation waits for the worker
-        final = asyncio.create_task(pipeline.finish())
-        await asyncio.sleep(0.1)
+        # The only worker is busy: the speculation does not queue behind it.
+        assert len(recorder.of(SpeechStopped)) == 1 and pipeline.asr.decoding == 0
         gate.set()
         await holder
-        transcript = await asyncio.wait_for(final, DEADLINE_S)
+        # The worker is free: the next silence starts it, and finish reuses it.
+        await _feed(pipeline, _silence(0.2))
+        assert pipeline.asr.decoding == 1
+        transcript = await asyncio.wait_for(pipeline.finish(), DEADLINE_S)
     assert recorder.of(FinalTranscript)[0].reused_speculation
     assert_means(transcript.text, "living", "room", "light")
     assert len(decoded) == 1
@@ -182,23 +211,27 @@ async def test_speculation_discarded_when_speech_resumes(
 ) -> None:
     decoded = _count_decodes(hub, monkeypatch)
     recorder = Recorder()
-    # The worker is busy: the first speculation is still queued when speech resumes.
-    gate, holder = _hold_worker(hub)
     first, second = clips["light"], clips["lamp"]
     async with _pipeline(hub, recorder) as pipeline:
         await _feed(pipeline, np.concatenate([first, _silence(0.8)]))
         assert len(recorder.of(SpeechStopped)) == 1 and pipeline.asr.decoding == 1
         await _feed(pipeline, np.concatenate([second, _silence(0.8)]))
         assert len(recorder.of(SpeechStarted)) == 2 and len(recorder.of(SpeechStopped)) == 2
-        gate.set()
-        await holder
+        # The stale guess may still hold the worker (it cannot be stopped there);
+        # once it is done, the next silence starts the guess over both sentences.
+        for _ in range(int(DEADLINE_S / 0.02)):
+            if not pipeline.asr.decoding:
+                break
+            await asyncio.sleep(0.02)
+        await _feed(pipeline, _silence(0.2))
         transcript = await asyncio.wait_for(pipeline.finish(), DEADLINE_S)
-    # The stale guess never ran; the second one covered both sentences and was final.
-    assert len(decoded) == 1 and decoded[0] > len(first) + round(0.8 * RATE)
-    partials = recorder.of(PartialTranscript)
-    assert len(partials) <= 1
+    # The first guess (one sentence) was stale: never reported after speech resumed,
+    # never final. The final is the guess over both sentences.
+    assert decoded[-1] > len(first) + round(0.8 * RATE)
     final = recorder.of(FinalTranscript)[0]
     assert final.reused_speculation
+    for partial in recorder.of(PartialTranscript):
+        assert partial.speculative
     assert_means(transcript.text, "light", "lamp")
 
 
@@ -212,15 +245,14 @@ async def test_a_stale_decode_never_delays_the_final(
     async with _pipeline(hub, recorder, partial_interval_s=0.25) as pipeline:
         for i in range(0, len(speech), CHUNK):
             await pipeline.feed(speech[i : i + CHUNK])
-            # The budget: one partial or speculative decode at a time, however many are due.
-            assert pipeline.asr.decoding <= 1
-        assert pipeline.asr.decoding == 1  # a partial waits for the worker
+            # A partial never queues behind a busy worker.
+            assert pipeline.asr.decoding == 0
         final = asyncio.create_task(pipeline.finish())
         await asyncio.sleep(0.1)
         gate.set()
         await holder
         transcript = await asyncio.wait_for(final, DEADLINE_S)
-    # The queued partial was dropped, not decoded before the final.
+    # No partial was decoded before the final.
     assert decoded == [len(speech)]
     assert not recorder.of(FinalTranscript)[0].reused_speculation
     assert_means(transcript.text, "living", "room", "lamp")
@@ -310,3 +342,58 @@ async def test_audio_beyond_the_limit_is_refused(
         with pytest.raises(LimitExceededError):
             await pipeline.feed(_silence(0.6))
         assert pipeline.asr.duration_s == 1.5
+
+
+async def test_audio_faster_than_real_time_gets_no_guesses(
+    hub: EngineHub, clips: dict[str, FloatAudio], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client sending buffered audio as fast as it can: no speculation, no partials;
+    the final decode is the only one and starts at once."""
+    decoded = _count_decodes(hub, monkeypatch)
+    recorder = Recorder()
+    audio = np.concatenate([clips["light"], _silence(0.8), clips["lamp"], _silence(0.8)])
+    config: dict[str, Any] = {"max_arrival_rate": 1.5, "partial_interval_s": 0.5}
+    async with _pipeline(hub, recorder, **config) as pipeline:
+        await _feed(pipeline, audio)
+        assert not pipeline.paced and pipeline.arrival_rate > 1.5
+        assert pipeline.asr.decoding == 0
+        transcript = await asyncio.wait_for(pipeline.finish(), DEADLINE_S)
+    assert len(recorder.of(SpeechStopped)) == 2  # the VAD still ran
+    assert not recorder.of(PartialTranscript)
+    assert decoded == [len(audio)]
+    assert not recorder.of(FinalTranscript)[0].reused_speculation
+    assert_means(transcript.text, "light", "lamp")
+
+
+async def test_audio_at_real_time_gets_speculation(
+    hub: EngineHub, clips: dict[str, FloatAudio], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same gate with audio at real-time pace (a fake clock) speculates and
+    reuses the speculation."""
+    decoded = _count_decodes(hub, monkeypatch)
+    recorder = Recorder()
+    clock = FakeClock()
+    async with _pipeline(hub, recorder, clock=clock, max_arrival_rate=1.5) as pipeline:
+        await _feed_paced(pipeline, np.concatenate([clips["light"], _silence(0.7)]), clock)
+        assert pipeline.paced and 0.5 <= pipeline.arrival_rate <= 1.6
+        transcript = await asyncio.wait_for(pipeline.finish(), DEADLINE_S)
+    assert recorder.of(FinalTranscript)[0].reused_speculation
+    assert len(decoded) == 1
+    assert_means(transcript.text, "living", "room", "light")
+
+
+async def test_a_burst_then_real_time_speculates_once_the_burst_is_behind(
+    hub: EngineHub, clips: dict[str, FloatAudio]
+) -> None:
+    """Buffered pre-roll sent at once, then live audio: the rate is measured over
+    the last window, so speculation comes back once the burst left it."""
+    recorder = Recorder()
+    clock = FakeClock()
+    async with _pipeline(hub, recorder, clock=clock, max_arrival_rate=1.5) as pipeline:
+        await _feed(pipeline, _silence(2.0))  # the burst: no wall time passes
+        assert not pipeline.paced
+        await _feed_paced(pipeline, np.concatenate([clips["light"], _silence(0.7)]), clock)
+        assert pipeline.paced
+        await recorder.wait_for(PartialTranscript)
+        await pipeline.finish()
+    assert recorder.of(FinalTranscript)[0].reused_speculation

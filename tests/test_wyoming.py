@@ -160,6 +160,8 @@ async def test_describe_lists_every_model_voice_and_wake_word(server: WyomingSer
     assert [p.name for p in info.asr] == ["faster-whisper", "test-asr"]
     whisper = info.asr[0]
     assert whisper.supports_transcript_streaming and whisper.installed
+    # Server endpointing (the default, with a VAD model): Home Assistant needs no VAD.
+    assert whisper.requires_external_vad is False
     assert whisper.version == __version__
     assert [m.name for m in whisper.models] == ["tiny-en", "base"]
     assert whisper.models[0].languages == ["en"]
@@ -492,8 +494,13 @@ async def test_bad_input(
 
 
 async def test_ten_minutes_of_audio_is_refused(hub: EngineHub) -> None:
+    # Client endpointing: with server endpointing, silence this long ends the turn
+    # (an empty transcript after max_utterance_s) before the limit is reached.
     settings = hub.settings.model_copy(
-        update={"limits": hub.settings.limits.model_copy(update={"max_audio_s": 20.0})}
+        update={
+            "limits": hub.settings.limits.model_copy(update={"max_audio_s": 20.0}),
+            "wyoming": hub.settings.wyoming.model_copy(update={"endpointing": "client"}),
+        }
     )
     async with WyomingServer(settings, hub) as small:
         reader, writer = await _raw(small)
@@ -609,9 +616,14 @@ async def test_malformed_fields_are_bad_events(server: WyomingServer) -> None:
     writer.close()
 
 
-async def test_two_hours_of_audio_are_refused_as_the_limit_is_crossed(
-    server: WyomingServer, hub: EngineHub
-) -> None:
+async def test_two_hours_of_audio_are_refused_as_the_limit_is_crossed(hub: EngineHub) -> None:
+    # Client endpointing: with server endpointing, silence ends the turn (an empty
+    # transcript after max_utterance_s) and the rest is drained, never buffered.
+    async with WyomingServer(_with_wyoming(hub, endpointing="client"), hub) as server:
+        await _two_hours_refused(server, hub)
+
+
+async def _two_hours_refused(server: WyomingServer, hub: EngineHub) -> None:
     limit_s = hub.settings.limits.max_audio_s
     reader, writer = await _raw(server)
     await async_write_event(Transcribe().event(), writer)
@@ -1014,3 +1026,137 @@ async def test_wyoming_faster_whisper_procedure_over_tcp(
             await proc.wait()
     assert proc.returncode == 0, stderr.decode()
     assert b"Traceback" not in stderr
+
+
+# ------------------------------------------------------- server endpointing
+
+
+def _with_wyoming(hub: EngineHub, **wyoming: Any) -> Settings:
+    return hub.settings.model_copy(
+        update={"wyoming": hub.settings.wyoming.model_copy(update=wyoming)}
+    )
+
+
+async def _home_assistant_stt(port: int, speech: np.ndarray) -> tuple[str, bool, int]:
+    """Home Assistant's Wyoming STT (homeassistant/components/wyoming/stt.py since
+    2026.5): upload and read at once, return on the first ``transcript`` and cancel
+    the upload. The "microphone" streams the speech, then silence at real time
+    until the answer comes (at most ``TIMEOUT_S``), like a live satellite.
+
+    Returns the text, whether ``audio-stop`` was sent before the answer, and how
+    many chunks of silence were sent.
+    """
+    pcm = float_to_pcm16(speech.astype(np.float32))
+    step = 1024 * 2
+    silence = bytes(step)
+    stop_sent = False
+    silent_chunks = 0
+    async with AsyncTcpClient("127.0.0.1", port) as client:
+        await client.write_event(Transcribe(language="en").event())
+        await client.write_event(AudioStart(16000, 2, 1).event())
+
+        async def upload() -> None:
+            nonlocal stop_sent, silent_chunks
+            for i in range(0, len(pcm), step):
+                await client.write_event(AudioChunk(16000, 2, 1, pcm[i : i + step]).event())
+            deadline = time.monotonic() + TIMEOUT_S
+            while time.monotonic() < deadline:
+                await asyncio.sleep(1024 / 16000)
+                await client.write_event(AudioChunk(16000, 2, 1, silence).event())
+                silent_chunks += 1
+            stop_sent = True
+            await client.write_event(AudioStop().event())
+
+        async def receive() -> str:
+            while True:
+                event = await client.read_event()
+                assert event is not None, "connection lost"
+                assert not Error.is_type(event.type), event.data
+                if Transcript.is_type(event.type):
+                    return Transcript.from_event(event).text
+
+        upload_task = asyncio.create_task(upload())
+        receive_task = asyncio.create_task(receive())
+        try:
+            await asyncio.wait((upload_task, receive_task), return_when=asyncio.FIRST_COMPLETED)
+            text = await asyncio.wait_for(receive_task, TIMEOUT_S)
+        finally:
+            upload_task.cancel()
+            await asyncio.gather(upload_task, return_exceptions=True)
+    return text, stop_sent, silent_chunks
+
+
+async def test_server_endpointing_ends_home_assistants_turn(
+    server: WyomingServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    speech = decode(LIGHT_EN_WAV).samples
+    with caplog.at_level(logging.INFO, logger="edgevoice"):
+        text, stop_sent, silent_chunks = await _home_assistant_stt(_port(server), speech)
+        # The server said the utterance was over: no audio-stop was needed.
+        assert not stop_sent
+        assert words(text) == words(LIGHT_EN_TEXT)
+        # The trailing silence it waited for is at least finish_silence_s (in audio).
+        finish_s = server.settings.wyoming.finish_silence_s
+        assert silent_chunks * 1024 / 16000 >= finish_s - len(speech) / 16000
+        # Home Assistant hung up mid-stream: the server shrugs and serves the next.
+        async with _client(server) as client:
+            await client.write_event(Describe().event())
+            assert (await _read(client)).type == "info"
+    noisy = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert not noisy, [r.getMessage() for r in noisy]
+
+
+async def test_audio_after_the_turn_is_drained(server: WyomingServer) -> None:
+    speech = decode(LIGHT_EN_WAV).samples
+    audio = np.concatenate([speech, np.zeros(16000, np.float32)])
+    async with _client(server) as client:
+        await client.write_event(Transcribe(language="en").event())
+        events = _pcm_events(audio)
+        for event in events[:-1]:
+            await client.write_event(event)
+        final = await _final_transcript(client)
+        assert words(final.text) == words(LIGHT_EN_TEXT)
+        # More speech after the turn ended, then audio-stop: no second answer, no error.
+        for event in _pcm_events(decode(LAMP_WAV).at_rate(16000).samples)[1:-1]:
+            await client.write_event(event)
+        await client.write_event(events[-1])
+        await client.write_event(Ping(text="after").event())
+        after = await _read(client)
+        assert after.type == "pong", after
+        # The same connection transcribes the next turn.
+        await client.write_event(Transcribe(language="en").event())
+        for event in events:
+            await client.write_event(event)
+        again = await _final_transcript(client)
+        assert words(again.text) == words(LIGHT_EN_TEXT)
+
+
+async def test_server_endpointing_without_speech_ends_with_no_text(hub: EngineHub) -> None:
+    settings = _with_wyoming(hub, max_utterance_s=1.0)
+    async with WyomingServer(settings, hub) as small, _client(small) as client:
+        await client.write_event(Transcribe(language="en").event())
+        for event in _pcm_events(np.zeros(2 * 16000, np.float32))[:-1]:
+            await client.write_event(event)
+        final = await _final_transcript(client)
+        assert final.text == ""
+
+
+async def test_client_endpointing_waits_for_audio_stop(hub: EngineHub) -> None:
+    settings = _with_wyoming(hub, endpointing="client")
+    speech = decode(LIGHT_EN_WAV).samples
+    audio = np.concatenate([speech, np.zeros(16000, np.float32)])
+    async with WyomingServer(settings, hub) as small, _client(small) as client:
+        await client.write_event(Describe().event())
+        info = Info.from_event(await _read(client))
+        assert info.asr[0].requires_external_vad is True
+        await client.write_event(Transcribe(language="en").event())
+        events = _pcm_events(audio)
+        for event in events[:-1]:
+            await client.write_event(event)
+        # No transcript without audio-stop (a ping round trip proves the audio was read).
+        await client.write_event(Ping(text="x").event())
+        _, seen = await _read_until(client, "pong")
+        assert not any(e.type == "transcript" for e in seen)
+        await client.write_event(events[-1])
+        final = await _final_transcript(client)
+        assert words(final.text) == words(LIGHT_EN_TEXT)

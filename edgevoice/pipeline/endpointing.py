@@ -22,13 +22,22 @@ next. It is fed mono float32 audio at the ASR model's rate and emits events:
 All durations are measured in audio fed, never in wall-clock time, so the
 pipeline behaves the same on any CPU at any speed.
 
-Compute budget: at most one speculative or partial decode per pipeline is
-queued or running at a time (a trigger that finds one running waits for the
-next chunk), none starts once the final decode has begun, and the final
-decode never waits for a stale one: a speculation whose audio is not the
-whole utterance is cancelled (if it has not reached a worker yet it never
-runs) and the final decode starts at once. A speculation over the whole
-utterance (no speech since it started) is awaited and reused.
+Compute budget: speculative and partial decodes only use idle compute.
+
+- They run only while audio arrives at about real-time pace: the pipeline
+  measures the arrival rate (seconds of audio fed per wall-clock second over
+  the last ``arrival_window_s``); above ``max_arrival_rate`` (a client that
+  sends buffered audio as fast as the socket takes it) nothing is decoded
+  before the final, which then starts at once.
+- They start only when the model slot has a free worker and nobody waits for
+  one (:class:`~edgevoice.fairness.FairLimiter`): a guess never queues ahead
+  of a real request. A trigger that finds no room retries on the next piece.
+- At most one is queued or running per pipeline, none starts once the final
+  decode has begun, and the final decode never waits for a stale one: a
+  speculation whose audio is not the whole utterance is cancelled (if it has
+  not reached a worker yet it never runs) and the final decode starts at
+  once. A speculation over the whole utterance (no speech since it started)
+  is awaited and reused.
 
 Without a VAD session there is no endpointing: audio is buffered and decoded
 at :meth:`~EndpointingPipeline.finish`.
@@ -42,6 +51,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -83,6 +94,14 @@ class EndpointConfig:
     """Partial decodes while speech goes on, one per this much new audio at most."""
     vad_piece_s: float = 0.1
     """Granularity of the VAD decisions (a chunk is judged in pieces this long)."""
+    max_arrival_rate: float | None = 1.5
+    """Speculative and partial decodes only while audio arrives at most this many
+    times faster than real time (over ``arrival_window_s``); ``None``: always
+    (tests that feed audio as fast as they can)."""
+    arrival_window_s: float = 1.0
+    """Wall-clock window over which the arrival rate is measured."""
+    arrival_slack_s: float = 0.25
+    """Audio that may arrive ahead of real time within the window and still count as paced."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,8 +188,13 @@ class EndpointingPipeline:
         vad: VadSession | None,
         on_event: EventHandler,
         config: EndpointConfig | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config = config or EndpointConfig()
+        self._clock = clock
+        self._arrivals: deque[tuple[float, int]] = deque()
+        """(wall-clock time, samples fed before that chunk) over the last window."""
         self._asr = asr
         self._vad = vad
         self._on_event = on_event
@@ -275,6 +299,7 @@ class EndpointingPipeline:
             return
         self._asr.append(samples)
         start = self._total
+        self._note_arrival(start)
         self._total += len(samples)
         if self._vad is None:
             return
@@ -297,6 +322,48 @@ class EndpointingPipeline:
         transcript, reused = await self._final_decode(clip)
         await self._emit(FinalTranscript(transcript, reused))
         return transcript
+
+    @property
+    def arrival_rate(self) -> float:
+        """Seconds of audio fed per wall-clock second over the last ``arrival_window_s``."""
+        if not self._arrivals:
+            return 0.0
+        since, fed = self._arrivals[0]
+        elapsed = max(self._clock() - since, 1e-3)
+        return (self._total - fed) / self.rate_hz / elapsed
+
+    @property
+    def paced(self) -> bool:
+        """Audio arrives near real time: speculation and partials may run.
+
+        Over the last ``arrival_window_s``, at most ``max_arrival_rate`` times the
+        wall time passed plus ``arrival_slack_s`` of audio came (the slack
+        absorbs a stream's first chunks and network jitter)."""
+        limit = self.config.max_arrival_rate
+        if limit is None or not self._arrivals:
+            return True
+        since, fed = self._arrivals[0]
+        fed_s = (self._total - fed) / self.rate_hz
+        return fed_s <= limit * (self._clock() - since) + self.config.arrival_slack_s
+
+    def _note_arrival(self, fed: int) -> None:
+        now = self._clock()
+        arrivals = self._arrivals
+        arrivals.append((now, fed))
+        window = self.config.arrival_window_s
+        while len(arrivals) > 1 and now - arrivals[1][0] >= window:
+            arrivals.popleft()
+
+    def _room_for_a_guess(self) -> bool:
+        """A speculative/partial decode may start: audio is paced, and the slot has
+        a free worker nobody waits for."""
+        if not self.paced:
+            return False
+        try:
+            limiter = self._asr.model.slot.limiter
+        except (EdgeVoiceError, RuntimeError):  # the slot went away in a reload
+            return False
+        return limiter.held < limiter.permits and limiter.waiting == 0
 
     # ------------------------------------------------------------ the VAD
 
@@ -405,6 +472,8 @@ class EndpointingPipeline:
         """Start a speculative/partial decode of the utterance through ``end`` if
         the budget allows (none queued or running for this pipeline)."""
         if self._finishing or self._closed or self._asr.decoding or self._job is not None:
+            return False
+        if not self._room_for_a_guess():
             return False
         audio = self._asr.audio()
         keep = len(audio.samples) - (self._total - end)

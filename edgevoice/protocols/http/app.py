@@ -26,7 +26,7 @@ from edgevoice.protocols.http.csm import add_csm_routes
 from edgevoice.protocols.http.errors import ApiError, to_api_error
 from edgevoice.protocols.http.forms import ClientGone, body_limit
 from edgevoice.protocols.http.metrics import Metrics
-from edgevoice.protocols.http.models import get_model, list_models
+from edgevoice.protocols.http.models import get_model, list_models, load_model, unload_model
 from edgevoice.protocols.http.openapi import build_spec, render_docs
 from edgevoice.protocols.http.realtime import REALTIME_PATH, realtime, websocket_token
 from edgevoice.protocols.http.speech import speech
@@ -230,6 +230,8 @@ def build_app(settings: Settings, hub: EngineHub, api_key: str | None = None) ->
     app.router.add_delete("/v1/audio/voices/{voice_id}", delete_voice)
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/v1/models/{model_id}", get_model)
+    app.router.add_post("/v1/models/{model_id}/load", load_model)
+    app.router.add_post("/v1/models/{model_id}/unload", unload_model)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
     app.router.add_get(STATUS_PATH, status)

@@ -8,7 +8,7 @@ from aiohttp import web
 
 from edgevoice.engines.base import EngineKind
 from edgevoice.errors import UnknownModelError
-from edgevoice.hub import EngineHub, LoadedModel
+from edgevoice.hub import EngineHub, LoadedModel, ModelStatus
 from edgevoice.protocols.http.errors import ApiError
 from edgevoice.protocols.http.state import state
 
@@ -55,7 +55,9 @@ def resolve_tts(hub: EngineHub, name: str | None) -> LoadedModel[Any]:
     return _with_openai_default(hub, EngineKind.TTS, name, OPENAI_TTS_MODELS)
 
 
-def _model_json(model: LoadedModel[Any], kind: EngineKind, created: int) -> dict[str, Any]:
+def _model_json(
+    hub: EngineHub, model: LoadedModel[Any], kind: EngineKind, created: int
+) -> dict[str, Any]:
     caps: dict[str, Any]
     if kind is EngineKind.ASR:
         asr = model.engine.capabilities
@@ -84,6 +86,20 @@ def _model_json(model: LoadedModel[Any], kind: EngineKind, created: int) -> dict
         "aliases": list(model.config.aliases),
         "default": model.default,
         "capabilities": caps,
+        **_state_json(hub.status(model)),
+    }
+
+
+def _state_json(status: ModelStatus) -> dict[str, Any]:
+    """Lifecycle fields: state, device, memory estimate (RSS growth at load)."""
+    return {
+        "state": status.state,
+        "device": status.device,
+        "memory_bytes": status.memory_bytes,
+        "load": status.load,
+        "ttl_s": status.ttl_s,
+        "idle_s": None if status.idle_s is None else round(status.idle_s, 3),
+        "error": status.error,
     }
 
 
@@ -91,7 +107,7 @@ async def list_models(request: web.Request) -> web.Response:
     st = state(request)
     created = int(st.started_at)
     data = [
-        _model_json(m, kind, created)
+        _model_json(st.hub, m, kind, created)
         for kind in (EngineKind.ASR, EngineKind.TTS)
         for m in st.hub.models(kind)
     ]
@@ -104,5 +120,28 @@ async def get_model(request: web.Request) -> web.Response:
     for kind in (EngineKind.ASR, EngineKind.TTS):
         for model in st.hub.models(kind):
             if model_id in model.public_names:
-                return web.json_response(_model_json(model, kind, int(st.started_at)))
+                return web.json_response(_model_json(st.hub, model, kind, int(st.started_at)))
     raise ApiError(404, f"unknown model {model_id!r}", param="model_id", code="model_not_found")
+
+
+async def _change_state(request: web.Request, *, load: bool) -> web.Response:
+    st = state(request)
+    model_id = request.match_info["model_id"]
+    try:
+        status = await (st.hub.load(model_id) if load else st.hub.unload(model_id))
+    except UnknownModelError as exc:
+        raise UnknownModelError(exc.kind, model_id, exc.known, param="model_id") from None
+    body = {"id": status.name, "object": "model.state", "kind": status.kind.value}
+    return web.json_response({**body, **_state_json(status)})
+
+
+async def load_model(request: web.Request) -> web.Response:
+    """``POST /v1/models/{id}/load``: load now (any kind); waits at most its
+    ``load_timeout_s``; a failed load is a 500 naming why."""
+    return await _change_state(request, load=True)
+
+
+async def unload_model(request: web.Request) -> web.Response:
+    """``POST /v1/models/{id}/unload``: unload now (it loads again on demand);
+    429 while it serves sessions or calls."""
+    return await _change_state(request, load=False)

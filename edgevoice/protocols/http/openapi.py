@@ -124,6 +124,17 @@ _FORM_FIELD_NAME = {"pattern": "^[^\\x00-\\x1f\\x7f]*$"}
 # Standard base64 (padded), optionally as a data URL.
 _BASE64 = "^(data:[^,]*,)?(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$"
 
+_MODEL_STATE_FIELDS: dict[str, Any] = {
+    "state": {"type": "string", "enum": ["loaded", "loading", "unloaded", "failed"]},
+    "device": {"type": ["string", "null"], "description": "Where it runs (null before its first load)."},
+    "memory_bytes": {"type": ["integer", "null"], "description": "Estimate: the process's RSS growth while it loaded (null when unloaded or unknown)."},
+    "load": {"type": "string", "enum": ["startup", "on_demand"]},
+    "ttl_s": {"type": "number", "description": "Unloaded after this many idle seconds (0 = never)."},
+    "idle_s": {"type": ["number", "null"]},
+    "error": {"type": ["string", "null"], "description": "Why the last load failed (state `failed`)."},
+}  # fmt: skip
+
+
 _SCHEMAS: dict[str, Any] = {
     "Error": {
         "type": "object",
@@ -385,6 +396,17 @@ _SCHEMAS: dict[str, Any] = {
             "aliases": {"type": "array", "items": {"type": "string"}},
             "default": {"type": "boolean"},
             "capabilities": {"type": "object"},
+            **_MODEL_STATE_FIELDS,
+        },
+    },
+    "ModelState": {
+        "type": "object",
+        "required": ["id", "object", "kind", "state"],
+        "properties": {
+            "id": {"type": "string"},
+            "object": {"const": "model.state"},
+            "kind": {"type": "string", "enum": ["asr", "tts", "wake", "vad"]},
+            **_MODEL_STATE_FIELDS,
         },
     },
     "ModelList": {
@@ -639,6 +661,38 @@ def build_spec(limits: LimitsConfig | None = None, *, api_key: bool = False) -> 
                     }
                 ],
                 "responses": {"200": _json(_ref("Model")), **_errors("404")},
+            }
+        },
+        "/v1/models/{model_id}/load": {
+            "post": {
+                "operationId": "loadModel",
+                "tags": ["models"],
+                "summary": "Load a model now (any kind; waits at most its load_timeout_s)",
+                "parameters": [
+                    {
+                        "name": "model_id",
+                        "in": "path",
+                        "required": True,
+                        "schema": {"type": "string"},
+                    }
+                ],
+                "responses": {"200": _json(_ref("ModelState")), **_errors("404", "503")},
+            }
+        },
+        "/v1/models/{model_id}/unload": {
+            "post": {
+                "operationId": "unloadModel",
+                "tags": ["models"],
+                "summary": "Unload a model (it loads again on demand); 429 while in use",
+                "parameters": [
+                    {
+                        "name": "model_id",
+                        "in": "path",
+                        "required": True,
+                        "schema": {"type": "string"},
+                    }
+                ],
+                "responses": {"200": _json(_ref("ModelState")), **_errors("404", "503")},
             }
         },
         "/v1/realtime": {

@@ -8,6 +8,11 @@
   ``voice-started``/``voice-stopped``, the speculative decode at the end of
   speech streams as ``transcript-chunk`` before ``audio-stop`` arrives, and
   the final transcript reuses it when speech did not resume.
+- ``[wyoming] endpointing = "server"`` (with a VAD model): the pipeline ends
+  the utterance after ``finish_silence_s`` of silence and the ``transcript``
+  goes out at once, before ``audio-stop`` (Home Assistant reads while it
+  uploads and stops at the first ``transcript``). Audio that still arrives
+  is drained unread until ``audio-stop`` or the client closes.
 - Wake words go through a hub wake session, which keeps detecting across a
   reload (or ends with a clean ``error``).
 - Transcription and synthesis finish in a per-connection job queue (at most
@@ -60,9 +65,11 @@ from edgevoice.errors import (
 )
 from edgevoice.hub import LoadedModel, WakeSession
 from edgevoice.pipeline.endpointing import (
+    DecodeFailed,
     EndpointConfig,
     EndpointingPipeline,
     FinalTranscript,
+    NoSpeech,
     PartialTranscript,
     PipelineEvent,
     SpeechStarted,
@@ -105,6 +112,8 @@ class _Listening:
     streamed: str = ""
     """Text already sent as ``transcript-chunk``."""
     stream_started: bool = False
+    answered: asyncio.Event = field(default_factory=asyncio.Event)
+    """The ``transcript`` (or an ``error``) went out: the turn is over."""
 
     @property
     def rejected(self) -> bool:
@@ -197,6 +206,13 @@ class WyomingConnection:
     def _streaming(self) -> bool:
         return (
             self._listening is not None or self._detecting is not None or self._speaking is not None
+        )
+
+    @property
+    def _server_endpointing(self) -> bool:
+        """The server ends utterances (``[wyoming] endpointing`` and a VAD model)."""
+        return self.server.settings.wyoming.endpointing == "server" and bool(
+            self.hub.models(EngineKind.VAD)
         )
 
     @property
@@ -343,7 +359,7 @@ class WyomingConnection:
         await handler(self, event)
 
     async def _on_describe(self, event: Event) -> None:
-        await self.send(build_info(self.hub))
+        await self.send(build_info(self.hub, server_endpointing=self._server_endpointing))
 
     async def _on_ping(self, event: Event) -> None:
         await self.send(Pong(text=Ping.from_event(event).text))
@@ -430,7 +446,16 @@ class WyomingConnection:
         async def on_event(event: PipelineEvent) -> None:
             await self._on_pipeline_event(listening, event)
 
-        config = EndpointConfig(trailing_silence_s=settings.wyoming.end_of_speech_s)
+        wyoming = settings.wyoming
+        config = EndpointConfig(trailing_silence_s=wyoming.end_of_speech_s)
+        if vad is not None and self._server_endpointing:
+            config = EndpointConfig(
+                trailing_silence_s=min(wyoming.end_of_speech_s, wyoming.finish_silence_s),
+                finish_silence_s=wyoming.finish_silence_s,
+                min_speech_s=wyoming.min_speech_s,
+                max_utterance_s=wyoming.max_utterance_s,
+                no_speech_timeout_s=wyoming.max_utterance_s,
+            )
         pipeline = EndpointingPipeline(asr, vad, on_event, config)
         await pipeline.__aenter__()
         listening.pipeline = pipeline
@@ -460,8 +485,8 @@ class WyomingConnection:
 
     async def _listen_chunk(self, listening: _Listening, chunk: AudioChunk) -> None:
         pipeline = listening.pipeline
-        if pipeline is None:
-            return
+        if pipeline is None or pipeline.utterances or listening.answered.is_set():
+            return  # refused, or the server ended the turn: drained until audio-stop
         try:
             PcmConverter.check_format(chunk.rate, chunk.width, chunk.channels)
             # Refused as soon as the declared length crosses max_audio_s, before converting.
@@ -481,9 +506,13 @@ class WyomingConnection:
                 return
             try:
                 tail = listening.pcm.flush()
-                if len(tail):
+                if len(tail) and not pipeline.utterances and not listening.answered.is_set():
                     await pipeline.feed(tail)
-                self._enqueue(lambda: self._finish_listening(pipeline))
+                if pipeline.utterances or listening.answered.is_set():
+                    # The server ended the turn: its transcript is out or on its way.
+                    self._enqueue(lambda: self._after_the_turn(listening, pipeline))
+                else:
+                    self._enqueue(lambda: self._finish_listening(pipeline))
             except BaseException:
                 await pipeline.aclose()
                 raise
@@ -505,8 +534,33 @@ class WyomingConnection:
         finally:
             await pipeline.aclose()
 
+    async def _after_the_turn(self, listening: _Listening, pipeline: EndpointingPipeline) -> None:
+        try:
+            await listening.answered.wait()
+        finally:
+            await pipeline.aclose()
+
     async def _on_pipeline_event(self, listening: _Listening, event: PipelineEvent) -> None:
-        if isinstance(event, SpeechStarted):
+        if listening.answered.is_set():
+            return  # one transcript per turn; what follows it is drained
+        pipeline = listening.pipeline
+        if (
+            pipeline is not None
+            and pipeline.utterances
+            and not isinstance(event, FinalTranscript | DecodeFailed)
+        ):
+            return  # the turn is over: no events of a next utterance
+        if isinstance(event, NoSpeech):
+            # Server endpointing and nobody spoke: end the turn with no text.
+            listening.answered.set()
+            await self.send(WyomingTranscript(text=""), TranscriptStop())
+        elif isinstance(event, DecodeFailed):
+            listening.answered.set()
+            error = event.error
+            await self.send_error(
+                error if isinstance(error, EdgeVoiceError) else EngineError(str(error))
+            )
+        elif isinstance(event, SpeechStarted):
             await self.send(VoiceStarted(timestamp=event.timestamp_ms))
         elif isinstance(event, SpeechStopped):
             await self.send(VoiceStopped(timestamp=event.timestamp_ms))
@@ -515,6 +569,7 @@ class WyomingConnection:
         elif isinstance(event, FinalTranscript):
             transcript = event.transcript
             await self._stream_text(listening, transcript)
+            listening.answered.set()
             await self.send(
                 WyomingTranscript(text=transcript.text, language=transcript.language),
                 TranscriptStop(),

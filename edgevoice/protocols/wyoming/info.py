@@ -81,8 +81,12 @@ def programs(models: Sequence[LoadedModel[Any]]) -> dict[str, list[LoadedModel[A
     return dict(sorted(grouped.items(), key=lambda item: not any(m.default for m in item[1])))
 
 
-def build_info(hub: EngineHub) -> Info:
-    """The ``info`` answer: one program per engine for ASR, TTS and wake words."""
+def build_info(hub: EngineHub, *, server_endpointing: bool = False) -> Info:
+    """The ``info`` answer: one program per engine for ASR, TTS and wake words.
+
+    ``server_endpointing``: the server ends utterances itself (its VAD), so ASR
+    programs say ``requires_external_vad = false``.
+    """
     asr: list[AsrProgram] = []
     for engine, models in programs(hub.models(EngineKind.ASR)).items():
         attribution, version = _engine_attribution(engine)
@@ -106,6 +110,7 @@ def build_info(hub: EngineHub) -> Info:
                     for m in ordered
                 ],
                 supports_transcript_streaming=True,
+                requires_external_vad=not server_endpointing,
             )
         )
     tts: list[TtsProgram] = []
