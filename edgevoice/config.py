@@ -100,6 +100,18 @@ class WyomingConfig(_Strict):
     """Service name; default ``edgevoice-<node_id>``."""
     end_of_speech_s: float = Field(default=0.3, gt=0, le=5)
     """Silence after speech (per the VAD) that starts speculative decoding."""
+    endpointing: Literal["server", "client"] = "server"
+    """``server``: the VAD ends the utterance (``finish_silence_s``) and the
+    ``transcript`` goes out before ``audio-stop``; the info says
+    ``requires_external_vad = false`` (Home Assistant then runs no silence timer
+    of its own). ``client``: the client's ``audio-stop`` ends it. Needs a ``[[vad]]``
+    model; without one it is ``client``."""
+    finish_silence_s: float = Field(default=0.5, gt=0, le=10)
+    """Server endpointing: silence after speech that ends the utterance."""
+    min_speech_s: float = Field(default=0.1, ge=0, le=5)
+    """Server endpointing: speech needed before it counts (shorter noises are ignored)."""
+    max_utterance_s: float = Field(default=15.0, gt=0, le=600)
+    """Server endpointing: speech running this long is ended there."""
 
 
 class HttpConfig(_Strict):
