@@ -16,6 +16,12 @@ import aiohttp
 import numpy as np
 import openai
 import pytest
+from wyoming.asr import Transcribe, Transcript
+from wyoming.audio import AudioChunk, AudioStart, AudioStop
+from wyoming.client import AsyncTcpClient
+from wyoming.event import Event
+from wyoming.info import Describe, Info
+from wyoming.tts import Synthesize, SynthesizeVoice
 
 from edgevoice.audio import Audio, encode
 from edgevoice.config import ModelConfig, Settings
@@ -23,6 +29,7 @@ from edgevoice.engines.base import EngineKind, SynthesizeOptions
 from edgevoice.errors import BusyError, EngineError, UnknownModelError
 from edgevoice.hub import EngineHub
 from edgevoice.protocols.http import HttpServer
+from edgevoice.protocols.wyoming import WyomingServer
 from edgevoice.testing import LOAD_GATES
 
 FAST = ModelConfig(name="fast", engine="test-asr", model="fake", options={"text": "fast model"})
@@ -266,3 +273,71 @@ async def test_http_models_show_state_and_load_unload_endpoints(
         # An on-demand transcription loads "slow" again.
         assert (await oai.audio.transcriptions.create(file=("a.wav", wav), model="slow")).text
         await oai.close()
+
+
+# --------------------------------------------------------------- Wyoming
+
+
+async def _wyoming_read(client: AsyncTcpClient, kind: str) -> Event:
+    while True:
+        event = await asyncio.wait_for(client.read_event(), 60)
+        assert event is not None, "server closed the connection"
+        if event.type == kind:
+            return event
+        assert event.type != "error", event.data
+
+
+async def test_wyoming_lists_unloaded_models_and_loads_them_on_use(
+    make_settings: Callable[..., Settings],
+) -> None:
+    lazy_asr = ModelConfig(
+        name="lazy-asr", engine="test-asr", model="fake", load="on_demand",
+        options={"text": "lazy words"},
+    )  # fmt: skip
+    lazy_tts = ModelConfig(
+        name="lazy-voice", engine="test-tts", model="fake", load="on_demand",
+        options={"voices": ["amy"], "sample_rate_hz": 16000},
+    )  # fmt: skip
+    lazy_wake = ModelConfig(
+        name="okay_nabu", engine="microwakeword", model="okay_nabu", load="on_demand"
+    )
+    settings = make_settings(
+        asr=[FAST, lazy_asr],
+        tts=[lazy_tts],
+        wake=[lazy_wake],
+        wyoming={"enabled": True, "uri": "tcp://127.0.0.1:0", "zeroconf": False},
+    )
+    async with EngineHub(settings) as hub, WyomingServer(settings, hub) as server:
+        assert set(_states(hub).values()) == {"loaded", "unloaded"}
+        port = int(server.addresses[0].rsplit(":", 1)[1])
+        async with AsyncTcpClient("127.0.0.1", port) as client:
+            await client.write_event(Describe().event())
+            info = Info.from_event(await _wyoming_read(client, "info"))
+            asr_models = {m.name: m.installed for p in info.asr for m in p.models}
+            assert asr_models == {"fast": True, "lazy-asr": True}
+            assert [v.name for p in info.tts for v in p.voices] == ["lazy-voice"]
+            assert [m.name for p in info.wake for m in p.models] == ["okay_nabu"]
+            assert all(p.installed for p in [*info.asr, *info.tts, *info.wake])
+
+            await client.write_event(Transcribe(name="lazy-asr").event())
+            await client.write_event(AudioStart(rate=16000, width=2, channels=1).event())
+            pcm = bytes(2 * 16000)
+            await client.write_event(AudioChunk(rate=16000, width=2, channels=1, audio=pcm).event())
+            await client.write_event(AudioStop().event())
+            transcript = Transcript.from_event(await _wyoming_read(client, "transcript"))
+            assert transcript.text == "lazy words"
+
+            await client.write_event(
+                Synthesize("Hello there.", SynthesizeVoice("lazy-voice")).event()
+            )
+            start = AudioStart.from_event(await _wyoming_read(client, "audio-start"))
+            assert start.rate == 16000
+            await _wyoming_read(client, "audio-stop")
+
+            # Once loaded, the real voices are listed.
+            await client.write_event(Describe().event())
+            info = Info.from_event(await _wyoming_read(client, "info"))
+            assert [v.name for p in info.tts for v in p.voices] == ["amy"]
+        assert _states(hub) == {
+            "fast": "loaded", "lazy-asr": "loaded", "lazy-voice": "loaded", "okay_nabu": "unloaded"
+        }  # fmt: skip

@@ -26,7 +26,7 @@ from wyoming.info import (
 )
 
 from edgevoice import __version__
-from edgevoice.engines.base import EngineKind
+from edgevoice.engines.base import EngineKind, VoiceInfo, WakeWordInfo
 from edgevoice.hub import EngineHub, LoadedModel
 
 _EDGEVOICE = Attribution(name="edgevoice", url="")  # no public home page yet
@@ -119,7 +119,8 @@ def build_info(hub: EngineHub, *, server_endpointing: bool = False) -> Info:
         voices: list[TtsVoice] = []
         for m in sorted(models, key=lambda m: not m.default):
             caps = m.engine.capabilities
-            for voice in caps.voices:
+            # An on-demand model never loaded yet lists its name as its voice.
+            for voice in caps.voices or (VoiceInfo(m.name, ()),):
                 voices.append(
                     TtsVoice(
                         name=voice.name,
@@ -163,7 +164,9 @@ def build_info(hub: EngineHub, *, server_endpointing: bool = False) -> Info:
                         phrase=ww.phrase,
                     )
                     for m in models
+                    # An on-demand model never loaded yet is listed by its name.
                     for ww in m.engine.capabilities.wake_words
+                    or (WakeWordInfo(m.name, m.name, ()),)
                 ],
             )
         )
