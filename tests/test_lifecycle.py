@@ -8,11 +8,14 @@ so a test decides exactly when it finishes instead of sleeping.
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import aiohttp
+import aiomqtt
 import numpy as np
 import openai
 import pytest
@@ -29,8 +32,10 @@ from edgevoice.engines.base import EngineKind, SynthesizeOptions
 from edgevoice.errors import BusyError, EngineError, UnknownModelError
 from edgevoice.hub import EngineHub
 from edgevoice.protocols.http import HttpServer
+from edgevoice.protocols.mqtt.bridge import MqttBridge
 from edgevoice.protocols.wyoming import WyomingServer
 from edgevoice.testing import LOAD_GATES
+from tests.conftest import Mosquitto
 
 FAST = ModelConfig(name="fast", engine="test-asr", model="fake", options={"text": "fast model"})
 
@@ -341,3 +346,46 @@ async def test_wyoming_lists_unloaded_models_and_loads_them_on_use(
         assert _states(hub) == {
             "fast": "loaded", "lazy-asr": "loaded", "lazy-voice": "loaded", "okay_nabu": "unloaded"
         }  # fmt: skip
+
+
+# ------------------------------------------------------------------ MQTT
+
+
+async def test_mqtt_publishes_model_states_retained_on_change(
+    make_settings: Callable[..., Settings], mosquitto: Mosquitto
+) -> None:
+    lazy = ModelConfig(name="lazy", engine="test-asr", model="fake", load="on_demand")
+    settings = make_settings(
+        asr=[FAST, lazy],
+        tts=[],
+        mqtt={"enabled": True, "url": mosquitto.url, "node_id": "lifecycle", "topic_prefix": "lc"},
+    )
+    topic = "lc/lifecycle/models"
+
+    def states(payload: Any) -> dict[str, str]:
+        return {m["name"]: m["state"] for m in json.loads(payload)["models"]}
+
+    async with EngineHub(settings) as hub:
+        bridge = MqttBridge(settings, hub)
+        await bridge.start()
+        try:
+            await bridge.wait_online(30)
+            async with aiomqtt.Client("127.0.0.1", mosquitto.port) as watcher:
+                await watcher.subscribe(topic)
+                seen: list[dict[str, str]] = []
+
+                async def until(expected: dict[str, str]) -> None:
+                    async with asyncio.timeout(30):
+                        async for message in watcher.messages:
+                            seen.append(states(message.payload))
+                            if seen[-1] == expected:
+                                return
+
+                await until({"fast": "loaded", "lazy": "unloaded"})  # retained
+                await hub.load("lazy")
+                await until({"fast": "loaded", "lazy": "loaded"})
+                assert {"fast": "loaded", "lazy": "loading"} in seen
+                await hub.unload("lazy")
+                await until({"fast": "loaded", "lazy": "unloaded"})
+        finally:
+            await bridge.stop(5.0)

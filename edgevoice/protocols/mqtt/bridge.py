@@ -11,6 +11,8 @@ Topics (``<base>`` = ``<topic_prefix>/<node_id>``):
 - ``<base>/wake/detected``, ``<base>/asr/transcript``, ``<base>/state``: events
   the local voice loop publishes through :meth:`MqttBridge.publish_wake` etc.
 - ``<base>/voice/set`` → ``<base>/voice`` (retained): the default voice.
+- ``<base>/models`` (retained JSON, on each change): every model's lifecycle
+  state ``{"models": [{"name", "kind", "state", "device", "memory_bytes", ...}]}``.
 - ``<base>/error``: every rejected request, ``{"error", "code", "topic", "id"?,
   "param"?, "limit"?}`` (:func:`~edgevoice.protocols.mqtt.messages.error_fields`).
 - With ``pool``: ``$share/<pool>/<topic_prefix>/pool/<pool>/{tts/say,asr/transcribe}``.
@@ -211,6 +213,7 @@ class MqttBridge(ProtocolServer):
         self._pending: dict[str, int] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._background: set[asyncio.Task[None]] = set()
+        self._forget_models: Callable[[], None] | None = None
         self._idle = asyncio.Event()
         self._idle.set()
         self._runner: asyncio.Task[None] | None = None
@@ -275,6 +278,9 @@ class MqttBridge(ProtocolServer):
         if self._password is None:
             self._password = self.broker.password
         self._runner = asyncio.create_task(self._run(), name="mqtt-connection")
+        self._forget_models = self.hub.add_state_listener(
+            lambda: self.spawn(self.publish(self._models_message()), "mqtt-models")
+        )
         await self._first_attempt.wait()
         if not self._online.is_set():
             _LOGGER.warning(
@@ -285,6 +291,9 @@ class MqttBridge(ProtocolServer):
         """Stop taking requests, finish admitted ones, publish ``offline``, disconnect."""
         if self._runner is None:
             return
+        if self._forget_models is not None:
+            self._forget_models()
+            self._forget_models = None
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         self._accepting = False
@@ -423,6 +432,7 @@ class MqttBridge(ProtocolServer):
         await self._send(client, OutgoingMessage(self.status_topic, b"online", retain=True))
         await self._send(client, self._state_message())
         await self._send(client, self._voice_message())
+        await self._send(client, self._models_message())
         if self.config.discovery:
             await self._send(client, self._discovery_message())
         await self._flush(client)
@@ -580,6 +590,12 @@ class MqttBridge(ProtocolServer):
 
     def _state_message(self) -> OutgoingMessage:
         return OutgoingMessage(f"{self.base}/state", self._state.encode(), retain=True)
+
+    def _models_message(self) -> OutgoingMessage:
+        """Every model's lifecycle state → ``<base>/models`` (retained)."""
+        states = [status.to_json() for status in self.hub.model_states()]
+        payload = json.dumps({"node_id": self.node_id, "models": states}).encode()
+        return OutgoingMessage(f"{self.base}/models", payload, retain=True)
 
     def _voice_message(self) -> OutgoingMessage:
         return OutgoingMessage(f"{self.base}/voice", self._current_voice().encode(), retain=True)
