@@ -193,8 +193,9 @@ class Server:
         self.log.close()
 
 
-def _ours(tmp: Path, port: int, env: dict[str, str]) -> Server:
+def _ours(tmp: Path, port: int, env: dict[str, str], asr_concurrency: int | None = None) -> Server:
     config = tmp / "edgevoice.toml"
+    concurrency = "" if asr_concurrency is None else f"max_concurrency = {asr_concurrency}"
     config.write_text(
         f"""
 cache_dir = "{tmp / "cache"}"
@@ -205,6 +206,7 @@ offline = true
 name = "tiny-en"
 engine = "faster-whisper"
 model = "tiny.en"
+{concurrency}
 [asr.options]
 compute_type = "int8"
 beam_size = 1
@@ -483,11 +485,14 @@ Step = Callable[[], Awaitable[None]]
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     clips = load_clips(args.quick)
     env = dict(os.environ)
+    for pair in args.env:
+        key, _, value = pair.partition("=")
+        env[key] = value
     peers_ok = not args.ours_only and os.path.exists(args.peer_python)  # noqa: ASYNC240
     ours_side, peer_side = Side(), Side()
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        ours = _ours(tmp, _free_port(), env)
+        ours = _ours(tmp, _free_port(), env, args.asr_concurrency)
         servers = [ours]
         asr_peer = tts_peer = None
         if peers_ok:
@@ -606,6 +611,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="one clip, small loads")
     parser.add_argument("--ours-only", action="store_true")
     parser.add_argument("--peer-python", default="/tmp/bench-venv/bin/python")
+    parser.add_argument(
+        "--asr-concurrency", type=int, help="edgevoice's tiny.en max_concurrency (default: 1)"
+    )
+    parser.add_argument(
+        "--env", action="append", default=[], help="KEY=VALUE for the servers (repeatable)"
+    )
     parser.add_argument(
         "--readme", default=str(REPO / "README.md"), help="README to update; 'none' to skip"
     )

@@ -7,6 +7,7 @@ libraries are imported in :meth:`FasterWhisperAsrEngine.load`.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -73,7 +74,12 @@ class FasterWhisperOptions(WhisperOptions):
     beam_size: int = Field(default=1, ge=1, le=20)
     """Default beam size (1 = greedy, fastest)."""
     cpu_threads: int = Field(default=0, ge=0)
-    """0 lets CTranslate2 decide."""
+    """Intra-op threads per decode. 0: CTranslate2's default with one worker;
+    the CPU's cores split between the workers with more."""
+    num_workers: int = Field(default=0, ge=0, le=16)
+    """Decodes CTranslate2 runs at once (model replicas sharing the weights).
+    0: the entry's ``max_concurrency`` (with fewer, extra requests queue inside
+    CTranslate2 while holding a worker thread)."""
     hotwords: str | None = None
     vad_filter: bool = False
     """Skip non-speech with faster-whisper's Silero VAD."""
@@ -129,6 +135,14 @@ class FasterWhisperAsrEngine:
     def capabilities(self) -> AsrCapabilities:
         return self._capabilities
 
+    def parallelism(self) -> tuple[int, int]:
+        """``(num_workers, cpu_threads)`` for CTranslate2 (see the options)."""
+        workers = self._options.num_workers or max(1, self._context.model.max_concurrency)
+        threads = self._options.cpu_threads
+        if not threads and workers > 1:
+            threads = max(1, (os.cpu_count() or 1) // workers)
+        return workers, threads
+
     def load(self) -> None:
         from faster_whisper import WhisperModel
 
@@ -139,13 +153,15 @@ class FasterWhisperAsrEngine:
         compute_type = self._options.compute_type
         if compute_type == "auto":
             compute_type = "float16" if family == "cuda" else "int8"
+        workers, threads = self.parallelism()
         started = time.monotonic()
         self._model = WhisperModel(
             str(path),
             device=family,
             device_index=int(index or 0),
             compute_type=compute_type,
-            cpu_threads=self._options.cpu_threads,
+            cpu_threads=threads,
+            num_workers=workers,
             local_files_only=True,
         )
         self._capabilities = self._make_capabilities(
