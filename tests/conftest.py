@@ -8,13 +8,18 @@ import importlib.util
 import logging
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
+import numpy.typing as npt
 import pytest
 
 from edgevoice.config import ModelConfig, Settings
 from edgevoice.hub import EngineHub
 from edgevoice.testing import register_fake_engines
+
+if TYPE_CHECKING:
+    import openai
 
 # The fake engines are no entry points (a daemon never offers them): the tests
 # that configure ``test-asr``/``test-tts`` in-process get them from here.
@@ -63,6 +68,34 @@ def assert_means(text: str, *keywords: str) -> None:
 # What every CPU gets of the German clip, transcribed and translated by Whisper base.
 GERMAN_KEYWORDS = ("schalte", "wohnzimmerlicht")
 TRANSLATION_KEYWORDS = ("turn", "living", "room")
+
+
+def overlap(got: str, expected: str) -> float:
+    """Share of the expected words that the transcript has (order-free)."""
+    want = words(expected)
+    have = set(words(got))
+    return sum(1 for w in want if w in have) / len(want)
+
+
+def noise(seconds: float, seed: int = 0, rate_hz: int = 16000) -> npt.NDArray[np.float32]:
+    """Quiet Gaussian noise: audio a rigged random-weight model decodes to something."""
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal(int(seconds * rate_hz)) * 0.1).astype(np.float32)
+
+
+def openai_audio_client(port: int, timeout_s: float) -> openai.AsyncOpenAI:
+    """An OpenAI client for the daemon on ``port``, its audio resources touched.
+
+    Run in a thread: making a client and first touching its resources is slow
+    (TLS settings, lazy imports) and would block the event loop.
+    """
+    import openai
+
+    made = openai.AsyncOpenAI(
+        base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=timeout_s
+    )
+    _ = made.audio.transcriptions, made.audio.translations
+    return made
 
 
 @pytest.fixture(autouse=True)

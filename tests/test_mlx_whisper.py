@@ -36,17 +36,11 @@ from edgevoice.hub import EngineHub
 from edgevoice.model_files import ModelNotFoundError
 from edgevoice.protocols.http import HttpServer
 from edgevoice.testing import check_asr_engine
-from tests.conftest import LIGHT_EN_TEXT, LIGHT_EN_WAV, words
+from tests.conftest import LIGHT_EN_TEXT, LIGHT_EN_WAV, noise, openai_audio_client, overlap, words
 
 RATE_HZ = 16000
 
 pytestmark = pytest.mark.filterwarnings("ignore:Word-level timestamps on translations:UserWarning")
-
-
-def overlap(got: str, expected: str) -> float:
-    want = words(expected)
-    have = set(words(got))
-    return sum(1 for w in want if w in have) / len(want)
 
 
 # ------------------------------------------------------------- pure functions
@@ -170,21 +164,16 @@ def random_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlxWhisp
     engine.close()
 
 
-def _noise(seconds: float, seed: int = 0) -> np.ndarray[Any, np.dtype[np.float32]]:
-    rng = np.random.default_rng(seed)
-    return (rng.standard_normal(int(seconds * RATE_HZ)) * 0.1).astype(np.float32)
-
-
 def test_random_model_capabilities_and_conformance(random_engine: MlxWhisperAsrEngine) -> None:
     caps = random_engine.capabilities
     assert caps.translate and caps.word_timestamps and caps.prompt and not caps.streaming
     assert len(caps.languages) == 99 and caps.languages[0] == "en"
-    check_asr_engine(random_engine, _noise(2.0))
+    check_asr_engine(random_engine, noise(2.0))
 
 
 def test_translate_with_word_timestamps_and_detection(random_engine: MlxWhisperAsrEngine) -> None:
     info, segments = random_engine.transcribe(
-        _noise(3.0), TranscribeOptions(task="translate", language="de_DE", word_timestamps=True)
+        noise(3.0), TranscribeOptions(task="translate", language="de_DE", word_timestamps=True)
     )
     got = list(segments)
     assert info.language == "de" and info.duration_s == pytest.approx(3.0)
@@ -195,7 +184,7 @@ def test_translate_with_word_timestamps_and_detection(random_engine: MlxWhisperA
         for word in seg.words:
             assert seg.start_s <= word.start_s <= word.end_s <= seg.end_s
     detected, _segments = random_engine.transcribe(
-        _noise(1.0, seed=1), TranscribeOptions(prompt="kitchen " * 500)
+        noise(1.0, seed=1), TranscribeOptions(prompt="kitchen " * 500)
     )
     assert detected.language in random_engine.capabilities.languages
     assert 0.0 < detected.language_probability <= 1.0
@@ -203,7 +192,7 @@ def test_translate_with_word_timestamps_and_detection(random_engine: MlxWhisperA
 
 def test_bad_requests(random_engine: MlxWhisperAsrEngine) -> None:
     with pytest.raises(EngineRequestError, match="language 'xx'"):
-        random_engine.transcribe(_noise(1.0), TranscribeOptions(language="xx"))
+        random_engine.transcribe(noise(1.0), TranscribeOptions(language="xx"))
     info, segments = random_engine.transcribe(np.zeros(0, np.float32), TranscribeOptions())
     assert info.duration_s == 0.0 and list(segments) == []
 
@@ -236,16 +225,6 @@ async def served(
         yield hub, srv
 
 
-def _client(server: HttpServer) -> openai.AsyncOpenAI:
-    """Run in a thread: making a client and first touching its resources is slow
-    (TLS settings, lazy imports) and would block the event loop."""
-    made = openai.AsyncOpenAI(
-        base_url=f"http://127.0.0.1:{server.port}/v1", api_key="unused", max_retries=0, timeout=1800
-    )
-    _ = made.audio.transcriptions, made.audio.translations
-    return made
-
-
 @pytest.mark.slow
 @pytest.mark.asyncio(loop_scope="module")
 @pytest.mark.filterwarnings("ignore:deprecated:DeprecationWarning")
@@ -255,7 +234,7 @@ async def test_real_speech_over_http_with_words(served: tuple[EngineHub, HttpSer
     loaded = hub.asr("mlx-tiny-en")
     assert loaded.slot.device.device == "cpu"
     assert loaded.engine.capabilities.languages == ("en",)
-    oai = await asyncio.to_thread(_client, server)
+    oai = await asyncio.to_thread(openai_audio_client, server.port, 1800)
     result = await oai.audio.transcriptions.create(
         file=LIGHT_EN_WAV,
         model="mlx-tiny-en",

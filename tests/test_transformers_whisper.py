@@ -48,16 +48,18 @@ from edgevoice.hub import EngineHub
 from edgevoice.model_files import ModelNotFoundError
 from edgevoice.protocols.http import HttpServer
 from edgevoice.testing import check_asr_engine
-from tests.conftest import LAMP_TEXT, LAMP_WAV, LIGHT_EN_TEXT, LIGHT_EN_WAV, words
+from tests.conftest import (
+    LAMP_TEXT,
+    LAMP_WAV,
+    LIGHT_EN_TEXT,
+    LIGHT_EN_WAV,
+    noise,
+    openai_audio_client,
+    overlap,
+    words,
+)
 
 RATE_HZ = 16000
-
-
-def overlap(got: str, expected: str) -> float:
-    """Share of the expected words that the transcript has (order-free)."""
-    want = words(expected)
-    have = set(words(got))
-    return sum(1 for w in want if w in have) / len(want)
 
 
 # ------------------------------------------------------------- pure functions
@@ -395,11 +397,6 @@ def random_engine(random_dir: Path) -> Iterator[TransformersWhisperAsrEngine]:
     engine.close()
 
 
-def _noise(seconds: float, seed: int = 0) -> np.ndarray[Any, np.dtype[np.float32]]:
-    rng = np.random.default_rng(seed)
-    return (rng.standard_normal(int(seconds * RATE_HZ)) * 0.1).astype(np.float32)
-
-
 def _check_segments(segments: list[Segment], duration_s: float, *, timed: bool) -> None:
     assert segments, "the rigged model always says something"
     for seg in segments:
@@ -427,13 +424,13 @@ def test_random_model_capabilities(random_engine: TransformersWhisperAsrEngine) 
 
 
 def test_random_model_conformance(random_engine: TransformersWhisperAsrEngine) -> None:
-    check_asr_engine(random_engine, _noise(2.0))
+    check_asr_engine(random_engine, noise(2.0))
 
 
 def test_translate_with_word_timestamps(random_engine: TransformersWhisperAsrEngine) -> None:
     spy = GenerateSpy(random_engine._model)
     try:
-        audio = _noise(3.0)
+        audio = noise(3.0)
         info, segments = random_engine.transcribe(
             audio, TranscribeOptions(task="translate", language="de-DE", word_timestamps=True)
         )
@@ -455,7 +452,7 @@ def test_language_detection_and_prompt(random_engine: TransformersWhisperAsrEngi
     spy = GenerateSpy(random_engine._model)
     try:
         info, segments = random_engine.transcribe(
-            _noise(1.5, seed=1),
+            noise(1.5, seed=1),
             TranscribeOptions(prompt="Kitchen, living room. " * 200, hotwords="ComfyUI"),
         )
     finally:
@@ -471,7 +468,7 @@ def test_language_detection_and_prompt(random_engine: TransformersWhisperAsrEngi
 
 def test_long_form_audio(random_engine: TransformersWhisperAsrEngine) -> None:
     """Over 30 s: decoded window by window, times run past the first window."""
-    audio = _noise(42.0, seed=2)
+    audio = noise(42.0, seed=2)
     info, segments = random_engine.transcribe(
         audio, TranscribeOptions(language="en", word_timestamps=True)
     )
@@ -488,7 +485,7 @@ def test_concurrent_requests_batch_with_their_own_languages(
     results: dict[str, Any] = {}
 
     def call(name: str, options: TranscribeOptions) -> None:
-        info, segments = random_engine.transcribe(_noise(1.0, seed=3), options)
+        info, segments = random_engine.transcribe(noise(1.0, seed=3), options)
         results[name] = (info, list(segments))
 
     jobs = {
@@ -515,9 +512,9 @@ def test_concurrent_requests_batch_with_their_own_languages(
 
 def test_bad_requests(random_engine: TransformersWhisperAsrEngine) -> None:
     with pytest.raises(EngineRequestError, match="language 'xx'"):
-        random_engine.transcribe(_noise(1.0), TranscribeOptions(language="xx"))
+        random_engine.transcribe(noise(1.0), TranscribeOptions(language="xx"))
     with pytest.raises(EngineRequestError, match="beam_size"):
-        random_engine.transcribe(_noise(1.0), TranscribeOptions(beam_size=500))
+        random_engine.transcribe(noise(1.0), TranscribeOptions(beam_size=500))
     info, segments = random_engine.transcribe(np.zeros(0, np.float32), TranscribeOptions())
     assert info.duration_s == 0.0 and list(segments) == []
 
@@ -531,7 +528,7 @@ def test_load_errors(tmp_path: Path) -> None:
     with pytest.raises(ModelNotFoundError, match=r"no config\.json"):
         engine.load()
     with pytest.raises(RuntimeError, match="not loaded"):
-        engine.transcribe(_noise(1.0), TranscribeOptions())
+        engine.transcribe(noise(1.0), TranscribeOptions())
 
 
 # ------------------------------- real tiny.en: hub, OpenAI HTTP API, CLI
@@ -608,21 +605,11 @@ async def server(hub: EngineHub) -> AsyncIterator[HttpServer]:
         yield srv
 
 
-def _client(server: HttpServer) -> openai.AsyncOpenAI:
-    """Run in a thread: making a client and first touching its resources is slow
-    (TLS settings, lazy imports) and would block the event loop."""
-    made = openai.AsyncOpenAI(
-        base_url=f"http://127.0.0.1:{server.port}/v1", api_key="unused", max_retries=0, timeout=900
-    )
-    _ = made.audio.transcriptions, made.audio.translations
-    return made
-
-
 @pytest.mark.slow
 @pytest.mark.asyncio(loop_scope="module")
 @pytest.mark.filterwarnings("ignore:deprecated:DeprecationWarning")
 async def test_openai_client_transcribes_and_gets_clear_errors(server: HttpServer) -> None:
-    oai = await asyncio.to_thread(_client, server)
+    oai = await asyncio.to_thread(openai_audio_client, server.port, 900)
     result = await oai.audio.transcriptions.create(
         file=LIGHT_EN_WAV,
         model="hf-tiny-en",
