@@ -66,6 +66,12 @@ include-operation-id = ["csmVoiceClone", "csmStreamingSession", "csmStreamText",
 checks.positive_data_acceptance.expected-statuses = ["2xx", "400", "404", "415", "429"]
 
 [[operations]]
+include-tag = "fish"
+# Fish: reference audio must be decodable (415), a random reference_id or a
+# taken id is unknown (404) / a conflict (409); punctuation-only text is 400.
+checks.positive_data_acceptance.expected-statuses = ["2xx", "400", "404", "409", "415"]
+
+[[operations]]
 include-operation-id = ["csmStreamTextWebSocket"]
 checks.positive_data_acceptance.expected-statuses = ["426"]
 checks.negative_data_rejection.expected-statuses = ["400", "426"]

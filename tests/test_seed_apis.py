@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import msgpack  # type: ignore[import-untyped]
 import numpy as np
 import pytest
 import pytest_asyncio
@@ -430,3 +431,136 @@ async def test_csm_bad_input_gets_fastapi_errors(server: HttpServer) -> None:
         "POST", f"{url}/v1/stream-text", json={"session_id": "nope", "text_chunk": "Hi."}
     )
     assert response.status_code == 404
+
+
+# ------------------------------------------------------------- Fish Speech
+
+
+def fish_request(**fields: Any) -> bytes:
+    """What Fish's ``tools.post_api`` sends: a MessagePack ``ServeTTSRequest``."""
+    request = {
+        "text": "",
+        "chunk_length": 200,
+        "format": "wav",
+        "references": [],
+        "reference_id": None,
+        "seed": None,
+        "use_memory_cache": "off",
+        "normalize": True,
+        "streaming": False,
+        "max_new_tokens": 1024,
+        "top_p": 0.7,
+        "repetition_penalty": 1.2,
+        "temperature": 0.7,
+        **fields,
+    }
+    packed: bytes = msgpack.packb(request, use_bin_type=True)
+    return packed
+
+
+async def fish_tts(server: HttpServer, **fields: Any) -> tuple[requests.Response, bytes]:
+    return await call(
+        "POST",
+        f"{base(server)}/v1/tts",
+        data=fish_request(**fields),
+        headers={"content-type": "application/msgpack"},
+    )
+
+
+async def test_fish_tts_inline_reference_streamed(server: HttpServer) -> None:
+    text = "Text to be input. Spoken with the reference voice."
+    reference = {"audio": LIGHT_EN_WAV.read_bytes(), "text": LIGHT_EN_TEXT}
+    response, body = await fish_tts(server, text=text, references=[reference], streaming=True)
+    assert response.status_code == 200, body[:300]
+    assert response.headers["Content-Type"] == "audio/wav"
+    audio = decode(body)
+    assert len(audio.samples) == fake_samples(text)
+    assert abs(dominant_hz(audio.samples, CLONER_RATE_HZ) - 440) < 5
+    response, body = await fish_tts(server, text=text, references=[reference], format="pcm")
+    assert response.status_code == 200, body[:300]
+    assert len(pcm(body)) == fake_samples(text)  # bare s16le at the model's rate
+    response, body = await fish_tts(server, text=text, references=[reference], format="mp3")
+    assert response.status_code == 200
+    assert response.headers["Content-Type"] == "audio/mpeg"
+    assert decode(body).duration_s >= fake_samples(text) / CLONER_RATE_HZ
+    # JSON with base64 audio works too; no reference: the default (stock) voice.
+    response, body = await call("POST", f"{base(server)}/v1/tts", json={"text": "Plain voice."})
+    assert response.status_code == 200, body[:300]
+    assert decode(body).rate_hz == 22050
+
+
+async def test_a_fish_reference_serves_every_api(server: HttpServer) -> None:
+    url = base(server)
+    response, body = await call(
+        "POST",
+        f"{url}/v1/references/add",
+        data={"id": "Bernd", "text": LIGHT_EN_TEXT},
+        files={"audio": ("bernd.wav", LIGHT_EN_WAV.read_bytes(), "audio/wav")},
+    )
+    assert response.status_code == 200, body[:300]
+    assert json.loads(body)["success"] is True
+    response, body = await call("GET", f"{url}/v1/references/list")
+    assert "Bernd" in json.loads(body)["reference_ids"]
+    text = "One voice. Every API."
+    response, body = await fish_tts(server, text=text, reference_id="Bernd")
+    assert response.status_code == 200, body[:300]
+    assert abs(dominant_hz(decode(body).samples, CLONER_RATE_HZ) - 440) < 5
+    response, body = await call(  # CosyVoice's spk_id
+        "POST", f"{url}/inference_sft", data={"tts_text": text, "spk_id": "Bernd"}
+    )
+    assert response.status_code == 200, body[:300]
+    assert len(pcm(body)) == fake_samples(text)
+    response, body = await call(  # OpenAI's voice: the library id
+        "POST",
+        f"{url}/v1/audio/speech",
+        json={"model": "cloner", "input": text, "voice": "voice_bernd", "response_format": "wav"},
+    )
+    assert response.status_code == 200, body[:300]
+    assert len(decode(body).samples) == fake_samples(text)
+    response, body = await call(
+        "POST",
+        f"{url}/v1/references/add",
+        data={"id": "Bernd", "text": LIGHT_EN_TEXT},
+        files={"audio": ("bernd.wav", LIGHT_EN_WAV.read_bytes(), "audio/wav")},
+    )
+    assert response.status_code == 409
+    response, body = await call(
+        "DELETE", f"{url}/v1/references/delete", json={"reference_id": "Bernd"}
+    )
+    assert response.status_code == 200 and json.loads(body)["success"] is True
+    response, body = await fish_tts(server, text=text, reference_id="Bernd")
+    assert response.status_code == 404
+    assert json.loads(body)["statusCode"] == 404
+
+
+async def test_fish_bad_input_gets_fish_errors(server: HttpServer) -> None:
+    url = base(server)
+    bad: list[tuple[dict[str, Any], int, str]] = [
+        ({"format": "wav"}, 422, "text"),
+        ({"text": "Hi.", "format": "ogg"}, 400, "format"),
+        ({"text": "Hi.", "format": "mp3", "streaming": True}, 400, "wav"),
+        ({"text": "Hi.", "chunk_length": 50}, 400, "chunk_length"),
+        ({"text": "Hi.", "reference_id": "nobody"}, 404, "nobody"),
+        ({"text": "Hi.", "references": [{"audio": "%%%", "text": "x"}]}, 400, "base64"),
+        ({"text": "Hi.", "references": "everything"}, 400, "references"),
+        ({"text": "x" * (MAX_INPUT_CHARS + 1)}, 400, "max_input_chars"),
+    ]
+    for fields, status, word in bad:
+        response, body = await call("POST", f"{url}/v1/tts", json=fields)
+        assert response.status_code == status, (fields, body[:200])
+        error = json.loads(body)
+        assert set(error) == {"statusCode", "message", "error"}
+        assert error["statusCode"] == status and word in error["message"]
+    response, body = await call(
+        "POST",
+        f"{url}/v1/tts",
+        data=b"\xc1garbage",
+        headers={"content-type": "application/msgpack"},
+    )
+    assert response.status_code == 400
+    response, body = await call("POST", f"{url}/v1/references/add", data={"id": "x"})
+    assert response.status_code in (415, 422)
+    response, body = await call(
+        "POST", f"{url}/v1/references/add", data={"id": "x"}, files={"audio": ("a.wav", b"1")}
+    )
+    assert response.status_code == 422 and "text" in json.loads(body)["message"]

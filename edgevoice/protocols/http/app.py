@@ -24,6 +24,7 @@ from edgevoice.hub import EngineHub
 from edgevoice.protocols.http.cosyvoice import add_cosyvoice_routes
 from edgevoice.protocols.http.csm import add_csm_routes
 from edgevoice.protocols.http.errors import ApiError, to_api_error
+from edgevoice.protocols.http.fish import add_fish_routes
 from edgevoice.protocols.http.forms import ClientGone, body_limit
 from edgevoice.protocols.http.metrics import Metrics
 from edgevoice.protocols.http.models import get_model, list_models, load_model, unload_model
@@ -237,6 +238,7 @@ def build_app(settings: Settings, hub: EngineHub, api_key: str | None = None) ->
     app.router.add_get(STATUS_PATH, status)
     add_cosyvoice_routes(app)  # CosyVoice's FastAPI server: /inference_*
     add_csm_routes(app, limits)  # the CSM voice-cloning API
+    add_fish_routes(app)  # Fish Speech: /v1/tts, /v1/references/*
     add_ui_routes(app)  # the web page: / and /ui/
     app.router.add_get("/openapi.json", openapi)
     app.router.add_get("/docs", docs)

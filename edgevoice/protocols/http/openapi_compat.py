@@ -39,6 +39,81 @@ SCHEMAS: dict[str, Any] = {
 
 SCHEMAS.update(
     {
+        "FishError": {
+            "type": "object",
+            "required": ["statusCode", "message", "error"],
+            "properties": {
+                "statusCode": {"type": "integer"},
+                "message": {"type": "string"},
+                "error": {"type": "string"},
+            },
+        },
+        "FishReference": {
+            "type": "object",
+            "required": ["audio"],
+            "properties": {
+                "audio": {
+                    "type": "string",
+                    "contentEncoding": "base64",
+                    "minLength": 1,
+                    "description": "Reference audio (bytes in MessagePack, base64 in JSON), 1-30 s.",
+                },
+                "text": {"type": "string", "description": "Its transcript."},
+            },
+        },
+        "FishTtsRequest": {
+            "type": "object",
+            "required": ["text"],
+            "properties": {
+                "text": {"type": "string", "minLength": 1, "pattern": "\\S"},
+                "chunk_length": {
+                    "type": "integer",
+                    "minimum": 100,
+                    "maximum": 300,
+                    "default": 200,
+                    "description": "Sentences are cut at most this long (and at most `limits.max_sentence_chars`).",
+                },
+                "format": {"type": "string", "enum": ["wav", "pcm", "mp3"], "default": "wav"},
+                "references": {
+                    "type": "array",
+                    "maxItems": 8,
+                    "items": {"$ref": "#/components/schemas/FishReference"},
+                    "description": "Inline references; the first is cloned.",
+                },
+                "reference_id": {
+                    "type": ["string", "null"],
+                    "description": "A stored voice: id or name (see `/v1/references/list`).",
+                },
+                "emotion": {
+                    "type": ["string", "null"],
+                    "description": "edgevoice: with `reference_id`, the emotion of an imported `ref_data` speaker.",
+                },
+                "normalize": {"type": "boolean", "default": True},
+                "streaming": {
+                    "type": "boolean",
+                    "default": False,
+                    "description": "Stream the audio as it is made (wav only).",
+                },
+            },
+        },
+        "FishReferenceResult": {
+            "type": "object",
+            "required": ["success", "message", "reference_id"],
+            "properties": {
+                "success": {"type": "boolean"},
+                "message": {"type": "string"},
+                "reference_id": {"type": "string"},
+            },
+        },
+        "FishReferenceList": {
+            "type": "object",
+            "required": ["success", "reference_ids", "message"],
+            "properties": {
+                "success": {"type": "boolean"},
+                "reference_ids": {"type": "array", "items": {"type": "string"}},
+                "message": {"type": "string"},
+            },
+        },
         "CsmClone": {
             "type": "object",
             "required": ["audio_url", "duration_seconds"],
@@ -384,6 +459,159 @@ def _csm_paths(limits: LimitsConfig) -> dict[str, Any]:
     }
 
 
+def _fish_error(description: str) -> dict[str, Any]:
+    return {
+        "description": description,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "anyOf": [
+                        {"$ref": "#/components/schemas/Error"},
+                        {"$ref": "#/components/schemas/FishError"},
+                    ]
+                }
+            }
+        },
+    }
+
+
+def _fish_errors(*codes: str) -> dict[str, Any]:
+    described = {
+        "400": "Bad field or a `[limits]` bound crossed (streaming needs wav; chunk_length 100-300)",
+        "404": "Unknown `reference_id` (and `emotion`)",
+        "408": "The request body stalled for `limits.idle_timeout_s`",
+        "409": "A reference with this id exists",
+        "413": "Body larger than `limits.max_upload_bytes`, or a full voice library",
+        "415": "Reference audio cannot be decoded, or a wrong body type",
+        "422": "A required field is missing",
+        "429": "Too many requests of this client in flight",
+        "500": "Engine failure (the daemon keeps serving)",
+        "503": "The model is being retired by a reload, or the daemon is stopping",
+    }
+    return {code: _fish_error(described[code]) for code in sorted({*codes, "429", "500"})}
+
+
+def _fish_paths(limits: LimitsConfig) -> dict[str, Any]:
+    binary = {"schema": {"type": "string", "format": "binary"}}
+    tts_body = {"$ref": "#/components/schemas/FishTtsRequest"}
+    return {
+        "/v1/tts": {
+            "post": {
+                "operationId": "fishTts",
+                "tags": ["fish"],
+                "summary": "Fish Speech: speak, optionally cloning an inline or stored reference",
+                "description": "JSON (reference audio as base64) or MessagePack (`application/msgpack`, as `tools.post_api` sends). `references` clones the first inline sample; `reference_id` (+ `emotion`) a stored voice. Sampling fields are accepted and ignored. Errors in Fish's shape.",
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {"schema": tts_body},
+                        "application/msgpack": {"schema": tts_body},
+                    },
+                },
+                "responses": {
+                    "200": {
+                        "description": "Audio in `format` (pcm: s16le at the model's rate)",
+                        "content": {"audio/wav": binary, "audio/mpeg": binary, "audio/pcm": binary},
+                    },
+                    **_fish_errors("400", "404", "408", "413", "415", "422", "503"),
+                },
+            }
+        },
+        "/v1/references/add": {
+            "post": {
+                "operationId": "fishAddReference",
+                "tags": ["fish"],
+                "summary": "Fish Speech: store a reference voice (in the voice library)",
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "multipart/form-data": {
+                            "schema": {
+                                "type": "object",
+                                "propertyNames": _FIELD_NAME,
+                                "required": ["id", "audio", "text"],
+                                "properties": {
+                                    "id": {
+                                        "type": "string",
+                                        "minLength": 1,
+                                        "maxLength": 100,
+                                        "pattern": "[0-9A-Za-z]",
+                                    },
+                                    "audio": {
+                                        "type": "string",
+                                        "format": "binary",
+                                        "description": "1-30 s of speech.",
+                                    },
+                                    "text": {"type": "string", "minLength": 1, "maxLength": 2000},
+                                },
+                            }
+                        }
+                    },
+                },
+                "responses": {
+                    "200": {
+                        "description": "Stored",
+                        "content": {
+                            "application/json": {
+                                "schema": {"$ref": "#/components/schemas/FishReferenceResult"}
+                            }
+                        },
+                    },
+                    **_fish_errors("400", "408", "409", "413", "415", "422"),
+                },
+            }
+        },
+        "/v1/references/list": {
+            "get": {
+                "operationId": "fishListReferences",
+                "tags": ["fish"],
+                "summary": "Fish Speech: stored reference ids",
+                "responses": {
+                    "200": {
+                        "description": "The ids",
+                        "content": {
+                            "application/json": {
+                                "schema": {"$ref": "#/components/schemas/FishReferenceList"}
+                            }
+                        },
+                    },
+                    **_fish_errors(),
+                },
+            }
+        },
+        "/v1/references/delete": {
+            "delete": {
+                "operationId": "fishDeleteReference",
+                "tags": ["fish"],
+                "summary": "Fish Speech: delete a stored reference",
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {
+                            "schema": {
+                                "type": "object",
+                                "required": ["reference_id"],
+                                "properties": {"reference_id": {"type": "string", "minLength": 1}},
+                            }
+                        }
+                    },
+                },
+                "responses": {
+                    "200": {
+                        "description": "Deleted",
+                        "content": {
+                            "application/json": {
+                                "schema": {"$ref": "#/components/schemas/FishReferenceResult"}
+                            }
+                        },
+                    },
+                    **_fish_errors("400", "404", "408", "413", "422"),
+                },
+            }
+        },
+    }
+
+
 def compat_paths(limits: LimitsConfig) -> dict[str, Any]:
     """The compatible APIs' paths, with this configuration's limits."""
     paths: dict[str, Any] = {}
@@ -393,4 +621,5 @@ def compat_paths(limits: LimitsConfig) -> dict[str, Any]:
             for method in ("get", "post")
         }
     paths.update(_csm_paths(limits))
+    paths.update(_fish_paths(limits))
     return paths
