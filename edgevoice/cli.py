@@ -94,6 +94,14 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("path", nargs="?", type=Path)
     check.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
+    voices = sub.add_parser("voices", help="manage the voice library")
+    voices_sub = voices.add_subparsers(dest="voices_command", required=True)
+    vimport = voices_sub.add_parser(
+        "import", help="store a Fish Speech ref_data/SPEAKER/EMOTION/*.wav|.lab tree"
+    )
+    vimport.add_argument("dir", type=Path, help="the ref_data directory")
+    with_config(vimport)
+
     inst = sub.add_parser(
         "install-service",
         help="install the systemd service (launchd on macOS): user, directories, config, unit",
@@ -223,6 +231,29 @@ def _devices() -> int:
     return 0
 
 
+def _voices_import(args: argparse.Namespace, settings: Settings) -> int:
+    """``voices import DIR``: each SPEAKER/EMOTION a stored voice; 1 if any failed."""
+    from edgevoice.protocols.http.fish import import_ref_data
+    from edgevoice.voices import VoiceLibrary
+
+    limits = settings.limits
+    library = VoiceLibrary(
+        settings.state_dir / "voices",
+        max_voices=limits.max_voices,
+        max_bytes=limits.max_voice_library_bytes,
+    )
+    failed = 0
+    for result in import_ref_data(library, args.dir):
+        if result.voice_id is None:
+            failed += 1
+            print(f"{result.name}: not imported: {result.error}", file=sys.stderr)
+        else:
+            print(
+                f"{result.name} -> {result.voice_id}{' (already stored)' if result.existed else ''}"
+            )
+    return 1 if failed else 0
+
+
 def _check_config(args: argparse.Namespace) -> None:
     settings = load_config(args.path)
     validate_engines(settings)
@@ -268,6 +299,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 asyncio.run(_transcribe(args, settings))
             elif args.command == "speak":
                 asyncio.run(_speak(args, settings))
+            elif args.command == "voices":
+                return _voices_import(args, settings)
     except _USER_ERRORS as exc:
         print(f"edgevoice: error: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, ConfigError) else 1

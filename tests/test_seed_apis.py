@@ -23,7 +23,8 @@ import pytest_asyncio
 import requests
 import websockets
 
-from edgevoice.audio import decode, pcm_to_float
+from edgevoice.audio import decode, encode, pcm_to_float
+from edgevoice.cli import main as cli_main
 from edgevoice.config import ModelConfig, Settings
 from edgevoice.hub import EngineHub
 from edgevoice.protocols.http import HttpServer
@@ -48,13 +49,16 @@ MAX_FILES = 3
 MAX_SESSIONS = 2
 
 
+@pytest.fixture(scope="module")
+def state_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("state")
+
+
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def server(
-    tmp_path_factory: pytest.TempPathFactory, shared_cache: Path
-) -> AsyncIterator[HttpServer]:
+async def server(state_dir: Path, shared_cache: Path) -> AsyncIterator[HttpServer]:
     values: dict[str, Any] = {
         "cache_dir": shared_cache,
-        "state_dir": tmp_path_factory.mktemp("state"),
+        "state_dir": state_dir,
         "tts": [JOE_STEADY, CLONER],
         "asr": [],
         "wake": [],
@@ -564,3 +568,44 @@ async def test_fish_bad_input_gets_fish_errors(server: HttpServer) -> None:
         "POST", f"{url}/v1/references/add", data={"id": "x"}, files={"audio": ("a.wav", b"1")}
     )
     assert response.status_code == 422 and "text" in json.loads(body)["message"]
+
+
+async def test_voices_import_a_fish_ref_data_tree(
+    server: HttpServer, state_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    sample = decode(LIGHT_EN_WAV.read_bytes())
+    ref = tmp_path / "ref_data"
+    files = {
+        "SPEAKER1/happy/21.15-26.44.wav": LIGHT_EN_WAV.read_bytes(),
+        "SPEAKER1/sad/30.1-32.71.flac": encode(sample.samples, sample.rate_hz, "flac"),
+        # too short, then a good one: the first usable sample is taken
+        "SPEAKER2/calm/0.0-0.5.wav": encode(
+            sample.samples[: sample.rate_hz // 2], sample.rate_hz, "wav"
+        ),
+        "SPEAKER2/calm/1.0-3.0.wav": LIGHT_EN_WAV.read_bytes(),
+        "SPEAKER2/mute/no-transcript.wav": LIGHT_EN_WAV.read_bytes(),
+    }
+    for name, data in files.items():
+        path = ref / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        if "no-transcript" not in name:
+            path.with_suffix(".lab").write_text(LIGHT_EN_TEXT, encoding="utf-8")
+    config = tmp_path / "edgevoice.toml"
+    config.write_text(f'state_dir = "{state_dir}"\n', encoding="utf-8")
+    argv = ["voices", "import", str(ref), "--config", str(config), "--log-level", "ERROR"]
+    assert await asyncio.to_thread(cli_main, argv) == 1  # SPEAKER2/mute has no .lab
+    out, err = capsys.readouterr()
+    assert "SPEAKER1/happy -> voice_speaker1-happy" in out
+    assert "SPEAKER2/calm -> voice_speaker2-calm" in out
+    assert "SPEAKER2/mute: not imported" in err and ".lab" in err
+    assert await asyncio.to_thread(cli_main, argv) == 1
+    assert "(already stored)" in capsys.readouterr().out  # a second import keeps them
+    text = "An imported speaker."
+    for fields in ({"emotion": "sad"}, {"emotion": "happy"}, {}):
+        response, body = await fish_tts(server, text=text, reference_id="SPEAKER1", **fields)
+        assert response.status_code == 200, (fields, body[:300])
+        assert abs(dominant_hz(decode(body).samples, CLONER_RATE_HZ) - 440) < 5
+    response, body = await fish_tts(server, text=text, reference_id="SPEAKER1", emotion="angry")
+    assert response.status_code == 404
+    assert "SPEAKER1/angry" in json.loads(body)["message"]

@@ -25,14 +25,16 @@ import asyncio
 import base64
 import binascii
 import logging
+from dataclasses import dataclass
 from http import HTTPStatus
+from pathlib import Path
 from typing import Any, Final, TypeVar
 
 from aiohttp import web
 
 from edgevoice.audio import StreamEncoder
 from edgevoice.engines.base import SynthesizeOptions, VoiceReference
-from edgevoice.errors import ClientError
+from edgevoice.errors import ClientError, LimitExceededError
 from edgevoice.pipeline.speak import SpokenAudio, speak
 from edgevoice.protocols.http.compat import (
     MissingFields,
@@ -50,13 +52,15 @@ from edgevoice.protocols.http.forms import (
 )
 from edgevoice.protocols.http.speech import check_text, log_stream_failure
 from edgevoice.protocols.http.state import ServerState, state
-from edgevoice.voices import VoiceNotFoundError
+from edgevoice.voices import VoiceLibrary, VoiceNotFoundError
 
 _LOGGER = logging.getLogger(__name__)
 
 FORMATS: Final = ("wav", "pcm", "mp3")
 MAX_REFERENCES: Final = 8
 CHUNK_RANGE: Final = (100, 300)
+MAX_SAMPLE_BYTES: Final = 64 * 1024 * 1024
+"""A ref_data sample larger than this is skipped unread (30 s of any sane format is far less)."""
 
 
 def fish_error(exc: BaseException) -> web.Response:
@@ -357,3 +361,67 @@ def add_fish_routes(app: web.Application) -> None:
     app.router.add_post("/v1/references/add", add_reference)
     app.router.add_get("/v1/references/list", list_references)
     app.router.add_delete("/v1/references/delete", delete_reference)
+
+
+# ------------------------------------------------------------ ref_data import
+
+REF_AUDIO_SUFFIXES: Final = (".wav", ".flac", ".mp3", ".ogg")
+
+
+@dataclass(frozen=True, slots=True)
+class ImportedVoice:
+    name: str
+    """``SPEAKER/EMOTION``."""
+    voice_id: str | None
+    """The stored voice, or None when it failed (``error`` says why)."""
+    error: str | None = None
+    existed: bool = False
+
+
+def import_ref_data(library: VoiceLibrary, root: Path) -> list[ImportedVoice]:
+    """Blocking: store a Fish ``ref_data/SPEAKER/EMOTION/*.wav|.lab`` tree in the library.
+
+    Each ``SPEAKER/EMOTION`` becomes the voice named so (``/v1/tts`` with
+    ``reference_id=SPEAKER`` and ``emotion=EMOTION``; without an emotion the
+    speaker's first), from its first sample (sorted by name) that has a
+    ``.lab`` transcript and is 1-30 s long. Voices already stored are kept;
+    library quotas apply. Symbolic links are not followed.
+    """
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root} is not a directory")
+    results: list[ImportedVoice] = []
+    for speaker in sorted(p for p in root.iterdir() if p.is_dir() and not p.is_symlink()):
+        for emotion in sorted(p for p in speaker.iterdir() if p.is_dir() and not p.is_symlink()):
+            name = f"{speaker.name}/{emotion.name}"
+            existing = find_stored(library, name)
+            if existing is not None:
+                results.append(ImportedVoice(name, existing, existed=True))
+                continue
+            results.append(_import_one(library, name, emotion))
+    return results
+
+
+def _import_one(library: VoiceLibrary, name: str, folder: Path) -> ImportedVoice:
+    error = "no audio file with a .lab transcript"
+    samples = sorted(
+        p
+        for p in folder.iterdir()
+        if p.suffix.lower() in REF_AUDIO_SUFFIXES and p.is_file() and not p.is_symlink()
+    )
+    for sample in samples:
+        lab = sample.with_suffix(".lab")
+        if not lab.is_file():
+            continue
+        try:
+            if sample.stat().st_size > MAX_SAMPLE_BYTES:
+                error = f"{sample.name}: larger than {MAX_SAMPLE_BYTES} bytes"
+                continue
+            transcript = lab.read_text(encoding="utf-8").strip()
+            voice = library.add(name, sample.read_bytes(), transcript or None)
+        except (ClientError, OSError, UnicodeDecodeError) as exc:
+            error = f"{sample.name}: {exc}"
+            if isinstance(exc, LimitExceededError):
+                break  # the library is full: no other sample will fit
+            continue
+        return ImportedVoice(name, voice.id)
+    return ImportedVoice(name, None, error)
