@@ -110,7 +110,7 @@ def load_clips(quick: bool) -> list[Clip]:
     clips = [Clip("lamp", lamp, lamp_words)]
     if quick:
         return clips
-    gap = np.zeros(round(0.6 * RATE), np.float32)
+    gap = np.zeros(round(0.25 * RATE), np.float32)  # one utterance: pauses < 0.3 s
     long = np.concatenate([lamp, gap, light, gap, lamp])
     clips.append(Clip("light", light, light_words))
     clips.append(Clip("long", long, lamp_words + light_words + lamp_words))

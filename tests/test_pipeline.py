@@ -397,3 +397,28 @@ async def test_a_burst_then_real_time_speculates_once_the_burst_is_behind(
         await recorder.wait_for(PartialTranscript)
         await pipeline.finish()
     assert recorder.of(FinalTranscript)[0].reused_speculation
+
+
+async def test_a_fast_recording_is_not_cut_when_ending_needs_pace(
+    hub: EngineHub, clips: dict[str, FloatAudio]
+) -> None:
+    """``end_only_when_paced``: silence inside a recording sent at once ends nothing;
+    the caller's finish does. The same audio at real time is cut there."""
+    audio = np.concatenate([clips["light"], _silence(1.0), clips["lamp"], _silence(1.0)])
+    config: dict[str, Any] = {
+        "max_arrival_rate": 1.5,
+        "finish_silence_s": 0.6,
+        "end_only_when_paced": True,
+    }
+    recorder = Recorder()
+    async with _pipeline(hub, recorder, **config) as pipeline:
+        await _feed(pipeline, audio)
+        assert pipeline.utterances == 0
+        transcript = await asyncio.wait_for(pipeline.finish(), DEADLINE_S)
+    assert_means(transcript.text, "light", "lamp")
+    recorder = Recorder()
+    clock = FakeClock()
+    async with _pipeline(hub, recorder, clock=clock, **config) as pipeline:
+        await _feed_paced(pipeline, audio, clock)
+        await recorder.wait_for(FinalTranscript, 2)
+    assert pipeline.utterances == 2

@@ -139,6 +139,18 @@ def _pcm_events(audio: np.ndarray, rate: int = 16000, chunk: int = 1024) -> list
     ]
 
 
+async def _write_paced(client: AsyncTcpClient, events: list[Event]) -> None:
+    """Write ``events``, each ``audio-chunk`` when its audio would have been captured."""
+    started = time.monotonic()
+    sent_s = 0.0
+    for event in events:
+        await client.write_event(event)
+        if event.type == "audio-chunk":
+            chunk = AudioChunk.from_event(event)
+            sent_s += len(chunk.audio) / (chunk.rate * chunk.width * chunk.channels)
+            await asyncio.sleep(max(0.0, started + sent_s - time.monotonic()))
+
+
 async def _transcribe(server: WyomingServer, events: list[Event], **request: Any) -> Transcript:
     async with _client(server) as client:
         await client.write_event(Transcribe(**request).event())
@@ -217,7 +229,6 @@ async def test_streaming_transcript_arrives_while_audio_still_flows(
 ) -> None:
     speech = decode(LIGHT_EN_WAV).samples
     events = _pcm_events(np.concatenate([speech, np.zeros(16000, np.float32)]))
-    trailing = 700 * 16 // 1024  # the last ~0.7 s of silence, paced at real time
     received: list[Event] = []
     async with _client(server) as client:
 
@@ -230,11 +241,8 @@ async def test_streaming_transcript_arrives_while_audio_still_flows(
 
         reader = asyncio.create_task(collect())
         await client.write_event(Transcribe(language="en").event())
-        for event in events[: -1 - trailing]:
-            await client.write_event(event)
-        for event in events[-1 - trailing : -1]:
-            await asyncio.sleep(1024 / 16000)
-            await client.write_event(event)
+        # At real time, as a microphone: speculation runs only on paced audio.
+        await _write_paced(client, events[:-1])
         # Speech ended inside the stream: the text comes before audio-stop.
         for _ in range(int(TIMEOUT_S / 0.05)):
             if any(e.type == "transcript-chunk" for e in received):
@@ -1057,8 +1065,10 @@ async def _home_assistant_stt(port: int, speech: np.ndarray) -> tuple[str, bool,
 
         async def upload() -> None:
             nonlocal stop_sent, silent_chunks
-            for i in range(0, len(pcm), step):
-                await client.write_event(AudioChunk(16000, 2, 1, pcm[i : i + step]).event())
+            speech_events = [
+                AudioChunk(16000, 2, 1, pcm[i : i + step]).event() for i in range(0, len(pcm), step)
+            ]
+            await _write_paced(client, speech_events)
             deadline = time.monotonic() + TIMEOUT_S
             while time.monotonic() < deadline:
                 await asyncio.sleep(1024 / 16000)
@@ -1112,8 +1122,7 @@ async def test_audio_after_the_turn_is_drained(server: WyomingServer) -> None:
     async with _client(server) as client:
         await client.write_event(Transcribe(language="en").event())
         events = _pcm_events(audio)
-        for event in events[:-1]:
-            await client.write_event(event)
+        await _write_paced(client, events[:-1])  # live: the server ends the turn
         final = await _final_transcript(client)
         assert words(final.text) == words(LIGHT_EN_TEXT)
         # More speech after the turn ended, then audio-stop: no second answer, no error.
@@ -1125,8 +1134,7 @@ async def test_audio_after_the_turn_is_drained(server: WyomingServer) -> None:
         assert after.type == "pong", after
         # The same connection transcribes the next turn.
         await client.write_event(Transcribe(language="en").event())
-        for event in events:
-            await client.write_event(event)
+        await _write_paced(client, events)
         again = await _final_transcript(client)
         assert words(again.text) == words(LIGHT_EN_TEXT)
 
@@ -1135,10 +1143,28 @@ async def test_server_endpointing_without_speech_ends_with_no_text(hub: EngineHu
     settings = _with_wyoming(hub, max_utterance_s=1.0)
     async with WyomingServer(settings, hub) as small, _client(small) as client:
         await client.write_event(Transcribe(language="en").event())
-        for event in _pcm_events(np.zeros(2 * 16000, np.float32))[:-1]:
-            await client.write_event(event)
+        await _write_paced(client, _pcm_events(np.zeros(2 * 16000, np.float32))[:-1])
         final = await _final_transcript(client)
         assert final.text == ""
+
+
+async def test_a_recording_sent_at_once_is_never_cut_at_a_pause(server: WyomingServer) -> None:
+    """Server endpointing ends live turns only: a buffered recording (sent faster
+    than real time) with a 1 s pause inside is one transcript, at audio-stop."""
+    light, lamp = decode(LIGHT_EN_WAV).samples, decode(LAMP_WAV).at_rate(16000).samples
+    audio = np.concatenate([light, np.zeros(16000, np.float32), lamp])
+    async with _client(server) as client:
+        await client.write_event(Transcribe(language="en").event())
+        events = _pcm_events(audio)
+        for event in events[:-1]:
+            await client.write_event(event)
+        await client.write_event(Ping(text="x").event())
+        _, seen = await _read_until(client, "pong")
+        assert not any(e.type == "transcript" for e in seen)
+        await client.write_event(events[-1])
+        final = await _final_transcript(client)
+    got = words(final.text)
+    assert "light" in got and "lamp" in got, got
 
 
 async def test_client_endpointing_waits_for_audio_stop(hub: EngineHub) -> None:

@@ -102,6 +102,11 @@ class EndpointConfig:
     """Wall-clock window over which the arrival rate is measured."""
     arrival_slack_s: float = 0.25
     """Audio that may arrive ahead of real time within the window and still count as paced."""
+    end_only_when_paced: bool = False
+    """With ``finish_silence_s``: end utterances (silence, ``max_utterance_s``,
+    ``no_speech_timeout_s``) only while audio arrives at real-time pace. A
+    recording sent faster (it has its own end: the caller's :meth:`finish`) is
+    never cut at a pause."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -354,6 +359,10 @@ class EndpointingPipeline:
         while len(arrivals) > 1 and now - arrivals[1][0] >= window:
             arrivals.popleft()
 
+    def _may_end(self) -> bool:
+        """The pipeline may end an utterance itself now (``end_only_when_paced``)."""
+        return not self.config.end_only_when_paced or self.paced
+
     def _room_for_a_guess(self) -> bool:
         """A speculative/partial decode may start: audio is paced, and the slot has
         a free worker nobody waits for."""
@@ -403,7 +412,12 @@ class EndpointingPipeline:
         if self._want_speculation:
             self._speculate(end)
         auto = config.finish_silence_s
-        if auto is not None and self._heard_speech and self._silence >= self._samples(auto):
+        if (
+            auto is not None
+            and self._heard_speech
+            and self._silence >= self._samples(auto)
+            and self._may_end()
+        ):
             self._auto_finish()
             return
         if not self._heard_speech:
@@ -429,6 +443,7 @@ class EndpointingPipeline:
             config.finish_silence_s is not None
             and longest is not None
             and end - self._speech_start >= self._samples(longest)
+            and self._may_end()
         ):
             self._in_speech = False
             await self._emit(SpeechStopped(self._ms(end)))
@@ -455,6 +470,7 @@ class EndpointingPipeline:
             timeout is not None
             and not self._no_speech_reported
             and end - self._utterance_begin >= self._samples(timeout)
+            and self._may_end()
         ):
             self._no_speech_reported = True
             await self._emit(NoSpeech(self._ms(end)))

@@ -359,7 +359,10 @@ class WyomingConnection:
         await handler(self, event)
 
     async def _on_describe(self, event: Event) -> None:
-        await self.send(build_info(self.hub, server_endpointing=self._server_endpointing))
+        stored = await asyncio.to_thread(self.hub.library.voices)
+        await self.send(
+            build_info(self.hub, server_endpointing=self._server_endpointing, library_voices=stored)
+        )
 
     async def _on_ping(self, event: Event) -> None:
         await self.send(Pong(text=Ping.from_event(event).text))
@@ -455,6 +458,8 @@ class WyomingConnection:
                 min_speech_s=wyoming.min_speech_s,
                 max_utterance_s=wyoming.max_utterance_s,
                 no_speech_timeout_s=wyoming.max_utterance_s,
+                # A recording sent faster than real time ends at audio-stop.
+                end_only_when_paced=True,
             )
         pipeline = EndpointingPipeline(asr, vad, on_event, config)
         await pipeline.__aenter__()
@@ -636,6 +641,13 @@ class WyomingConnection:
 
     # ------------------------------------------------------------------ TTS
 
+    async def _voice_options(self, voice: Any) -> SynthesizeOptions:
+        """A stored voice (library id) is cloned by the cloning model; others as below."""
+        name = getattr(voice, "name", None) if voice is not None else None
+        if self.hub.is_stored_voice(name):
+            return await self.hub.resolve_voice(SynthesizeOptions(voice=name))
+        return self._synthesize_options(voice)
+
     def _synthesize_options(self, voice: Any) -> SynthesizeOptions:
         name = getattr(voice, "name", None) if voice is not None else None
         speaker = getattr(voice, "speaker", None) if voice is not None else None
@@ -670,9 +682,8 @@ class WyomingConnection:
             return
         request = Synthesize.from_event(event)
         # The voice is resolved and the length checked now, before any work.
-        speech = speak(
-            self.hub, request.text, self._synthesize_options(request.voice), self._limits
-        )
+        options = await self._voice_options(request.voice)
+        speech = speak(self.hub, request.text, options, self._limits)
 
         async def job() -> None:
             async with speech:
@@ -687,7 +698,8 @@ class WyomingConnection:
         if self._speaking is not None:
             raise ProtocolError("synthesize-start while a synthesis is open", "unexpected-event")
         feed = TextFeed(self._limits.max_input_chars)
-        speech = speak(self.hub, feed, self._synthesize_options(request.voice), self._limits)
+        options = await self._voice_options(request.voice)
+        speech = speak(self.hub, feed, options, self._limits)
         speaking = _Speaking(feed)
 
         async def job() -> None:
