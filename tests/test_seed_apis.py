@@ -35,11 +35,13 @@ pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
 
 JOE_STEADY = JOE.model_copy(update={"options": {"noise_scale": 0.0, "noise_w_scale": 0.0}})
 CLONER_RATE_HZ = 16000
+XINFERENCE_UID = "CosyVoice2-0.5B"
 CLONER = ModelConfig(
     name="cloner",
     engine="test-tts",
     model="fake",
     options={"cloning": True, "sample_rate_hz": CLONER_RATE_HZ},
+    aliases=[XINFERENCE_UID],  # how a Xinference model uid maps onto an edgevoice model
 )
 SECONDS_PER_CHAR = 0.01  # the fake engine's default
 MAX_INPUT_CHARS = 2000
@@ -609,3 +611,68 @@ async def test_voices_import_a_fish_ref_data_tree(
     response, body = await fish_tts(server, text=text, reference_id="SPEAKER1", emotion="angry")
     assert response.status_code == 404
     assert "SPEAKER1/angry" in json.loads(body)["message"]
+
+
+# -------------------------------------------------------------- Xinference
+
+
+def xinference_speech(
+    url: str, model_uid: str, text: str, *, stream: bool = False, **kwargs: Any
+) -> tuple[requests.Response, bytes]:
+    """What Xinference's ``RESTfulAudioModelHandle.speech`` sends (``model.speech(...)``):
+    extra arguments as a JSON ``kwargs`` string; ``prompt_speech`` as a file part."""
+    prompt_speech: bytes | None = kwargs.pop("prompt_speech", None)
+    params = {
+        "model": model_uid,
+        "input": text,
+        "voice": "",
+        "response_format": kwargs.pop("response_format", "mp3"),
+        "speed": 1.0,
+        "stream": stream,
+        "kwargs": json.dumps(kwargs),
+    }
+    if prompt_speech:
+        files = [("prompt_speech", ("prompt_speech", prompt_speech, "application/octet-stream"))]
+        response = requests.post(
+            f"{url}/v1/audio/speech", data=params, files=files, stream=stream, timeout=60
+        )
+    else:
+        response = requests.post(f"{url}/v1/audio/speech", json=params, stream=stream, timeout=60)
+    # stream=True: the client hands back response.iter_content(chunk_size=1024)
+    body = b"".join(response.iter_content(chunk_size=1024)) if stream else response.content
+    return response, body
+
+
+async def test_xinference_client_calls(server: HttpServer) -> None:
+    url = base(server)
+    text = "Speech through the Xinference client. Cloned."
+    response, body = await asyncio.to_thread(
+        xinference_speech, url, XINFERENCE_UID, text,
+        prompt_speech=LIGHT_EN_WAV.read_bytes(), prompt_text=LIGHT_EN_TEXT,
+        response_format="wav", stream=True,
+    )  # fmt: skip
+    assert response.status_code == 200, body[:300]
+    audio = decode(body)
+    assert len(audio.samples) == fake_samples(text)
+    assert abs(dominant_hz(audio.samples, CLONER_RATE_HZ) - 440) < 5  # prompt_speech reached it
+    response, body = await asyncio.to_thread(
+        xinference_speech, url, XINFERENCE_UID, text,
+        prompt_speech=LIGHT_EN_WAV.read_bytes(), prompt_text=LIGHT_EN_TEXT,
+        instruct_text="Speak cheerfully.", response_format="wav",
+    )  # fmt: skip
+    assert response.status_code == 200, body[:300]
+    assert len(decode(body).samples) == fake_samples(text)
+    # No prompt: the model's own voice (220 Hz), mp3 by default.
+    response, body = await asyncio.to_thread(xinference_speech, url, XINFERENCE_UID, text)
+    assert response.status_code == 200 and response.headers["Content-Type"] == "audio/mpeg"
+    plain = decode(body)
+    assert abs(dominant_hz(plain.samples, plain.rate_hz) - 220) < 5
+    # kwargs that are not a JSON object: OpenAI's error shape, naming the field.
+    response = await asyncio.to_thread(
+        requests.post,
+        f"{url}/v1/audio/speech",
+        json={"model": XINFERENCE_UID, "input": text, "kwargs": "[1, 2"},
+        timeout=60,
+    )
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "kwargs"

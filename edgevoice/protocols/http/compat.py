@@ -13,6 +13,7 @@ audio into 16-bit PCM. All file I/O and decoding runs in worker threads.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -220,3 +221,24 @@ def fastapi_error(exc: BaseException, headers: dict[str, str] | None = None) -> 
     return web.json_response(
         {"detail": error.message}, status=error.status, headers={**(headers or {}), **error.headers}
     )
+
+
+def unpack_kwargs(body: dict[str, Any]) -> dict[str, Any]:
+    """Xinference's client sends extra fields as a JSON string ``kwargs``
+    (``prompt_text``, ``instruct_text``, ...): merged under the top-level fields.
+
+    A ``kwargs`` that is not a JSON object (as a string) is a 400.
+    """
+    raw = body.get("kwargs")
+    if raw is None or raw == "":
+        return body
+    if not isinstance(raw, str):
+        raise client_error("kwargs must be a JSON object encoded as a string", "kwargs")
+    try:
+        extra = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise client_error("kwargs is not valid JSON", "kwargs") from None
+    if not isinstance(extra, dict):
+        raise client_error("kwargs must be a JSON object", "kwargs")
+    rest = {k: v for k, v in body.items() if k != "kwargs"}
+    return {**extra, **rest}

@@ -32,6 +32,7 @@ from edgevoice.errors import (
 )
 from edgevoice.hub import EngineHub, LoadedModel
 from edgevoice.pipeline.speak import Speech, SpokenAudio, speak
+from edgevoice.protocols.http.compat import unpack_kwargs
 from edgevoice.protocols.http.errors import client_error, error_payload
 from edgevoice.protocols.http.forms import (
     UploadedFile,
@@ -254,6 +255,7 @@ async def speech(request: web.Request) -> web.StreamResponse:
         files = form.files
     else:
         body = await read_json(request, st.settings.limits)
+    body = unpack_kwargs(body)  # Xinference's client: prompt_text etc. in a JSON "kwargs"
     text = check_text(body.get("input"), st.settings.limits.max_input_chars)
     fmt = parse_choice(body.get("response_format"), "response_format", OUTPUT_FORMATS, "mp3")
     speed = parse_float(body.get("speed"), "speed", *SPEED_RANGE)
