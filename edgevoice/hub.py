@@ -67,9 +67,16 @@ from edgevoice.engines.base import (
     WakeStream,
 )
 from edgevoice.engines.registry import EngineRegistry, default_registry, validate_engines
-from edgevoice.errors import BusyError, EngineError, ShuttingDownError, UnknownModelError
+from edgevoice.errors import (
+    BusyError,
+    EngineError,
+    ShuttingDownError,
+    UnknownModelError,
+    UnsupportedRequestError,
+)
 from edgevoice.fairness import FairLimiter
 from edgevoice.pipeline import speak as speak_pipeline
+from edgevoice.voices import VoiceLibrary, valid_voice_id
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -272,6 +279,12 @@ class EngineHub:
         self._retiring: dict[int, tuple[EngineSlot, asyncio.Task[None]]] = {}
         self._reload_lock = asyncio.Lock()
         self._reaper: asyncio.Task[None] | None = None
+        self.library = VoiceLibrary(
+            settings.state_dir / "voices",
+            max_voices=settings.limits.max_voices,
+            max_bytes=settings.limits.max_voice_library_bytes,
+        )
+        """The stored voices every face clones from (blocking methods: use threads)."""
         self._state_listeners: list[Callable[[], None]] = []
 
     # ------------------------------------------------------------ lifecycle
@@ -530,6 +543,8 @@ class EngineHub:
         retired = [slot for key, slot in self._slots.items() if key not in used]
         self._slots = used
         self.settings = settings
+        self.library.max_voices = settings.limits.max_voices
+        self.library.max_bytes = settings.limits.max_voice_library_bytes
         for slot in retired:
             task = asyncio.create_task(self._retire(slot), name=f"retire-{slot.plugin.name}")
             self._retiring[id(slot)] = (slot, task)
@@ -843,6 +858,35 @@ class EngineHub:
             return self._voices[name]
         except KeyError:
             raise UnknownModelError(EngineKind.TTS, name, self.voice_names()) from None
+
+    def is_stored_voice(self, name: str | None) -> bool:
+        """Whether ``name`` reads as a voice-library id (not a configured voice)."""
+        return bool(name) and name not in self._voices and valid_voice_id(name or "")
+
+    def cloning_model(self) -> LoadedModel[TtsEngine]:
+        """The TTS model that clones stored voices (the default one first)."""
+        models = [m for m in self._models[EngineKind.TTS] if m.engine.capabilities.cloning]
+        if not models:
+            raise UnsupportedRequestError(
+                "no configured TTS model clones voices (stored voices need one)", param="voice"
+            )
+        return sorted(models, key=lambda m: not m.default)[0]
+
+    async def resolve_voice(self, options: SynthesizeOptions | None) -> SynthesizeOptions:
+        """``options`` with a stored voice id in ``voice`` turned into the cloning
+        model (its public name) and the stored reference (read in a thread).
+
+        Other options come back unchanged. Raises
+        :class:`~edgevoice.voices.VoiceNotFoundError` (an unknown voice; no
+        stored ids are listed) or :class:`UnsupportedRequestError` (no model clones).
+        """
+        options = options or SynthesizeOptions()
+        if options.reference is not None or not self.is_stored_voice(options.voice):
+            return options
+        assert options.voice is not None
+        model = self.cloning_model()
+        reference = await asyncio.to_thread(self.library.reference, options.voice)
+        return dataclasses.replace(options, voice=model.name, reference=reference)
 
     def _replacement(self, model: LoadedModel[E]) -> LoadedModel[E] | None:
         """The model serving ``model``'s public name now, if on another open slot."""

@@ -307,3 +307,69 @@ async def test_asr_session_buffer_is_bounded(make_settings: Callable[..., Settin
         session.append(np.zeros(16000, np.float32))
         assert (await session.transcribe()).text == "old engine"
         assert session.decoding == 0
+
+
+# ------------------------------------------------------ library voices
+
+
+def _dominant_hz(samples: np.ndarray, rate_hz: int) -> float:
+    spectrum = np.abs(np.fft.rfft(samples))
+    return float(np.fft.rfftfreq(len(samples), 1 / rate_hz)[int(np.argmax(spectrum))])
+
+
+async def test_stored_voices_clone_through_the_hub_and_wyoming(
+    make_settings: Callable[..., Settings],
+) -> None:
+    from wyoming.audio import AudioChunk, AudioStart, AudioStop
+    from wyoming.client import AsyncTcpClient
+    from wyoming.info import Describe, Info
+    from wyoming.tts import Synthesize, SynthesizeVoice
+
+    from edgevoice.protocols.wyoming import WyomingServer
+    from edgevoice.voices import VoiceNotFoundError
+
+    plain = ModelConfig(name="plain", engine="test-tts", model="fake", options={"voices": ["p"]})
+    cloner = ModelConfig(
+        name="cloner", engine="test-tts", model="fake",
+        options={"voices": ["c"], "cloning": True, "sample_rate_hz": 16000},
+    )  # fmt: skip
+    settings = make_settings(
+        asr=[],
+        tts=[plain, cloner],
+        wyoming={"enabled": True, "uri": "tcp://127.0.0.1:0", "zeroconf": False},
+    )
+    async with EngineHub(settings) as hub, WyomingServer(settings, hub) as server:
+        sample = await asyncio.to_thread(LAMP_WAV.read_bytes)
+        stored = await asyncio.to_thread(hub.library.add, "Grandpa", sample, "a transcript")
+        options = await hub.resolve_voice(SynthesizeOptions(voice=stored.id))
+        assert options.voice == "cloner" and options.reference is not None
+        assert options.reference.voice_id == stored.id and options.reference.text
+        async with hub.speak("Hello there.", options) as speech:
+            audio = np.concatenate([chunk.samples async for chunk in speech])
+        assert abs(_dominant_hz(audio, 16000) - 440) < 20  # cloned (220 Hz without)
+        # Configured names are not library ids; unknown ids name no stored voice.
+        assert (await hub.resolve_voice(SynthesizeOptions(voice="p"))).reference is None
+        with pytest.raises(VoiceNotFoundError):
+            await hub.resolve_voice(SynthesizeOptions(voice="voice_nobody"))
+
+        port = int(server.addresses[0].rsplit(":", 1)[1])
+        async with AsyncTcpClient("127.0.0.1", port) as client:
+            await client.write_event(Describe().event())
+            event = await asyncio.wait_for(client.read_event(), 30)
+            assert event is not None
+            info = Info.from_event(event)
+            (program,) = info.tts
+            assert stored.id in [v.name for v in program.voices]
+            await client.write_event(Synthesize("Hello.", SynthesizeVoice(stored.id)).event())
+            pcm = b""
+            while True:
+                event = await asyncio.wait_for(client.read_event(), 30)
+                assert event is not None and event.type != "error", event
+                if AudioStart.is_type(event.type):
+                    assert AudioStart.from_event(event).rate == 16000
+                elif AudioChunk.is_type(event.type):
+                    pcm += AudioChunk.from_event(event).audio
+                elif AudioStop.is_type(event.type):
+                    break
+        heard = np.frombuffer(pcm, dtype="<i2").astype(np.float32)
+        assert abs(_dominant_hz(heard, 16000) - 440) < 20

@@ -203,6 +203,19 @@ def documents(settings: Settings, api_key: str | None) -> Documents:
 # ---------------------------------------------------------------- the app
 
 
+def _library(settings: Settings, hub: EngineHub) -> VoiceLibrary:
+    """The hub's voice library (one for every face), unless these settings keep
+    voices elsewhere (a server given its own ``state_dir``)."""
+    limits = settings.limits
+    if settings.state_dir == hub.settings.state_dir:
+        return hub.library
+    return VoiceLibrary(
+        settings.state_dir / "voices",
+        max_voices=limits.max_voices,
+        max_bytes=limits.max_voice_library_bytes,
+    )
+
+
 def build_app(settings: Settings, hub: EngineHub, api_key: str | None = None) -> web.Application:
     """The aiohttp application (routes, middleware); no sockets."""
     limits = settings.limits
@@ -210,11 +223,7 @@ def build_app(settings: Settings, hub: EngineHub, api_key: str | None = None) ->
     app[STATE] = ServerState(
         settings=settings,
         hub=hub,
-        library=VoiceLibrary(
-            settings.state_dir / "voices",
-            max_voices=limits.max_voices,
-            max_bytes=limits.max_voice_library_bytes,
-        ),
+        library=_library(settings, hub),
         metrics=Metrics(),
         api_key=api_key,
         documents=documents(settings, api_key),

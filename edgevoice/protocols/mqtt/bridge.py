@@ -880,6 +880,7 @@ class MqttBridge(ProtocolServer):
         voice, text over ``max_input_chars``, engine errors).
         """
         options = SynthesizeOptions(voice=voice or self._voice or None, speed=speed)
+        options = await self.hub.resolve_voice(options)  # a stored voice id clones
         parts: list[FloatAudio] = []
         async with speak(self.hub, text, options) as speech:
             async for audio in speech:

@@ -28,6 +28,7 @@ from wyoming.info import (
 from edgevoice import __version__
 from edgevoice.engines.base import EngineKind, VoiceInfo, WakeWordInfo
 from edgevoice.hub import EngineHub, LoadedModel
+from edgevoice.voices import StoredVoice
 
 _EDGEVOICE = Attribution(name="edgevoice", url="")  # no public home page yet
 # engine plugin -> (attribution, distribution whose version is the model version)
@@ -81,7 +82,12 @@ def programs(models: Sequence[LoadedModel[Any]]) -> dict[str, list[LoadedModel[A
     return dict(sorted(grouped.items(), key=lambda item: not any(m.default for m in item[1])))
 
 
-def build_info(hub: EngineHub, *, server_endpointing: bool = False) -> Info:
+def build_info(
+    hub: EngineHub,
+    *,
+    server_endpointing: bool = False,
+    library_voices: Sequence[StoredVoice] = (),
+) -> Info:
     """The ``info`` answer: one program per engine for ASR, TTS and wake words.
 
     ``server_endpointing``: the server ends utterances itself (its VAD), so ASR
@@ -117,6 +123,19 @@ def build_info(hub: EngineHub, *, server_endpointing: bool = False) -> Info:
     for engine, models in programs(hub.models(EngineKind.TTS)).items():
         attribution, version = _engine_attribution(engine)
         voices: list[TtsVoice] = []
+        if any(m.engine.capabilities.cloning for m in models):
+            # Stored voices are spoken by the cloning model (hub.resolve_voice).
+            voices.extend(
+                TtsVoice(
+                    name=stored.id,
+                    attribution=_EDGEVOICE,
+                    installed=True,
+                    description=f"{stored.name} (voice library)",
+                    version=None,
+                    languages=[],
+                )
+                for stored in library_voices
+            )
         for m in sorted(models, key=lambda m: not m.default):
             caps = m.engine.capabilities
             # An on-demand model never loaded yet lists its name as its voice.
