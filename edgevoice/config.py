@@ -124,6 +124,9 @@ class HttpConfig(_Strict):
     """Read the key from a file (systemd ``LoadCredential=``)."""
     cors_origins: list[str] = Field(default_factory=list)
     """Allowed CORS origins; empty disables CORS."""
+    cosyvoice_port: int | None = Field(default=None, ge=0, le=65535)
+    """Also serve the API on this port (CosyVoice's is 50000), so unchanged CosyVoice
+    clients work; None: only ``port``."""
     speakers: dict[str, str] = Field(default_factory=dict)
     """Speaker names of compatible APIs (CosyVoice ``spk_id``, Fish ``reference_id``)
     → a configured voice name or a voice-library id/name, e.g. ``{"中文女" = "voice_anna"}``."""

@@ -676,3 +676,30 @@ async def test_xinference_client_calls(server: HttpServer) -> None:
     )
     assert response.status_code == 400
     assert response.json()["error"]["param"] == "kwargs"
+
+
+async def test_cosyvoice_port_serves_an_unchanged_client(tmp_path: Path) -> None:
+    values: dict[str, Any] = {
+        "cache_dir": tmp_path / "cache",
+        "state_dir": tmp_path / "state",
+        "tts": [CLONER],
+        "asr": [],
+        "wake": [],
+        "vad": [],
+        "wyoming": {"enabled": False},
+        "mqtt": {"enabled": False},
+        "http": {"host": "127.0.0.1", "port": 0, "cosyvoice_port": 0},
+    }
+    settings = Settings(**values)
+    async with EngineHub(settings) as hub, HttpServer(settings, hub) as srv:
+        ports = {int(address.rsplit(":", 1)[1]) for address in srv.addresses}
+        assert len(ports) == 2 and srv.port in ports
+        (cosyvoice_port,) = ports - {srv.port}
+        text = "Served on the CosyVoice port."
+        response, body = await call(
+            "POST",
+            f"http://127.0.0.1:{cosyvoice_port}/inference_sft",
+            data={"tts_text": text, "spk_id": "cloner"},
+        )
+        assert response.status_code == 200, body[:300]
+        assert len(pcm(body)) == fake_samples(text)

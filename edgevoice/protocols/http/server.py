@@ -188,6 +188,9 @@ class HttpServer(ProtocolServer):
             await self._runner.cleanup()
             self._runner = None
             raise
+        if http.cosyvoice_port is not None:
+            # The same app on CosyVoice's port: an unchanged client pointing at 50000 works.
+            await web.TCPSite(self._runner, http.host, http.cosyvoice_port).start()
         if api_key is None and http.host not in ("127.0.0.1", "localhost", "::1"):
             _LOGGER.info("HTTP API has no api_key: anyone on the network can use it")
 
@@ -199,7 +202,12 @@ class HttpServer(ProtocolServer):
         keep-alive timeout of connections already open stays as it was.
         """
         old, new = self.settings.http, settings.http
-        if self.app is None or not new.enabled or (new.host, new.port) != (old.host, old.port):
+        listener = (new.host, new.port, new.cosyvoice_port)
+        if (
+            self.app is None
+            or not new.enabled
+            or listener != (old.host, old.port, old.cosyvoice_port)
+        ):
             return False
         api_key = await asyncio.to_thread(read_api_key, settings)
         limits = settings.limits
