@@ -31,6 +31,7 @@ from tests.conftest import (
     LIGHT_EN_WAV,
     TINY_EN,
     TRANSLATION_KEYWORDS,
+    Mosquitto,
     assert_means,
 )
 
@@ -373,3 +374,42 @@ async def test_stored_voices_clone_through_the_hub_and_wyoming(
                     break
         heard = np.frombuffer(pcm, dtype="<i2").astype(np.float32)
         assert abs(_dominant_hz(heard, 16000) - 440) < 20
+
+
+async def test_mqtt_voice_can_name_a_stored_voice(
+    make_settings: Callable[..., Settings], mosquitto: Mosquitto
+) -> None:
+    import json
+
+    import aiomqtt
+
+    from edgevoice.protocols.mqtt.bridge import MqttBridge
+
+    cloner = ModelConfig(
+        name="cloner", engine="test-tts", model="fake",
+        options={"cloning": True, "sample_rate_hz": 16000},
+    )  # fmt: skip
+    settings = make_settings(
+        asr=[],
+        tts=[cloner],
+        mqtt={"enabled": True, "url": mosquitto.url, "node_id": "voices", "topic_prefix": "lib"},
+    )
+    async with EngineHub(settings) as hub:
+        sample = await asyncio.to_thread(LAMP_WAV.read_bytes)
+        stored = await asyncio.to_thread(hub.library.add, "Grandma", sample, None)
+        bridge = MqttBridge(settings, hub)
+        await bridge.start()
+        try:
+            await bridge.wait_online(30)
+            async with aiomqtt.Client("127.0.0.1", mosquitto.port) as client:
+                await client.subscribe("lib/voices/tts/audio/+")
+                request = {"text": "Hello there.", "voice": stored.id, "id": "cloned-1"}
+                await client.publish("lib/voices/tts/say", json.dumps(request))
+                async with asyncio.timeout(30):
+                    message = await anext(aiter(client.messages))
+            assert str(message.topic) == "lib/voices/tts/audio/cloned-1"
+            assert isinstance(message.payload, bytes)
+            audio = np.frombuffer(message.payload[44:], dtype="<i2").astype(np.float32)
+            assert abs(_dominant_hz(audio, 16000) - 440) < 20  # cloned (220 Hz without)
+        finally:
+            await bridge.stop(5.0)
