@@ -15,6 +15,7 @@ from typing import Any
 
 from pydantic import Field
 
+from edgevoice.engines import whisper_common
 from edgevoice.engines.base import (
     AsrCapabilities,
     EngineContext,
@@ -25,12 +26,6 @@ from edgevoice.engines.base import (
     TranscribeOptions,
     TranscriptInfo,
     Word,
-)
-from edgevoice.engines.whisper_common import (
-    WhisperOptions,
-    request_language,
-    resolve_whisper_model,
-    whisper_capabilities,
 )
 from edgevoice.model_files import as_local_path, packaged_model
 
@@ -68,7 +63,7 @@ _CT2_FILES = [
 ]
 
 
-class FasterWhisperOptions(WhisperOptions):
+class FasterWhisperOptions(whisper_common.WhisperOptions):
     compute_type: str = "auto"
     """CTranslate2 compute type; ``auto`` = int8 on CPU, float16 on CUDA."""
     beam_size: int = Field(default=1, ge=1, le=20)
@@ -97,7 +92,7 @@ def resolve_model(model: str, cache_dir: Path, offline: bool) -> Path:
         if packaged is not None
         else 'put a CTranslate2 Whisper model directory somewhere and set model = "/path"'
     )
-    return resolve_whisper_model(
+    return whisper_common.resolve_whisper_model(
         model,
         cache_dir,
         offline,
@@ -129,7 +124,9 @@ class FasterWhisperAsrEngine:
                 languages = tuple(_LANGUAGE_CODES)
             except ImportError:
                 pass
-        return whisper_capabilities(languages, translate=multilingual, streaming=True)
+        return whisper_common.whisper_capabilities(
+            languages, translate=multilingual, streaming=True
+        )
 
     @property
     def capabilities(self) -> AsrCapabilities:
@@ -181,7 +178,7 @@ class FasterWhisperAsrEngine:
     ) -> tuple[TranscriptInfo, Iterator[Segment]]:
         if self._model is None:
             raise RuntimeError("engine not loaded")
-        language = request_language(
+        language = whisper_common.request_language(
             self._context.model.name, self._capabilities, options, self._options.language
         )
         temperature: float | list[float] = (

@@ -19,6 +19,7 @@ from typing import Any
 
 from pydantic import Field
 
+from edgevoice.engines import wake_common
 from edgevoice.engines.base import (
     Detection,
     EngineContext,
@@ -28,12 +29,6 @@ from edgevoice.engines.base import (
     FloatAudio,
     WakeCapabilities,
     WakeWordInfo,
-)
-from edgevoice.engines.wake_common import (
-    DetectionClock,
-    check_names,
-    to_pcm16,
-    wake_capabilities,
 )
 
 _LOGGER = logging.getLogger(__name__)
@@ -86,12 +81,12 @@ class _MicroWakeStream:
             self._model.sliding_window_size = options.sliding_window_size
             self._model._probabilities = deque(maxlen=options.sliding_window_size)
         self._features = MicroWakeWordFeatures()
-        self._clock = DetectionClock(self._name, options.refractory_s)
+        self._clock = wake_common.DetectionClock(self._name, options.refractory_s)
 
     def process(self, audio: FloatAudio) -> list[Detection]:
         detections: list[Detection] = []
         self._clock.advance(len(audio))
-        for features in self._features.process_streaming(to_pcm16(audio)):
+        for features in self._features.process_streaming(wake_common.to_pcm16(audio)):
             if not self._model.process_streaming(features):
                 continue
             if (found := self._clock.detect()) is not None:
@@ -113,7 +108,7 @@ class MicroWakeWordEngine:
 
     @property
     def capabilities(self) -> WakeCapabilities:
-        return wake_capabilities(self.info)
+        return wake_common.wake_capabilities(self.info)
 
     def load(self) -> None:
         path = resolve_config(self._context.model.model)
@@ -125,7 +120,7 @@ class MicroWakeWordEngine:
         _MicroWakeStream(self).close()
 
     def start_stream(self, names: Sequence[str] | None = None) -> _MicroWakeStream:
-        check_names(self.info, names)
+        wake_common.check_names(self.info, names)
         if self.config_path is None:
             raise RuntimeError("engine not loaded")
         return _MicroWakeStream(self)

@@ -25,6 +25,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
+from edgevoice.engines import whisper_common
 from edgevoice.engines.base import (
     AsrCapabilities,
     EngineContext,
@@ -35,14 +36,6 @@ from edgevoice.engines.base import (
     TranscribeOptions,
     TranscriptInfo,
     Word,
-)
-from edgevoice.engines.whisper_common import (
-    SAMPLE_RATE_HZ,
-    WhisperThresholdOptions,
-    prompt_with_hotwords,
-    request_language,
-    resolve_whisper_model,
-    whisper_capabilities,
 )
 from edgevoice.model_files import ModelNotFoundError
 
@@ -71,7 +64,7 @@ _MLX_LOCK = threading.Lock()
 """Serialises every mlx-whisper call in the process (shared model holder, MLX state)."""
 
 
-class MlxWhisperOptions(WhisperThresholdOptions):
+class MlxWhisperOptions(whisper_common.WhisperThresholdOptions):
     """mlx-whisper has no beam search: a request's ``beam_size`` is ignored."""
 
     dtype: Literal["auto", "float16", "float32"] = "auto"
@@ -82,7 +75,7 @@ class MlxWhisperOptions(WhisperThresholdOptions):
 
 def resolve_model(model: str, cache_dir: Path, offline: bool) -> Path:
     """Where the MLX Whisper directory for ``model`` is (blocking)."""
-    return resolve_whisper_model(
+    return whisper_common.resolve_whisper_model(
         model,
         cache_dir,
         offline,
@@ -115,7 +108,9 @@ class MlxWhisperAsrEngine:
         self._path = ""
         self._fp16 = False
         self._languages: tuple[str, ...] = ("en",)
-        self._capabilities = whisper_capabilities(("en",), translate=False, streaming=False)
+        self._capabilities = whisper_common.whisper_capabilities(
+            ("en",), translate=False, streaming=False
+        )
 
     @property
     def capabilities(self) -> AsrCapabilities:
@@ -143,7 +138,7 @@ class MlxWhisperAsrEngine:
         self._mx, self._model, self._device = mx, model, device
         self._path, self._fp16 = str(path), dtype_name == "float16"
         self._languages = languages
-        self._capabilities = whisper_capabilities(
+        self._capabilities = whisper_common.whisper_capabilities(
             languages, translate=multilingual, streaming=False
         )
         _LOGGER.info(
@@ -162,10 +157,10 @@ class MlxWhisperAsrEngine:
         """Decode ``audio`` (blocking; the whole clip before returning)."""
         if self._model is None:
             raise RuntimeError("engine not loaded")
-        language = request_language(
+        language = whisper_common.request_language(
             self._context.model.name, self._capabilities, options, self._options.language
         )
-        duration_s = len(audio) / SAMPLE_RATE_HZ
+        duration_s = len(audio) / whisper_common.SAMPLE_RATE_HZ
         if len(audio) == 0:
             return TranscriptInfo(language or "en", 1.0, 0.0), iter(())
         if options.beam_size is not None and options.beam_size > 1:
@@ -223,7 +218,9 @@ class MlxWhisperAsrEngine:
             logprob_threshold=self._options.logprob_threshold,
             no_speech_threshold=self._options.no_speech_threshold,
             condition_on_previous_text=self._options.condition_on_previous_text,
-            initial_prompt=prompt_with_hotwords(options, self._options.initial_prompt),
+            initial_prompt=whisper_common.prompt_with_hotwords(
+                options, self._options.initial_prompt
+            ),
             word_timestamps=options.word_timestamps,
             hallucination_silence_threshold=(
                 self._options.hallucination_silence_threshold_s if options.word_timestamps else None

@@ -22,6 +22,7 @@ from typing import Any
 
 from pydantic import Field
 
+from edgevoice.engines import wake_common
 from edgevoice.engines.base import (
     Detection,
     EngineContext,
@@ -31,12 +32,6 @@ from edgevoice.engines.base import (
     FloatAudio,
     WakeCapabilities,
     WakeWordInfo,
-)
-from edgevoice.engines.wake_common import (
-    DetectionClock,
-    check_names,
-    to_pcm16,
-    wake_capabilities,
 )
 
 _LOGGER = logging.getLogger(__name__)
@@ -103,7 +98,7 @@ class _OpenWakeStream:
         except BaseException:
             self._features.close()
             raise
-        self._clock = DetectionClock(self._name, engine.options.refractory_s)
+        self._clock = wake_common.DetectionClock(self._name, engine.options.refractory_s)
         self._activations = 0
 
     def process(self, audio: FloatAudio) -> list[Detection]:
@@ -113,7 +108,7 @@ class _OpenWakeStream:
         self._clock.advance(len(audio))
         detections: list[Detection] = []
         threshold = self._options.threshold
-        for embeddings in self._features.process_streaming(to_pcm16(audio)):
+        for embeddings in self._features.process_streaming(wake_common.to_pcm16(audio)):
             for score in self._classifier.process_streaming(embeddings):
                 if score < threshold:
                     self._activations = max(0, self._activations - 1)
@@ -142,7 +137,7 @@ class OpenWakeWordEngine:
 
     @property
     def capabilities(self) -> WakeCapabilities:
-        return wake_capabilities(self.info)
+        return wake_common.wake_capabilities(self.info)
 
     def load(self) -> None:
         self.model_path = resolve_model(self._context.model.model)
@@ -151,7 +146,7 @@ class OpenWakeWordEngine:
         _LOGGER.info("openWakeWord %s loaded from %s", self.info.name, self.model_path)
 
     def start_stream(self, names: Sequence[str] | None = None) -> _OpenWakeStream:
-        check_names(self.info, names)
+        wake_common.check_names(self.info, names)
         if self.model_path is None:
             raise RuntimeError("engine not loaded")
         return _OpenWakeStream(self)

@@ -32,6 +32,7 @@ from typing import Any, Generic, Literal, TypeVar
 
 from pydantic import Field
 
+from edgevoice.engines import whisper_common
 from edgevoice.engines.base import (
     AsrCapabilities,
     EngineContext,
@@ -43,14 +44,6 @@ from edgevoice.engines.base import (
     TranscribeOptions,
     TranscriptInfo,
     Word,
-)
-from edgevoice.engines.whisper_common import (
-    SAMPLE_RATE_HZ,
-    WhisperThresholdOptions,
-    prompt_with_hotwords,
-    request_language,
-    resolve_whisper_model,
-    whisper_capabilities,
 )
 from edgevoice.model_files import ModelNotFoundError
 
@@ -90,7 +83,7 @@ _NO_SPACE_LANGUAGES = frozenset({"zh", "ja", "th", "lo", "my", "yue"})
 MAX_BEAM_SIZE = 20
 
 
-class TransformersWhisperOptions(WhisperThresholdOptions):
+class TransformersWhisperOptions(whisper_common.WhisperThresholdOptions):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     """Weights' precision; ``auto`` = float16 on CUDA, float32 on CPU."""
     beam_size: int = Field(default=1, ge=1, le=MAX_BEAM_SIZE)
@@ -109,7 +102,7 @@ class TransformersWhisperOptions(WhisperThresholdOptions):
 
 def resolve_model(model: str, cache_dir: Path, offline: bool) -> Path:
     """Where the Hugging Face Whisper directory for ``model`` is (blocking)."""
-    return resolve_whisper_model(
+    return whisper_common.resolve_whisper_model(
         model,
         cache_dir,
         offline,
@@ -448,7 +441,9 @@ class TransformersWhisperAsrEngine:
         self._eos_id = 50256
         self._max_prompt_tokens = 223
         # Known after load (from the checkpoint's generation config).
-        self._capabilities = whisper_capabilities(("en",), translate=False, streaming=False)
+        self._capabilities = whisper_common.whisper_capabilities(
+            ("en",), translate=False, streaming=False
+        )
         self._batcher: RequestBatcher[_Request, _Result] = RequestBatcher(
             self._decode_batch,
             max_batch=options.batch_size,
@@ -518,7 +513,7 @@ class TransformersWhisperAsrEngine:
         self._max_prompt_tokens = int(model.config.max_target_positions) // 2 - 1
         self._torch, self._model, self._processor = torch, model, processor
         self._device, self._dtype = device, dtype
-        self._capabilities = whisper_capabilities(
+        self._capabilities = whisper_common.whisper_capabilities(
             tuple(self._lang_to_id) if multilingual else ("en",),
             translate=multilingual and "translate" in task_to_id,
             streaming=False,
@@ -554,10 +549,10 @@ class TransformersWhisperAsrEngine:
         """
         if self._model is None:
             raise RuntimeError("engine not loaded")
-        language = request_language(
+        language = whisper_common.request_language(
             self._context.model.name, self._capabilities, options, self._options.language
         )
-        duration_s = len(audio) / SAMPLE_RATE_HZ
+        duration_s = len(audio) / whisper_common.SAMPLE_RATE_HZ
         if len(audio) == 0:
             return TranscriptInfo(language or "en", 1.0, 0.0), iter(())
         temperature = (
@@ -572,7 +567,7 @@ class TransformersWhisperAsrEngine:
             )
         key = _DecodeKey(
             task=options.task if self.multilingual else "transcribe",
-            prompt=prompt_with_hotwords(options, self._options.initial_prompt),
+            prompt=whisper_common.prompt_with_hotwords(options, self._options.initial_prompt),
             beam_size=beam_size,
             temperature=temperature,
             word_timestamps=options.word_timestamps,
@@ -591,7 +586,7 @@ class TransformersWhisperAsrEngine:
         extra: dict[str, Any] = {"padding": "longest", "truncation": False} if long_form else {}
         batch = extractor(
             audios,
-            sampling_rate=SAMPLE_RATE_HZ,
+            sampling_rate=whisper_common.SAMPLE_RATE_HZ,
             return_tensors="pt",
             return_attention_mask=True,
             **extra,
@@ -668,7 +663,7 @@ class TransformersWhisperAsrEngine:
             config._attn_implementation = attention
         started = time.monotonic()
         results = []
-        durations = [len(r.audio) / SAMPLE_RATE_HZ for r in requests]
+        durations = [len(r.audio) / whisper_common.SAMPLE_RATE_HZ for r in requests]
         for i, raw_segments in enumerate(output["segments"]):
             code, probability = languages[i]
             segments = self._convert(raw_segments, durations[i], key.word_timestamps, code)
