@@ -15,6 +15,8 @@ import numpy.typing as npt
 import pytest
 
 from edgevoice.config import ModelConfig, Settings
+from edgevoice.engines.base import EnginePlugin
+from edgevoice.engines.registry import EngineRegistry
 from edgevoice.hub import EngineHub
 from edgevoice.testing import register_fake_engines
 
@@ -96,6 +98,14 @@ def openai_audio_client(port: int, timeout_s: float) -> openai.AsyncOpenAI:
     )
     _ = made.audio.transcriptions, made.audio.translations
     return made
+
+
+def assert_plugin_discovered(plugin: EnginePlugin, name: str) -> None:
+    """``plugin`` is entry point, extra and config value ``name``, and installed here."""
+    assert plugin.name == plugin.extra == name
+    assert plugin.install_hint() == f"pip install 'edgevoice[{name}]'"
+    status = {s.entry_point: s for s in EngineRegistry.discover().statuses()}
+    assert status[name].available
 
 
 @pytest.fixture(autouse=True)

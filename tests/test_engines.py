@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +11,7 @@ import pytest
 
 from edgevoice.audio import decode, resample
 from edgevoice.config import ModelConfig
+from edgevoice.engines import faster_whisper, mlx_whisper, transformers_whisper
 from edgevoice.engines.base import (
     EngineContext,
     EngineRequestError,
@@ -103,6 +104,25 @@ def test_whisper_request_checks_shared_by_the_whisper_engines() -> None:
     assert prompt_with_hotwords(TranscribeOptions(hotwords="Nabu"), "Lights.") == "Lights. Nabu"
     assert prompt_with_hotwords(TranscribeOptions(prompt="Hi."), "Lights.") == "Hi."
     assert prompt_with_hotwords(TranscribeOptions(), None) is None
+
+
+@pytest.mark.parametrize(
+    ("engine", "resolve"),
+    [
+        (faster_whisper.ENGINE_NAME, faster_whisper.resolve_model),
+        (transformers_whisper.ENGINE_NAME, transformers_whisper.resolve_model),
+        (mlx_whisper.ENGINE_NAME, mlx_whisper.resolve_model),
+    ],
+)
+def test_whisper_model_resolution_errors(
+    engine: str, resolve: Callable[..., Path], tmp_path: Path
+) -> None:
+    with pytest.raises(ModelNotFoundError, match=f"unknown {engine} model"):
+        resolve("no-such-name", tmp_path, offline=True)
+    with pytest.raises(ModelNotFoundError, match="not available offline"):
+        resolve("large-v3", tmp_path, offline=True)  # no package ships it; not cached
+    with pytest.raises(ModelNotFoundError, match="does not exist"):
+        resolve(str(tmp_path / "missing"), tmp_path, offline=True)
 
 
 def test_piper_conformance(piper: PiperTtsEngine) -> None:

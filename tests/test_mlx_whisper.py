@@ -31,12 +31,19 @@ from edgevoice.engines.mlx_whisper import (
     choose_dtype,
     resolve_model,
 )
-from edgevoice.engines.registry import EngineRegistry
 from edgevoice.hub import EngineHub
 from edgevoice.model_files import ModelNotFoundError
 from edgevoice.protocols.http import HttpServer
 from edgevoice.testing import check_asr_engine
-from tests.conftest import LIGHT_EN_TEXT, LIGHT_EN_WAV, noise, openai_audio_client, overlap, words
+from tests.conftest import (
+    LIGHT_EN_TEXT,
+    LIGHT_EN_WAV,
+    assert_plugin_discovered,
+    noise,
+    openai_audio_client,
+    overlap,
+    words,
+)
 
 RATE_HZ = 16000
 
@@ -92,16 +99,12 @@ def test_options_are_validated(bad: dict[str, Any]) -> None:
 
 
 def test_plugin_declares_its_extra_and_is_discovered() -> None:
-    assert PLUGIN.name == PLUGIN.extra == "mlx-whisper"
+    assert_plugin_discovered(PLUGIN, "mlx-whisper")
     assert PLUGIN.devices == ("cpu", "mlx")
-    assert PLUGIN.install_hint() == "pip install 'edgevoice[mlx-whisper]'"
-    status = {s.entry_point: s for s in EngineRegistry.discover().statuses()}
-    assert status["mlx-whisper"].available
 
 
 def test_model_resolution_errors(tmp_path: Path) -> None:
-    with pytest.raises(ModelNotFoundError, match="unknown mlx-whisper model"):
-        resolve_model("no-such-name", tmp_path, offline=True)
+    # Names and repo ids: tests/test_engines.py (shared by the Whisper engines).
     with pytest.raises(ModelNotFoundError, match="not available offline"):
         resolve_model("tiny.en", tmp_path, offline=True)
     entry = ModelConfig(name="x", engine="mlx-whisper", model=str(tmp_path))

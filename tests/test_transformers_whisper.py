@@ -32,7 +32,6 @@ from edgevoice.engines.base import (
     TranscribeOptions,
     Word,
 )
-from edgevoice.engines.registry import EngineRegistry
 from edgevoice.engines.transformers_whisper import (
     PLUGIN,
     RequestBatcher,
@@ -53,6 +52,7 @@ from tests.conftest import (
     LAMP_WAV,
     LIGHT_EN_TEXT,
     LIGHT_EN_WAV,
+    assert_plugin_discovered,
     noise,
     openai_audio_client,
     overlap,
@@ -137,20 +137,14 @@ def test_options_are_validated(bad: dict[str, Any]) -> None:
 
 
 def test_plugin_declares_its_extra_and_is_discovered() -> None:
-    assert PLUGIN.name == PLUGIN.extra == "transformers-whisper"
+    assert_plugin_discovered(PLUGIN, "transformers-whisper")
     assert PLUGIN.requires == ("torch", "transformers")
-    assert PLUGIN.install_hint() == "pip install 'edgevoice[transformers-whisper]'"
-    status = {s.entry_point: s for s in EngineRegistry.discover().statuses()}
-    assert status["transformers-whisper"].available
 
 
-def test_model_resolution_errors(tmp_path: Path) -> None:
-    with pytest.raises(ModelNotFoundError, match="unknown transformers-whisper model"):
-        resolve_model("no-such-name", tmp_path, offline=True)
-    with pytest.raises(ModelNotFoundError, match="not available offline"):
+def test_short_names_resolve_to_their_hugging_face_repos(tmp_path: Path) -> None:
+    # The errors every Whisper engine gives: tests/test_engines.py.
+    with pytest.raises(ModelNotFoundError, match=r"openai/whisper-tiny\.en"):
         resolve_model("tiny.en", tmp_path, offline=True)  # openai/whisper-tiny.en, not cached
-    with pytest.raises(ModelNotFoundError, match="does not exist"):
-        resolve_model(str(tmp_path / "missing"), tmp_path, offline=True)
 
 
 # ------------------------------------------------------------------ words
