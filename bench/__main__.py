@@ -40,6 +40,7 @@ import datetime
 import os
 import platform
 import re
+import signal
 import socket
 import statistics
 import sys
@@ -483,6 +484,10 @@ Step = Callable[[], Awaitable[None]]
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
+    # SIGTERM cancels the run: the servers are stopped in the finally below.
+    task = asyncio.current_task()
+    if task is not None:
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
     clips = load_clips(args.quick)
     env = dict(os.environ)
     for pair in args.env:
@@ -519,6 +524,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                             await _tts_round(side, tts_port)
                         elif step == "load" and asr_port is not None:
                             await _load_round(side, asr_port, clips, args.quick)
+                # The figures so far, in case the run is cut short.
+                interim = {"ours": ours_side, "peer": peer_side if peers_ok else None}
+                print(table({**interim, "clips": clips}, round_no + 1), file=sys.stderr)
             ours_side.add("RSS (MB)", ours.rss_mb())
             ours_side.add("cold start (s)", ours.cold_start_s)
             if asr_peer is not None and tts_peer is not None:
