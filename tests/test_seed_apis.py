@@ -703,3 +703,33 @@ async def test_cosyvoice_port_serves_an_unchanged_client(tmp_path: Path) -> None
         )
         assert response.status_code == 200, body[:300]
         assert len(pcm(body)) == fake_samples(text)
+
+
+async def test_oversize_bodies_get_each_api_s_shape(server: HttpServer) -> None:
+    url = base(server)
+    big = b"\0" * ((1 << 20) + 1024)  # over limits.max_upload_bytes
+    response, body = await call(
+        "POST",
+        f"{url}/inference_zero_shot",
+        data={"tts_text": "Hi.", "prompt_text": "x"},
+        files={"prompt_wav": ("p.wav", big, "audio/wav")},
+    )
+    assert response.status_code == 413
+    assert "max_upload_bytes" in json.loads(body)["detail"]
+    response, body = await call(
+        "POST",
+        f"{url}/v1/voice-clone",
+        data={"text": "Hi."},
+        files={"audio_file": ("a.wav", big, "audio/wav")},
+    )
+    assert response.status_code == 413
+    assert "detail" in json.loads(body)
+    response, body = await fish_tts(server, text="Hi.", references=[{"audio": big, "text": "x"}])
+    assert response.status_code == 413
+    assert json.loads(body)["statusCode"] == 413
+    # The daemon keeps serving: a plain query-string GET as a browser would send it.
+    response, body = await call(
+        "GET", f"{url}/inference_sft", params={"tts_text": "Still here.", "spk_id": "cloner"}
+    )
+    assert response.status_code == 200
+    assert len(pcm(body)) == fake_samples("Still here.")
