@@ -22,6 +22,8 @@ from edgevoice.testing import register_fake_engines
 
 if TYPE_CHECKING:
     import openai
+    from wyoming.client import AsyncTcpClient
+    from wyoming.event import Event
 
 # The fake engines are no entry points (a daemon never offers them): the tests
 # that configure ``test-asr``/``test-tts`` in-process get them from here.
@@ -106,6 +108,13 @@ def assert_plugin_discovered(plugin: EnginePlugin, name: str) -> None:
     assert plugin.install_hint() == f"pip install 'edgevoice[{name}]'"
     status = {s.entry_point: s for s in EngineRegistry.discover().statuses()}
     assert status[name].available
+
+
+async def read_event(client: AsyncTcpClient, timeout_s: float) -> Event:
+    """The next Wyoming event from ``client``; fails if none comes or the server closes."""
+    event = await asyncio.wait_for(client.read_event(), timeout_s)
+    assert event is not None, "server closed the connection"
+    return event
 
 
 @pytest.fixture(autouse=True)

@@ -48,7 +48,7 @@ from edgevoice.model_files import ModelNotFoundError
 from edgevoice.protocols.http import HttpServer
 from edgevoice.protocols.wyoming import WyomingServer
 from edgevoice.testing import check_tts_engine
-from tests.conftest import TINY_EN, words
+from tests.conftest import TINY_EN, read_event, words
 
 MODULE_LOOP = pytest.mark.asyncio(loop_scope="module")
 
@@ -294,21 +294,15 @@ def _client(server: WyomingServer) -> AsyncTcpClient:
     return AsyncTcpClient("127.0.0.1", port)
 
 
-async def _read(client: AsyncTcpClient) -> Event:
-    event = await asyncio.wait_for(client.read_event(), TIMEOUT_S)
-    assert event is not None, "server closed the connection"
-    return event
-
-
 async def _synthesize(client: AsyncTcpClient, text: str, voice: SynthesizeVoice) -> Event | Audio:
     """The audio of one ``synthesize``, or the ``error`` event that answered it."""
     await client.write_event(Synthesize(text=text, voice=voice).event())
-    first = await _read(client)
+    first = await read_event(client, TIMEOUT_S)
     if first.type == "error":
         return first
     start = AudioStart.from_event(first)
     pcm = b""
-    while (event := await _read(client)).type != "audio-stop":
+    while (event := await read_event(client, TIMEOUT_S)).type != "audio-stop":
         pcm += AudioChunk.from_event(event).audio
     return Audio(pcm_to_float(pcm, 2), start.rate)
 
@@ -317,7 +311,7 @@ async def _synthesize(client: AsyncTcpClient, text: str, voice: SynthesizeVoice)
 async def test_wyoming_describe_lists_kokoro_voices(server: WyomingServer) -> None:
     async with _client(server) as client:
         await client.write_event(Describe().event())
-        while (event := await _read(client)).type != "info":
+        while (event := await read_event(client, TIMEOUT_S)).type != "info":
             pass
     info = Info.from_event(event)
     voices = {v.name: v for program in info.tts for v in program.voices}

@@ -27,7 +27,6 @@ import pytest_asyncio
 from pydantic import ValidationError
 from wyoming.audio import AudioChunk, AudioStart, AudioStop
 from wyoming.client import AsyncTcpClient
-from wyoming.event import Event
 from wyoming.wake import Detect, Detection, NotDetected
 
 from edgevoice.audio import decode, float_to_pcm16
@@ -51,7 +50,7 @@ from edgevoice.engines.registry import default_registry
 from edgevoice.hub import EngineHub
 from edgevoice.protocols.wyoming import WyomingServer
 from edgevoice.testing import WakeEngineConformance
-from tests.conftest import HOTWORDS_MP3, JOE, LAMP_WAV, LIGHT_DE_WAV, LIGHT_EN_WAV
+from tests.conftest import HOTWORDS_MP3, JOE, LAMP_WAV, LIGHT_DE_WAV, LIGHT_EN_WAV, read_event
 
 MODULE_LOOP = pytest.mark.asyncio(loop_scope="module")
 
@@ -228,12 +227,6 @@ async def server(hub: EngineHub) -> AsyncIterator[WyomingServer]:
         yield running
 
 
-async def _read(client: AsyncTcpClient) -> Event:
-    event = await asyncio.wait_for(client.read_event(), TIMEOUT_S)
-    assert event is not None, "server closed the connection"
-    return event
-
-
 async def _stream(client: AsyncTcpClient, audio: FloatAudio) -> None:
     pcm = float_to_pcm16(audio)
     await client.write_event(AudioStart(RATE_HZ, 2, 1).event())
@@ -248,11 +241,11 @@ async def test_wyoming_detection(server: WyomingServer, hub: EngineHub) -> None:
     async with AsyncTcpClient("127.0.0.1", port) as client:
         await client.write_event(Detect(names=["hey_rhasspy"]).event())
         await _stream(client, await _say(hub, PHRASES["hey_rhasspy"]))
-        detection = Detection.from_event(await _read(client))
+        detection = Detection.from_event(await read_event(client, TIMEOUT_S))
         assert detection.name == "hey_rhasspy"
         await client.write_event(Detect(names=["okay_nabu", "alexa"]).event())
         await _stream(client, await _say(hub, OTHER_SPEECH[0]))
-        assert NotDetected.is_type((await _read(client)).type)
+        assert NotDetected.is_type((await read_event(client, TIMEOUT_S)).type)
 
 
 def test_engines_lists_openwakeword() -> None:

@@ -30,7 +30,6 @@ import pytest_asyncio
 from pydantic import ValidationError
 from wyoming.audio import AudioChunk, AudioStart
 from wyoming.client import AsyncTcpClient
-from wyoming.event import Event
 from wyoming.info import Describe, Info
 from wyoming.tts import Synthesize, SynthesizeVoice
 
@@ -56,7 +55,7 @@ from edgevoice.protocols.http import HttpServer
 from edgevoice.protocols.wyoming import WyomingServer
 from edgevoice.testing import check_tts_engine
 from edgevoice.voices import decode_reference
-from tests.conftest import LAMP_TEXT, LAMP_WAV, LIGHT_EN_WAV
+from tests.conftest import LAMP_TEXT, LAMP_WAV, LIGHT_EN_WAV, read_event
 
 MODULE_LOOP = pytest.mark.asyncio(loop_scope="module")
 TIMEOUT_S = 300.0
@@ -498,18 +497,12 @@ async def wyoming(hub: EngineHub) -> AsyncIterator[WyomingServer]:
         yield running
 
 
-async def _read(client: AsyncTcpClient) -> Event:
-    event = await asyncio.wait_for(client.read_event(), TIMEOUT_S)
-    assert event is not None, "server closed the connection"
-    return event
-
-
 @MODULE_LOOP
 async def test_wyoming_lists_and_speaks_the_cloned_default_voice(wyoming: WyomingServer) -> None:
     port = int(wyoming.addresses[0].rsplit(":", 1)[1])
     async with AsyncTcpClient("127.0.0.1", port) as client:
         await client.write_event(Describe().event())
-        while (event := await _read(client)).type != "info":
+        while (event := await read_event(client, TIMEOUT_S)).type != "info":
             pass
         info = Info.from_event(event)
         voices = {v.name for program in info.tts for v in program.voices}
@@ -518,10 +511,10 @@ async def test_wyoming_lists_and_speaks_the_cloned_default_voice(wyoming: Wyomin
         await client.write_event(
             Synthesize(text=text, voice=SynthesizeVoice(name="pocket")).event()
         )
-        start = AudioStart.from_event(await _read(client))
+        start = AudioStart.from_event(await read_event(client, TIMEOUT_S))
         pcm = b""
         chunks = 0
-        while (event := await _read(client)).type != "audio-stop":
+        while (event := await read_event(client, TIMEOUT_S)).type != "audio-stop":
             pcm += AudioChunk.from_event(event).audio
             chunks += 1
     assert (start.rate, start.width, start.channels) == (RATE_HZ, 2, 1)
