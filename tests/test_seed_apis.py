@@ -43,6 +43,14 @@ CLONER = ModelConfig(
     options={"cloning": True, "sample_rate_hz": CLONER_RATE_HZ},
     aliases=[XINFERENCE_UID],  # how a Xinference model uid maps onto an edgevoice model
 )
+FAKE_ASR_TEXT = "turn on the living room light"
+FAKE_ASR = ModelConfig(
+    name="fake-asr",
+    engine="test-asr",
+    model="fake",
+    aliases=["SenseVoiceSmall"],  # a Xinference uid
+    options={"text": FAKE_ASR_TEXT},
+)
 SECONDS_PER_CHAR = 0.01  # the fake engine's default
 MAX_INPUT_CHARS = 2000
 SPEAKERS = {"中文女": "voice_anna", "narrator": "joe"}
@@ -62,7 +70,7 @@ async def server(state_dir: Path, shared_cache: Path) -> AsyncIterator[HttpServe
         "cache_dir": shared_cache,
         "state_dir": state_dir,
         "tts": [JOE_STEADY, CLONER],
-        "asr": [],
+        "asr": [FAKE_ASR],
         "wake": [],
         "vad": [],
         "wyoming": {"enabled": False},
@@ -733,3 +741,25 @@ async def test_oversize_bodies_get_each_api_s_shape(server: HttpServer) -> None:
     )
     assert response.status_code == 200
     assert len(pcm(body)) == fake_samples("Still here.")
+
+
+async def test_xinference_transcriptions_call(server: HttpServer) -> None:
+    def transcriptions(audio: bytes, **kwargs: Any) -> requests.Response:
+        """What Xinference's ``model.transcriptions(audio=...)`` sends."""
+        params = {
+            "model": "SenseVoiceSmall",
+            "language": None,
+            "prompt": None,
+            "response_format": "json",
+            "temperature": 0,
+            "timestamp_granularities[]": None,
+            "kwargs": json.dumps(kwargs),
+        }
+        files = [("file", ("file", audio, "application/octet-stream"))]
+        return requests.post(
+            f"{base(server)}/v1/audio/transcriptions", data=params, files=files, timeout=60
+        )
+
+    response = await asyncio.to_thread(transcriptions, LIGHT_EN_WAV.read_bytes())
+    assert response.status_code == 200, response.text[:300]
+    assert response.json()["text"] == FAKE_ASR_TEXT
