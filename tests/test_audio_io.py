@@ -14,6 +14,8 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
+import subprocess
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -207,7 +209,9 @@ class Running:
 async def start_loop(hub: EngineHub, mosquitto: Mosquitto) -> AsyncIterator[Callable[..., Any]]:
     running: list[Running] = []
 
-    async def factory(*, mqtt: bool = True, devices: Any = None, **audio_io: Any) -> Running:
+    async def factory(
+        *, mqtt: bool = True, devices: Any = None, hermes_site: str | None = None, **audio_io: Any
+    ) -> Running:
         settings = settings_for(hub, **audio_io)
         bridge = None
         if mqtt:
@@ -218,6 +222,8 @@ async def start_loop(hub: EngineHub, mosquitto: Mosquitto) -> AsyncIterator[Call
                 topic_prefix=f"ev-{uid()}",
                 discovery=False,
                 reconnect_min_s=0.1,
+                hermes=hermes_site is not None,
+                hermes_site_id=hermes_site or "default",
             )
             settings = settings.model_copy(update={"mqtt": mqtt_config})
             bridge = MqttBridge(settings, hub)
@@ -472,3 +478,316 @@ async def test_file_microphone_plays_then_gives_silence(tmp_path: Path) -> None:
     assert float(blocks[0].max()) > 0.4 and len(blocks[0]) == 1024
     assert mic.finished.is_set()
     assert float(np.abs(blocks[-1]).max()) == 0.0
+
+
+# ---------------------------------------------------- Home Assistant conversation
+
+
+class ConversationStandIn:
+    """A stand-in for Home Assistant's REST API: ``POST /api/conversation/process``
+    with a bearer token, answering like Home Assistant's default agent."""
+
+    TOKEN = "ha-long-lived-token"
+
+    def __init__(self) -> None:
+        self.requests: list[dict[str, Any]] = []
+        self.unauthorized = 0
+        self._runner: web.AppRunner | None = None
+        self.url = ""
+
+    async def start(self) -> None:
+        async def process(request: web.Request) -> web.Response:
+            if request.headers.get("Authorization") != f"Bearer {self.TOKEN}":
+                self.unauthorized += 1
+                return web.json_response({"message": "Unauthorized"}, status=401)
+            body = await request.json()
+            self.requests.append(body)
+            first = len(self.requests) == 1
+            speech = "Which lamp do you mean?" if first else "Done, the light is on."
+            return web.json_response(
+                {
+                    "response": {
+                        "speech": {"plain": {"speech": speech, "extra_data": None}},
+                        "response_type": "action_done",
+                        "language": "en",
+                        "data": {"targets": [], "success": [], "failed": []},
+                    },
+                    "conversation_id": body.get("conversation_id") or "conv-01",
+                    "continue_conversation": first,
+                }
+            )
+
+        app = web.Application()
+        app.router.add_post("/api/conversation/process", process)
+        self._runner = web.AppRunner(app)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.url = f"http://127.0.0.1:{self._runner.addresses[0][1]}"
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+
+async def test_home_assistant_conversation_reply_and_follow_up(
+    start_loop: Callable[..., Any],
+    hub: EngineHub,
+    hey_jarvis: FloatAudio,
+    lamp: FloatAudio,
+    light: FloatAudio,
+) -> None:
+    ha = ConversationStandIn()
+    await ha.start()
+    try:
+        # The sound card mock lets the test speak the follow-up once the loop listens.
+        card = MockSoundCard(
+            [silence(0.3), hey_jarvis, silence(1.0), lamp, silence(1.5)], pace=PACE
+        )
+        run = await start_loop(
+            mqtt=False,
+            devices=card,
+            no_speech_timeout_s=60.0,
+            conversation={"url": ha.url, "token": ConversationStandIn.TOKEN, "language": "en"},
+        )
+        await start(run)
+        await until(lambda: len(ha.requests) == 1, "the first conversation request")
+        first = ha.requests[0]
+        assert close_enough(first["text"], LAMP_TEXT), first
+        assert first["language"] == "en" and "conversation_id" not in first
+        # The reply is spoken, then the loop listens again without a wake word.
+        await until(lambda: run.loop.listening, "listening for the follow-up")
+        reply = Audio(card.played_audio, card.output_rate_hz)
+        assert close_enough((await hub.transcribe(reply)).text, "Which lamp do you mean?")
+        card.add_clip(np.concatenate([light, silence(1.5)]))
+        await until(lambda: len(ha.requests) == 2, "the follow-up request")
+        follow_up = ha.requests[1]
+        assert close_enough(follow_up["text"], LIGHT_EN_TEXT), follow_up
+        assert follow_up["conversation_id"] == "conv-01"
+        assert run.loop.stats.turns == 1  # one wake word, two commands
+        await until(lambda: not run.loop.listening and not run.server.player.busy, "the end")
+        assert ha.unauthorized == 0
+    finally:
+        await ha.stop()
+
+
+# ------------------------------------------------------- other faces play here
+
+
+async def test_tts_say_with_play_is_spoken_and_never_wakes_the_loop(
+    start_loop: Callable[..., Any], probe: Probe, hub: EngineHub
+) -> None:
+    # The mock's microphone hears its speaker, as in a room.
+    card = MockSoundCard(pace=PACE, echo=True)
+    run = await start_loop(devices=card)
+    await probe.subscribe(f"{run.base}/tts/done")
+    await start(run)
+    await until(run.server.running.is_set, "the loop to run")
+    text = "Hey Jarvis, turn on the living room lamp."
+    request = {"text": text, "play": True, "format": "wav", "id": "play1"}
+    await probe.publish(f"{run.base}/tts/say", json.dumps(request))
+    done = json.loads((await probe.expect(f"{run.base}/tts/done")).payload)
+    assert done["played"] is True and done["played_s"] > 1.0, done
+    played = Audio(card.played_audio, card.output_rate_hz)
+    heard = (await hub.transcribe(played)).text
+    assert close_enough(heard, "turn on the living room lamp"), heard
+    heard_at = run.loop.audio_s
+    await until(lambda: run.loop.audio_s > heard_at + 2.0, "the echo to be heard")
+    assert run.loop.detections == 0
+    # The same words from someone in the room do wake it: only our own voice is ignored.
+    card.echo = False
+    card.add_clip(np.concatenate([played.at_rate(CAPTURE_RATE_HZ).samples, silence(1.0)]))
+    await until(lambda: run.loop.detections == 1, "the wake word from the room")
+
+
+async def test_http_play_flag_speaks_on_the_speaker(
+    start_loop: Callable[..., Any], hub: EngineHub, tmp_path: Path
+) -> None:
+    import aiohttp
+
+    from edgevoice.protocols.http import HttpServer
+
+    out = tmp_path / "out.wav"
+    wav = write_wav(tmp_path / "in.wav", silence(1.0))
+    run = await start_loop(mqtt=False, input=f"file:{wav}", output=f"file:{out}")
+    await start(run)
+    settings = run.server.settings.model_copy(
+        update={"http": HttpConfig(enabled=True, host="127.0.0.1", port=0)}
+    )
+    http = HttpServer(settings, hub)
+    await http.start()
+    url = f"http://127.0.0.1:{http.port}/v1/audio/speech"
+    try:
+        await until(run.server.running.is_set, "the loop to run")
+        async with aiohttp.ClientSession() as session:
+            body = {"input": LIGHT_EN_TEXT, "play": True}
+            async with session.post(url, json=body) as response:
+                assert response.status == 200, await response.text()
+                result = await response.json()
+            assert result["played"] is True and result["duration_s"] > 1.0
+            spoken = await transcribe_file(hub, out)
+            assert close_enough(spoken, LIGHT_EN_TEXT), spoken
+            # Without audio_io there is no speaker: a client error naming `play`.
+            await run.server.stop(1.0)
+            async with session.post(url, json=body) as response:
+                assert response.status == 400
+                error = (await response.json())["error"]
+            assert error["param"] == "play" and "no local speaker" in error["message"]
+    finally:
+        await http.stop(1.0)
+
+
+async def test_hermes_play_bytes_play_on_the_speaker(
+    start_loop: Callable[..., Any], probe: Probe, hub: EngineHub
+) -> None:
+    card = MockSoundCard(pace=PACE)
+    site = f"site{uid()}"
+    run = await start_loop(devices=card, hermes_site=site)
+    await probe.subscribe(f"hermes/audioServer/{site}/playFinished")
+    await start(run)
+    await until(run.server.running.is_set, "the loop to run")
+    # Hermes TTS renders playBytes; this node, the site's audio server, plays them.
+    await probe.publish(
+        "hermes/tts/say", json.dumps({"text": LAMP_TEXT, "siteId": site, "id": "h1"})
+    )
+    finished = json.loads((await probe.expect(f"hermes/audioServer/{site}/playFinished")).payload)
+    assert finished == {"id": "h1", "siteId": site}
+    heard = (await hub.transcribe(Audio(card.played_audio, card.output_rate_hz))).text
+    assert close_enough(heard, LAMP_TEXT), heard
+
+
+# ---------------------------------------------------------------- real devices
+
+
+async def test_devices_command_lists_or_explains(capsys: pytest.CaptureFixture[str]) -> None:
+    from edgevoice.cli import main
+
+    code = await asyncio.to_thread(main, ["devices"])
+    out, err = capsys.readouterr()
+    if code == 0:
+        assert "INDEX" in out or "no sound devices found" in out
+    else:
+        assert "PortAudio" in err
+
+
+PORTAUDIO_RUN = r"""
+import asyncio, sys
+import numpy as np
+from edgevoice.audio import Audio
+from edgevoice.audio_io.devices import list_devices, AudioDeviceError
+from edgevoice.audio_io.server import AudioIoServer
+from edgevoice.config import ModelConfig, Settings
+from edgevoice.hub import EngineHub
+
+try:
+    names = [d.name for d in list_devices()]
+except AudioDeviceError as exc:
+    print("SKIP", exc); sys.exit(0)
+if "edgevoice_null" not in names:
+    print("SKIP no ALSA null device listed:", names); sys.exit(0)
+
+async def main():
+    settings = Settings(
+        cache_dir=sys.argv[1], state_dir=sys.argv[2], asr=[], tts=[], vad=[],
+        wake=[ModelConfig(name="hey_jarvis", engine="microwakeword", model="hey_jarvis")],
+        wyoming={"enabled": False}, http={"enabled": False},
+        audio_io={"enabled": True, "mode": "esphome", "input": "edgevoice_null",
+                  "output": "edgevoice_null", "esphome_host": "127.0.0.1", "esphome_port": 0,
+                  "zeroconf": False, "required": True},
+    )
+    async with EngineHub(settings) as hub:
+        server = AudioIoServer(settings, hub)
+        await server.start()
+        try:
+            await asyncio.wait_for(server.running.wait(), 30)
+            loop = server.loop
+            while loop.audio_s < 1.0:
+                await asyncio.sleep(0.05)
+            tone = Audio(np.full(8000, 0.1, dtype=np.float32), 16000)
+            result = await asyncio.wait_for(server.player.play_audio(tone, "tone"), 30)
+            print("OK", round(loop.audio_s, 2), result.played, result.duration_s)
+        finally:
+            await server.stop(1.0)
+
+asyncio.run(main())
+"""
+
+
+async def test_real_portaudio_path_with_an_alsa_null_device(tmp_path: Path) -> None:
+    """PortAudio capture and playback for real, on ALSA's null device (declared in
+    a private ~/.asoundrc); skipped, saying why, where PortAudio or ALSA is missing."""
+    import sys
+
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / ".asoundrc").write_text(
+        'pcm.edgevoice_null {\n  type null\n  hint { show on description "edgevoice test" }\n}\n'
+    )
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        PORTAUDIO_RUN,
+        str(tmp_path / "cache"),
+        str(tmp_path / "state"),
+        env={**os.environ, "HOME": str(home)},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    stdout, stderr = await asyncio.wait_for(process.communicate(), 300)
+    done = subprocess.CompletedProcess(
+        [], process.returncode or 0, stdout.decode(), stderr.decode()
+    )
+    output = done.stdout.strip().splitlines()
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert output, done.stderr[-3000:]
+    if output[-1].startswith("SKIP"):
+        pytest.skip(f"no PortAudio device to test with: {output[-1][5:]}")
+    ok, audio_s, played, duration_s = output[-1].split()
+    assert ok == "OK" and float(audio_s) >= 1.0
+    assert played == "True" and float(duration_s) > 0.4
+
+
+async def test_daemon_starts_headless_and_serves_the_other_faces(
+    shared_cache: Path, tmp_path: Path
+) -> None:
+    """No sound device: the daemon starts, says why audio is off, and HTTP serves."""
+    import aiohttp
+
+    from edgevoice.daemon import Daemon
+
+    settings = Settings(
+        cache_dir=shared_cache,
+        state_dir=tmp_path / "state",
+        asr=[],
+        tts=[],
+        vad=[],
+        wake=WAKE_WORDS[:1],
+        wyoming=WyomingConfig(enabled=False),
+        http=HttpConfig(enabled=True, host="127.0.0.1", port=0),
+        audio_io=AudioIoConfig(
+            enabled=True,
+            mode="esphome",
+            input="no-such-sound-card",
+            output="no-such-sound-card",
+            esphome_host="127.0.0.1",
+            esphome_port=0,
+            zeroconf=False,
+            retry_min_s=0.05,
+            retry_max_s=0.2,
+        ),
+    )
+    daemon = Daemon(settings)
+    task = asyncio.create_task(daemon.run())
+    try:
+        await asyncio.wait_for(daemon.ready.wait(), WAIT_S)
+        audio = next(s for s in daemon.servers if s.name == "audio_io")
+        assert isinstance(audio, AudioIoServer)
+        await until(lambda: audio.attempts >= 2, "retries")
+        assert audio.device_error and not audio.running.is_set()
+        http = next(s for s in daemon.servers if s.name == "http")
+        health = http.addresses[0].rstrip("/") + "/health"
+        async with aiohttp.ClientSession() as session, session.get(health) as response:
+            assert response.status == 200
+    finally:
+        daemon.request_stop()
+        await asyncio.wait_for(task, WAIT_S)

@@ -232,6 +232,11 @@ class StandaloneLoop(WakeLoop):
             pre_roll_s=0.5,
         )
 
+    @property
+    def listening(self) -> bool:
+        """Recording a command now (after a wake word, or a follow-up)."""
+        return self._listen is not None
+
     # ------------------------------------------------------------- wake word
 
     async def on_wake(self, wake_word: str) -> None:

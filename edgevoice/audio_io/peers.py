@@ -16,7 +16,8 @@ import weakref
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from edgevoice.audio_io.player import Player
+    from edgevoice.audio_io.player import PlaybackResult, Player
+    from edgevoice.engines.base import SynthesizeOptions
 
 _FACES: weakref.WeakKeyDictionary[Any, dict[str, Any]] = weakref.WeakKeyDictionary()
 
@@ -72,3 +73,28 @@ async def play_on_speaker(hub: Any, data: bytes, label: str) -> dict[str, Any]:
     if result.played:
         return {"played": True, "played_s": round(result.duration_s, 3)}
     return {"played": False, "play_error": result.error or "not played"}
+
+
+def require_player(hub: Any, param: str = "play") -> Player:
+    """The local speaker's player, or :class:`~edgevoice.errors.UnsupportedRequestError`
+    (``param``) when this node has none (``[audio_io]`` off)."""
+    player = local_player(hub)
+    if player is None:
+        from edgevoice.errors import UnsupportedRequestError
+
+        raise UnsupportedRequestError(
+            "this node has no local speaker ([audio_io] is off)", param=param
+        )
+    return player
+
+
+async def speak_on_speaker(
+    hub: Any, text: str, options: SynthesizeOptions | None, label: str
+) -> PlaybackResult:
+    """Speak ``text`` on the local speaker (synthesized while it plays), in order
+    with everything else; waits until played. Raises what the speak pipeline
+    raises (unknown voice, text over ``max_input_chars``), ``UnsupportedRequestError``
+    without audio_io, ``SpeakerUnavailableError`` (503) without a device,
+    ``BusyError`` when the speaker's queue is full."""
+    player = require_player(hub)
+    return await player.play_speech(hub, text, options, label)

@@ -27,7 +27,7 @@ import numpy as np
 from edgevoice.audio import Audio, StreamResampler, decode
 from edgevoice.audio_io.devices import AudioDeviceError, Speaker
 from edgevoice.engines.base import FloatAudio, SynthesizeOptions
-from edgevoice.errors import BusyError, ServerError
+from edgevoice.errors import BusyError, ShuttingDownError
 from edgevoice.fairness import client_scope
 
 _LOGGER = logging.getLogger(__name__)
@@ -39,10 +39,8 @@ AudioChunks = AsyncGenerator[tuple[FloatAudio, int], None]
 """What an item plays: mono float32 chunks with their sample rate."""
 
 
-class SpeakerUnavailableError(ServerError):
-    """No local speaker: audio_io is off, or its output device is missing."""
-
-    code = "no_speaker"
+class SpeakerUnavailableError(ShuttingDownError):
+    """The local speaker's device is missing now (headless, unplugged): retry later."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -233,11 +231,13 @@ class Player:
                 try:
                     await asyncio.shield(item.task)
                 except asyncio.CancelledError:
-                    if not item.task.cancelled():
+                    me = asyncio.current_task()
+                    if me is not None and me.cancelling():  # the queue itself is closing
                         item.task.cancel()
                         await asyncio.gather(item.task, return_exceptions=True)
                         self._finish(item, PlaybackResult(False, item.played_s, "shutting down"))
                         raise
+                    # Only this item was stopped (stop_all): the queue goes on.
                     self._finish(item, PlaybackResult(False, item.played_s, item.stop_reason))
                 except AudioDeviceError as exc:
                     _LOGGER.warning("Speaker failed while playing %s: %s", item.label, exc)

@@ -127,6 +127,9 @@ class EsphomeApiServer:
         self.bound_port = port
 
     async def start(self) -> None:
+        if self.psk is not None:
+            # Import the noise library (and check it is there) off the loop, once.
+            await asyncio.to_thread(NoiseFrames, self.psk, self.name, self.mac)
         self._server = await asyncio.start_server(self._accept, self.host, self.port)
         self.bound_port = self._server.sockets[0].getsockname()[1]
 

@@ -272,6 +272,20 @@ _SCHEMAS: dict[str, Any] = {
             },
             "voice_sample_text": {"type": "string", "description": "Transcript of `voice_sample`."},
             "speaker": {"type": "string", "description": "Speaker of a multi-speaker voice."},
+            "play": {
+                "type": "boolean",
+                "default": False,
+                "description": "Speak it on this node's local speaker (`[audio_io]`) instead of returning audio; answers `SpeechPlayed` once played (400 without audio_io, 503 while its device is missing).",
+            },
+        },
+    },
+    "SpeechPlayed": {
+        "type": "object",
+        "required": ["played", "duration_s"],
+        "properties": {
+            "played": {"type": "boolean"},
+            "duration_s": {"type": "number"},
+            "error": {"type": "string"},
         },
     },
     "SpeechForm": {
@@ -579,10 +593,11 @@ def build_spec(limits: LimitsConfig | None = None, *, api_key: bool = False) -> 
                 },
                 "responses": {
                     "200": {
-                        "description": "Audio in `response_format`, or SSE events",
+                        "description": "Audio in `response_format`, SSE events, or with `play` what was played",
                         "content": {
                             **audio_content,
                             "text/event-stream": {"schema": _sse("SpeechStreamEvent")},
+                            "application/json": {"schema": _ref("SpeechPlayed")},
                         },
                     },
                     **_errors("400", "404", "408", "413", "415", "503"),

@@ -37,6 +37,7 @@ from edgevoice.protocols.http.errors import client_error, error_payload
 from edgevoice.protocols.http.forms import (
     UploadedFile,
     optional_str,
+    parse_bool,
     parse_choice,
     parse_float,
     read_form,
@@ -270,6 +271,15 @@ async def speech(request: web.Request) -> web.StreamResponse:
         instructions=optional_str(body.get("instructions"), "instructions"),
         reference=target.reference,
     )
+    if parse_bool(body.get("play"), "play"):
+        # Spoken on this node's speaker ([audio_io]), in order with all it plays.
+        from edgevoice.audio_io.peers import speak_on_speaker
+
+        played = await speak_on_speaker(st.hub, text, options, "HTTP speech request")
+        return web.json_response(
+            {"played": played.played, "duration_s": round(played.duration_s, 3)}
+            | ({"error": played.error} if played.error else {})
+        )
     async with speak(st.hub, text, options, st.settings.limits) as spoken:
         # The first piece is synthesized before the headers go out, so an
         # engine that rejects the text still gets a proper error status.

@@ -914,9 +914,10 @@ class MqttBridge(ProtocolServer):
             "node_id": self.node_id,
         }
         if request.play:
-            # No local audio output exists yet: say so instead of pretending.
-            done["played"] = False
-            done["play_error"] = "no local speaker is configured"
+            # On the local speaker ([audio_io]), in order with everything else it plays.
+            from edgevoice.audio_io.peers import play_on_speaker
+
+            done.update(await play_on_speaker(self.hub, encoded, f"speak request {request_id}"))
         await self.publish(
             OutgoingMessage(
                 f"{self.base}/tts/done",

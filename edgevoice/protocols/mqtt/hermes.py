@@ -166,6 +166,7 @@ class HermesAdapter:
             Route("hermes/asr/stopListening", self._on_stop),
             Route(f"hermes/audioServer/{site}/audioFrame", self._on_frame),
             Route(f"hermes/audioServer/{site}/audioSessionFrame/+", self._on_frame),
+            Route(f"hermes/audioServer/{site}/playBytes/+", self._on_play_bytes),
         ]
 
     def close(self) -> None:
@@ -258,6 +259,35 @@ class HermesAdapter:
             self.host.submit(self.client_key, topic, work, len(text))
         except ClientError as exc:
             await self._report(topic, exc, "tts", session_id, request_id)
+
+    async def _on_play_bytes(self, message: aiomqtt.Message) -> None:
+        """``playBytes/<id>`` (WAV) → the local speaker ([audio_io]) → ``playFinished``.
+
+        Only when this node has a local speaker; otherwise another audio server plays it.
+        """
+        from edgevoice.audio_io.peers import local_player, play_on_speaker
+
+        if local_player(self.host.hub) is None:
+            return
+        topic = str(message.topic)
+        request_id = valid_id(topic.rsplit("/", 1)[-1])
+        payload = message.payload if isinstance(message.payload, bytes) else b""
+        limits = self.host.settings.limits
+        if request_id is None or len(payload) > limits.max_upload_bytes:
+            problem = MqttRequestError(f"playBytes: bad id or over {limits.max_upload_bytes} bytes")
+            await self._report(topic, problem, "audioServer")
+            return
+
+        async def work() -> None:
+            result = await play_on_speaker(self.host.hub, payload, f"Hermes playBytes {request_id}")
+            if not result["played"]:
+                _LOGGER.info("Hermes playBytes %s not played: %s", request_id, result["play_error"])
+            await self.host.publish_json(
+                f"hermes/audioServer/{self.site_id}/playFinished",
+                {"id": request_id, "siteId": self.site_id},
+            )
+
+        self.host.submit(self.client_key, topic, work, len(payload))
 
     async def _say(self, topic: str, text: str, request_id: str, session_id: str | None) -> None:
         try:
