@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,6 @@ from edgevoice.engines.base import (
     EngineOptions,
     EnginePlugin,
     FloatAudio,
-    WakeCapabilities,
     WakeWordInfo,
 )
 
@@ -69,9 +67,9 @@ class _MicroWakeStream:
     def __init__(self, engine: MicroWakeWordEngine) -> None:
         from pymicro_wakeword import MicroWakeWord, MicroWakeWordFeatures
 
-        assert engine.config_path is not None
+        assert engine.model_path is not None
         self._name = engine.info.name
-        self._model = MicroWakeWord.from_config(engine.config_path)
+        self._model = MicroWakeWord.from_config(engine.model_path)
         options = engine.options
         if options.probability_cutoff is not None:
             self._model.probability_cutoff = options.probability_cutoff
@@ -97,36 +95,24 @@ class _MicroWakeStream:
         self._model.close()
 
 
-class MicroWakeWordEngine:
+class MicroWakeWordEngine(wake_common.WakeWordEngineBase[MicroWakeWordOptions, _MicroWakeStream]):
     """One wake word; each stream runs its own TFLite interpreter."""
 
     def __init__(self, context: EngineContext, options: MicroWakeWordOptions) -> None:
-        self._context = context
-        self.options = options
-        self.config_path: Path | None = None
-        self.info = WakeWordInfo(context.model.name, context.model.model.replace("_", " "))
-
-    @property
-    def capabilities(self) -> WakeCapabilities:
-        return wake_common.wake_capabilities(self.info)
+        info = WakeWordInfo(context.model.name, context.model.model.replace("_", " "))
+        super().__init__(context, options, info)
 
     def load(self) -> None:
         path = resolve_config(self._context.model.model)
         raw: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
         languages = tuple(raw.get("trained_languages") or ("en",))
-        self.config_path = path
+        self.model_path = path
         self.info = WakeWordInfo(self._context.model.name, str(raw["wake_word"]), languages)
         # Fail at startup, not on the first request, if the runtime is broken.
         _MicroWakeStream(self).close()
 
-    def start_stream(self, names: Sequence[str] | None = None) -> _MicroWakeStream:
-        wake_common.check_names(self.info, names)
-        if self.config_path is None:
-            raise RuntimeError("engine not loaded")
+    def _open_stream(self) -> _MicroWakeStream:
         return _MicroWakeStream(self)
-
-    def close(self) -> None:
-        self.config_path = None
 
 
 PLUGIN = EnginePlugin(

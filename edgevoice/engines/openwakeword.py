@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +29,6 @@ from edgevoice.engines.base import (
     EngineOptions,
     EnginePlugin,
     FloatAudio,
-    WakeCapabilities,
     WakeWordInfo,
 )
 
@@ -126,18 +124,12 @@ class _OpenWakeStream:
         self._features.close()
 
 
-class OpenWakeWordEngine:
+class OpenWakeWordEngine(wake_common.WakeWordEngineBase[OpenWakeWordOptions, _OpenWakeStream]):
     """One openWakeWord model; each stream runs its own TFLite interpreters."""
 
     def __init__(self, context: EngineContext, options: OpenWakeWordOptions) -> None:
-        self._context = context
-        self.options = options
-        self.model_path: Path | None = None
-        self.info = WakeWordInfo(context.model.name, model_phrase(context.model.model))
-
-    @property
-    def capabilities(self) -> WakeCapabilities:
-        return wake_common.wake_capabilities(self.info)
+        info = WakeWordInfo(context.model.name, model_phrase(context.model.model))
+        super().__init__(context, options, info)
 
     def load(self) -> None:
         self.model_path = resolve_model(self._context.model.model)
@@ -145,14 +137,8 @@ class OpenWakeWordEngine:
         _OpenWakeStream(self).close()
         _LOGGER.info("openWakeWord %s loaded from %s", self.info.name, self.model_path)
 
-    def start_stream(self, names: Sequence[str] | None = None) -> _OpenWakeStream:
-        wake_common.check_names(self.info, names)
-        if self.model_path is None:
-            raise RuntimeError("engine not loaded")
+    def _open_stream(self) -> _OpenWakeStream:
         return _OpenWakeStream(self)
-
-    def close(self) -> None:
-        self.model_path = None
 
 
 PLUGIN = EnginePlugin(

@@ -8,11 +8,15 @@ word for ``refractory_s`` after a detection; that logic lives here once.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Generic, TypeVar
 
 import numpy as np
 
 from edgevoice.engines.base import (
     Detection,
+    EngineContext,
+    EngineOptions,
     EngineRequestError,
     FloatAudio,
     WakeCapabilities,
@@ -69,3 +73,38 @@ def check_names(info: WakeWordInfo, names: Sequence[str] | None) -> None:
 def wake_capabilities(info: WakeWordInfo) -> WakeCapabilities:
     """One wake word at 16 kHz."""
     return WakeCapabilities(wake_words=(info,), sample_rate_hz=SAMPLE_RATE_HZ)
+
+
+OptionsT = TypeVar("OptionsT", bound=EngineOptions)
+StreamT = TypeVar("StreamT")
+
+
+class WakeWordEngineBase(Generic[OptionsT, StreamT]):
+    """One wake word from one model file; each stream opens its own interpreter.
+
+    Subclasses set :attr:`model_path` in ``load()`` and make a stream in
+    :meth:`_open_stream`. Streams are per connection, the engine is shared.
+    """
+
+    def __init__(self, context: EngineContext, options: OptionsT, info: WakeWordInfo) -> None:
+        self._context = context
+        self.options = options
+        self.model_path: Path | None = None
+        """The loaded model file; None until ``load()``."""
+        self.info = info
+
+    @property
+    def capabilities(self) -> WakeCapabilities:
+        return wake_capabilities(self.info)
+
+    def _open_stream(self) -> StreamT:
+        raise NotImplementedError
+
+    def start_stream(self, names: Sequence[str] | None = None) -> StreamT:
+        check_names(self.info, names)
+        if self.model_path is None:
+            raise RuntimeError("engine not loaded")
+        return self._open_stream()
+
+    def close(self) -> None:
+        self.model_path = None
