@@ -272,7 +272,6 @@ async def test_reload_restarts_changed_protocol_servers(
         assert f"HTTP on http://127.0.0.1:{port}" in ready["STATUS"]
         assert daemon.servers == [first]  # reconfigured, never closed
         assert daemon.settings.http.cors_origins == ["http://x.test"]
-        assert first.settings.http.cors_origins == ["http://x.test"]
 
         daemon.request_reload()
         ready = await listener.until("READY")
