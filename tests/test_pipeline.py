@@ -422,3 +422,22 @@ async def test_a_fast_recording_is_not_cut_when_ending_needs_pace(
         await _feed_paced(pipeline, audio, clock)
         await recorder.wait_for(FinalTranscript, 2)
     assert pipeline.utterances == 2
+
+
+async def test_no_guesses_while_audio_waits_to_be_fed(
+    hub: EngineHub, clips: dict[str, FloatAudio], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The caller says more audio is already waiting (``backlogged``): no guess
+    starts, whatever the arrival rate; once it caught up, speculation resumes."""
+    decoded = _count_decodes(hub, monkeypatch)
+    recorder = Recorder()
+    async with _pipeline(hub, recorder) as pipeline:
+        pipeline.backlogged = True
+        await _feed(pipeline, np.concatenate([clips["light"], _silence(0.7)]))
+        assert len(recorder.of(SpeechStopped)) == 1 and pipeline.asr.decoding == 0
+        pipeline.backlogged = False
+        await _feed(pipeline, _silence(0.2))
+        assert pipeline.asr.decoding == 1
+        await asyncio.wait_for(pipeline.finish(), DEADLINE_S)
+    assert recorder.of(FinalTranscript)[0].reused_speculation
+    assert len(decoded) == 1

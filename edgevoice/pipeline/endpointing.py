@@ -200,6 +200,11 @@ class EndpointingPipeline:
         self._clock = clock
         self._arrivals: deque[tuple[float, int]] = deque()
         """(wall-clock time, samples fed before that chunk) over the last window."""
+        self.backlogged = False
+        """Set by the caller when more audio already waits to be fed (a client
+        ahead of us, or a busy machine): no speculative or partial decode starts
+        then, whatever the measured arrival rate (the reader's pace hides the
+        client's when we fall behind)."""
         self._asr = asr
         self._vad = vad
         self._on_event = on_event
@@ -366,7 +371,7 @@ class EndpointingPipeline:
     def _room_for_a_guess(self) -> bool:
         """A speculative/partial decode may start: audio is paced, and the slot has
         a free worker nobody waits for."""
-        if not self.paced:
+        if self.backlogged or not self.paced:
             return False
         try:
             limiter = self._asr.model.slot.limiter

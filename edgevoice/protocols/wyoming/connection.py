@@ -497,6 +497,9 @@ class WyomingConnection:
             # Refused as soon as the declared length crosses max_audio_s, before converting.
             pipeline.check_room(len(chunk.audio) / (chunk.rate * chunk.width * chunk.channels))
             samples = await self._convert(listening.pcm, chunk)
+            # More audio already waiting in the socket: the client is ahead of us
+            # (a recording sent at once, or we fell behind): no guesses now.
+            pipeline.backlogged = len(getattr(self.reader, "_buffer", b"")) > 0
             await pipeline.feed(samples)
         except ClientError:
             listening.pipeline = None  # drop the rest until audio-stop
