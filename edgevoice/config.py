@@ -330,6 +330,20 @@ class AudioIoConfig(_Strict):
     zeroconf: bool = True
     """ESPHome mode: advertise ``_esphomelib._tcp.local.`` so Home Assistant discovers us."""
 
+    @model_validator(mode="after")
+    def _check_key(self) -> AudioIoConfig:
+        key = self.esphome_encryption_key
+        if key is not None:
+            import binascii
+
+            try:
+                raw = binascii.a2b_base64(key.get_secret_value().strip())
+            except binascii.Error:
+                raw = b""
+            if len(raw) != 32:
+                raise ValueError("esphome_encryption_key must be 32 bytes, base64-encoded")
+        return self
+
 
 def _default_asr() -> list[ModelConfig]:
     return [

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import os
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -191,7 +192,11 @@ async def start_satellite(hub: EngineHub) -> AsyncIterator[Callable[..., Any]]:
     clients: list[HomeAssistantStandIn] = []
 
     async def factory(
-        devices: Any = None, noise_psk: str | None = None, connect: bool = True, **audio_io: Any
+        devices: Any = None,
+        noise_psk: str | None = None,
+        connect: bool = True,
+        limits: dict[str, Any] | None = None,
+        **audio_io: Any,
     ) -> tuple[AudioIoServer, EsphomeSatellite, HomeAssistantStandIn]:
         values: dict[str, Any] = {
             "mode": "esphome",
@@ -204,7 +209,12 @@ async def start_satellite(hub: EngineHub) -> AsyncIterator[Callable[..., Any]]:
         if noise_psk is not None:
             values["esphome_encryption_key"] = noise_psk
         values.update(audio_io)
-        server = AudioIoServer(settings_for(hub, **values), hub, devices=devices)
+        settings = settings_for(hub, **values)
+        if limits:
+            settings = settings.model_copy(
+                update={"limits": settings.limits.model_copy(update=limits)}
+            )
+        server = AudioIoServer(settings, hub, devices=devices)
         await server.start()
         servers.append(server)
         satellite = server.satellite
@@ -445,3 +455,37 @@ async def test_without_home_assistant_a_wake_word_is_only_logged(
     await until(lambda: satellite.detections == 1, "the wake word")
     assert satellite.stats.runs == 0
     assert "Home Assistant is not connected" in caplog.text
+
+
+async def test_connection_flood_is_bounded(
+    start_satellite: Callable[..., Any], tmp_path: Path
+) -> None:
+    wav = write_wav(tmp_path / "in.wav", silence(1.0))
+    _server, satellite, ha = await start_satellite(
+        input=f"file:{wav}",
+        output="file:" + str(tmp_path / "o.wav"),
+        limits={"header_timeout_s": 1.0},
+    )
+    limit = satellite.api.max_connections
+    idle = [await asyncio.open_connection("127.0.0.1", satellite.port) for _ in range(limit + 3)]
+    try:
+        # Connections past the limit are closed at once; Home Assistant's stays served.
+        refused = 0
+        for reader, _writer in idle[limit - 1 :]:
+            with contextlib.suppress(TimeoutError, ConnectionError):
+                if await asyncio.wait_for(reader.read(), 5.0) == b"":
+                    refused += 1
+        assert refused >= 3
+        assert len(satellite.api.connections) <= limit
+        assert (await ha.cli.device_info()).name == "kitchen-satellite"
+        # Sockets that never say hello lose their slot after header_timeout_s.
+        for reader, _writer in idle[: limit - 1]:
+            with contextlib.suppress(ConnectionError):
+                assert await asyncio.wait_for(reader.read(), WAIT_S) == b""
+        late = HomeAssistantStandIn(satellite.port)
+        await late.connect()
+        assert late.info.name == "kitchen-satellite"
+        await late.close()
+    finally:
+        for _reader, writer in idle:
+            writer.close()

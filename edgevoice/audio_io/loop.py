@@ -293,6 +293,7 @@ class StandaloneLoop(WakeLoop):
             vad = self.hub.vad_session(config.vad_model)
         except EdgeVoiceError as exc:
             _LOGGER.error("Voice loop cannot listen: %s", exc)
+            self._spawn(self._state("idle", pending.turn))
             return
         listen = _Listening(
             pipeline=None,  # type: ignore[arg-type]  # set right below
@@ -305,6 +306,7 @@ class StandaloneLoop(WakeLoop):
             await listen.pipeline.__aenter__()
         except EdgeVoiceError as exc:
             _LOGGER.error("Voice loop cannot listen: %s", exc)
+            self._spawn(self._state("idle", pending.turn))
             return
         listen.utterances = listen.pipeline.utterances
         self._listen = listen

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections import deque
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
@@ -87,8 +86,6 @@ class Player:
         self._ready = asyncio.Event()
         self._current: _Item | None = None
         self._task: asyncio.Task[None] | None = None
-        self.last_active = 0.0
-        """``time.monotonic()`` when the speaker last stopped playing (0: never played)."""
         self.on_activity: list[Callable[[bool], None]] = []
         self.on_device_error: Callable[[AudioDeviceError], None] | None = None
         """Called when the speaker fails mid-playback (the owner reopens it)."""
@@ -128,20 +125,6 @@ class Player:
     def busy(self) -> bool:
         """Something plays or waits to play."""
         return self._current is not None or bool(self._queue)
-
-    def quiet_for(self, seconds: float) -> bool:
-        """Nothing played for at least ``seconds`` (and nothing is playing or queued)."""
-        return not self.busy and time.monotonic() - self.last_active >= seconds
-
-    async def wait_idle(self) -> None:
-        """Wait until nothing plays or waits to play."""
-        while self.busy:
-            item = self._current or (self._queue[-1] if self._queue else None)
-            if item is not None:
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await asyncio.shield(item.done)
-            else:
-                await asyncio.sleep(0.01)
 
     # ------------------------------------------------------------- submitting
 
@@ -251,7 +234,6 @@ class Player:
                     self._finish(item, PlaybackResult(True, item.played_s))
                 finally:
                     self._current = None
-                    self.last_active = time.monotonic()
                     self._notify(False)
 
     @staticmethod

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import logging
 import time
 from typing import TYPE_CHECKING
@@ -117,6 +118,10 @@ class AudioIoServer(ProtocolServer):
         self.player.on_device_error = self._on_speaker_error
         try:
             if config.mode == "esphome":
+                # aioesphomeapi takes seconds to import on a small machine: not on the loop.
+                await asyncio.to_thread(
+                    importlib.import_module, "edgevoice.audio_io.esphome.satellite"
+                )
                 from edgevoice.audio_io.esphome.satellite import EsphomeSatellite
 
                 self.satellite = EsphomeSatellite(

@@ -182,6 +182,7 @@ class EsphomeSatellite(WakeLoop):
             psk=psk,
             max_connections=min(limits.max_connections, 16),
             idle_timeout_s=limits.idle_timeout_s,
+            hello_timeout_s=limits.header_timeout_s,
         )
         self._advertiser = (
             EsphomeAdvertiser(self.device_name, self.mac, encrypted=psk is not None)

@@ -12,7 +12,8 @@ Voice-assistant messages go to the :class:`Satellite` (:mod:`.satellite`);
 other subscriptions (logs, Home Assistant states/services) are accepted and
 ignored.
 
-Bounds: ``[limits] max_connections`` connections; a connection silent for
+Bounds: ``[limits] max_connections`` connections (at most 16); the handshake
+and hello must come within ``header_timeout_s``; a connection silent for
 ``idle_timeout_s`` (Home Assistant pings every 20 s) or whose client stops
 reading (:data:`MAX_WRITE_BUFFER_BYTES` unsent) is closed; frames are capped
 (:data:`~.framing.MAX_FRAME_BYTES`); a malformed frame closes that connection
@@ -111,6 +112,7 @@ class EsphomeApiServer:
         psk: bytes | None,
         max_connections: int,
         idle_timeout_s: float,
+        hello_timeout_s: float,
     ) -> None:
         self.satellite = satellite
         self.host = host
@@ -121,6 +123,7 @@ class EsphomeApiServer:
         self.psk = psk
         self.max_connections = max_connections
         self.idle_timeout_s = idle_timeout_s
+        self.hello_timeout_s = hello_timeout_s
         self.connections: set[ApiConnection] = set()
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -178,9 +181,13 @@ class EsphomeApiServer:
                 return
             self.connections.add(connection)
             _LOGGER.debug("ESPHome API: %s connected", connection.peer)
-            await asyncio.wait_for(codec.handshake(reader, writer), self.idle_timeout_s)
+            # The handshake and the hello come quickly or never (a silent socket
+            # must not hold one of the few connection slots for idle_timeout_s).
+            await asyncio.wait_for(codec.handshake(reader, writer), self.hello_timeout_s)
+            timeout_s = self.hello_timeout_s
             while not connection.closed:
-                type_id, payload = await asyncio.wait_for(codec.read(reader), self.idle_timeout_s)
+                type_id, payload = await asyncio.wait_for(codec.read(reader), timeout_s)
+                timeout_s = self.idle_timeout_s
                 message = decode(type_id, payload)
                 if message is None:
                     _LOGGER.debug("ESPHome API: unknown message type %d ignored", type_id)
@@ -189,9 +196,7 @@ class EsphomeApiServer:
         except (asyncio.IncompleteReadError, ConnectionError, OSError):
             _LOGGER.debug("ESPHome API: %s went away", connection.peer)
         except TimeoutError:
-            _LOGGER.info(
-                "ESPHome API: %s silent for %.0f s; closed", connection.peer, self.idle_timeout_s
-            )
+            _LOGGER.info("ESPHome API: %s went silent; closed", connection.peer)
         except (FrameError, ValueError) as exc:
             _LOGGER.warning("ESPHome API: closing %s: %s", connection.peer, exc)
         finally:
