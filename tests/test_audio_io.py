@@ -791,3 +791,31 @@ async def test_daemon_starts_headless_and_serves_the_other_faces(
     finally:
         daemon.request_stop()
         await asyncio.wait_for(task, WAIT_S)
+
+
+async def test_command_action_gets_the_text_and_its_answer_is_spoken(
+    start_loop: Callable[..., Any],
+    hub: EngineHub,
+    hey_jarvis: FloatAudio,
+    lamp: FloatAudio,
+    tmp_path: Path,
+) -> None:
+    heard = tmp_path / "heard.txt"
+    script = (
+        f'read -r line; printf "%s|%s" "$line" "$EDGEVOICE_WAKE_WORD" > {heard}; '
+        'echo "The lamp is on."'
+    )
+    card = MockSoundCard([silence(0.3), hey_jarvis, silence(1.0), lamp, silence(1.5)], pace=PACE)
+    run = await start_loop(
+        mqtt=False,
+        devices=card,
+        awake_sound="",
+        command={"argv": ["/bin/sh", "-c", script], "speak_output": True},
+    )
+    await start(run)
+    await until(heard.exists, "the command to run")
+    text, wake_word = (await asyncio.to_thread(heard.read_text)).split("|")
+    assert close_enough(text, LAMP_TEXT) and wake_word == "hey_jarvis"
+    await until(lambda: len(card.played) > 0 and not run.server.player.busy, "the answer")
+    spoken = (await hub.transcribe(Audio(card.played_audio, card.output_rate_hz))).text
+    assert close_enough(spoken, "The lamp is on."), spoken
