@@ -819,3 +819,63 @@ async def test_command_action_gets_the_text_and_its_answer_is_spoken(
     await until(lambda: len(card.played) > 0 and not run.server.player.busy, "the answer")
     spoken = (await hub.transcribe(Audio(card.played_audio, card.output_rate_hz))).text
     assert close_enough(spoken, "The lamp is on."), spoken
+
+
+async def test_hostile_action_endpoints_fail_alone(  # noqa: PLR0917
+    start_loop: Callable[..., Any],
+    probe: Probe,
+    hey_jarvis: FloatAudio,
+    lamp: FloatAudio,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A webhook that never answers, a Home Assistant that answers 2 MB of
+    garbage, a program that floods stdout: each fails alone (bounded), the
+    MQTT transcript still goes out and the loop is idle again."""
+
+    async def stall(request: web.Request) -> web.Response:
+        await asyncio.sleep(WAIT_S)
+        return web.Response(text="late")
+
+    async def garbage(request: web.Request) -> web.Response:
+        return web.Response(body=b"\xff" * (2 * 1024 * 1024), content_type="application/json")
+
+    app = web.Application()
+    app.router.add_post("/hook", stall)
+    app.router.add_post("/api/conversation/process", garbage)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    base = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    try:
+        wav = write_wav(
+            tmp_path / "in.wav", silence(0.5), hey_jarvis, silence(1.0), lamp, silence(2)
+        )
+        run = await start_loop(
+            input=f"file:{wav}",
+            output=f"file:{tmp_path / 'out.wav'}",
+            webhook={"url": f"{base}/hook", "timeout_s": 1.0},
+            conversation={"url": base, "token": "t"},
+            command={
+                "argv": ["/bin/sh", "-c", "yes flood | head -c 3000000"],
+                "speak_output": True,
+            },
+        )
+        await probe.subscribe(f"{run.base}/#")
+        await probe.expect(f"{run.base}/state", lambda m: m.payload == b"idle")  # retained
+        await start(run)
+        transcript = json.loads((await probe.expect(f"{run.base}/asr/transcript")).payload)
+        assert close_enough(transcript["text"], LAMP_TEXT)
+        # After "thinking" (the actions run), "idle" once every action is over.
+        await probe.expect(f"{run.base}/state", lambda m: m.payload == b"thinking")
+        message = await probe.expect(f"{run.base}/state", lambda m: m.payload == b"idle")
+        failures = [r.getMessage() for r in caplog.records if "action failed" in r.getMessage()]
+        assert {f.split("the ")[1].split(" action")[0] for f in failures} == {
+            "webhook",
+            "command",
+            "conversation",
+        }, failures
+        assert not run.server.player.busy
+        assert message.payload == b"idle"
+    finally:
+        await runner.cleanup()

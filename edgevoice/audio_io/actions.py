@@ -25,6 +25,7 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,11 +86,35 @@ def _read_secret_file(path: Path) -> str:
     return path.read_text(encoding="utf-8").strip()
 
 
+async def read_at_most(stream: aiohttp.StreamReader | asyncio.StreamReader, limit: int) -> bytes:
+    """Everything ``stream`` gives until its end; :class:`ValueError` past ``limit`` bytes
+    (nothing more is read then)."""
+    parts: list[bytes] = []
+    size = 0
+    while chunk := await stream.read(64 * 1024):
+        size += len(chunk)
+        if size > limit:
+            raise ValueError(f"larger than {limit} bytes")
+        parts.append(chunk)
+    return b"".join(parts)
+
+
 async def _read_bounded(response: aiohttp.ClientResponse) -> bytes:
-    data = await response.content.read(MAX_RESPONSE_BYTES + 1)
-    if len(data) > MAX_RESPONSE_BYTES:
-        raise ValueError(f"response larger than {MAX_RESPONSE_BYTES} bytes")
-    return data
+    try:
+        return await read_at_most(response.content, MAX_RESPONSE_BYTES)
+    except ValueError:
+        raise ValueError(f"response larger than {MAX_RESPONSE_BYTES} bytes") from None
+
+
+async def _discard(stream: asyncio.StreamReader) -> None:
+    while await stream.read(64 * 1024):
+        pass
+
+
+def _kill_group(proc: asyncio.subprocess.Process) -> None:
+    """Kill the program and whatever it started (its own process group)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
 
 
 class Actions:
@@ -162,7 +187,9 @@ class Actions:
                 if isinstance(result, asyncio.CancelledError):
                     raise result
                 _LOGGER.warning(
-                    "Voice loop: the %s action failed: %s", name, result or repr(result)
+                    "Voice loop: the %s action failed: %s",
+                    name,
+                    str(result) or type(result).__name__,
                 )
                 continue
             if isinstance(result, Outcome):
@@ -205,6 +232,7 @@ class Actions:
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.DEVNULL,
             env=env,
+            start_new_session=True,  # its own process group: killed whole on timeout
         )
         assert proc.stdin is not None and proc.stdout is not None
         try:
@@ -213,14 +241,18 @@ class Actions:
                     proc.stdin.write(command.text.encode() + b"\n")
                     await proc.stdin.drain()
                     proc.stdin.close()
-                output = await proc.stdout.read(limit + 1)
-                if len(output) > limit:
-                    raise ValueError(f"{config.argv[0]} wrote more than {limit} bytes")
+                try:
+                    output = await read_at_most(proc.stdout, limit)
+                except ValueError:
+                    raise ValueError(f"{config.argv[0]} wrote more than {limit} bytes") from None
                 code = await proc.wait()
         except BaseException:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            await proc.wait()
+            _kill_group(proc)
+            # wait() also waits for the pipes: drain what the dead group left in
+            # stdout (at most a pipe buffer) so its end of file is seen.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(_discard(proc.stdout), 5.0)
+                await asyncio.wait_for(proc.wait(), 5.0)
             raise
         if code != 0:
             raise RuntimeError(f"{config.argv[0]} exited with status {code}")

@@ -47,6 +47,7 @@ from typing import Any
 import aiohttp
 
 from edgevoice.audio import Audio, decode, float_to_pcm16
+from edgevoice.audio_io.actions import read_at_most
 from edgevoice.audio_io.esphome.framing import decode_key
 from edgevoice.audio_io.esphome.messages import pb
 from edgevoice.audio_io.esphome.server import (
@@ -463,11 +464,12 @@ class EsphomeSatellite(WakeLoop):
             ) as response:
                 if response.status >= 400:
                     raise ValueError(f"HTTP {response.status}")
-                data = await response.content.read(limits.max_upload_bytes + 1)
-            if len(data) > limits.max_upload_bytes:
-                raise ValueError(
-                    f"larger than {limits.max_upload_bytes} bytes (limits.max_upload_bytes)"
-                )
+                try:
+                    data = await read_at_most(response.content, limits.max_upload_bytes)
+                except ValueError:
+                    raise ValueError(
+                        f"larger than {limits.max_upload_bytes} bytes (limits.max_upload_bytes)"
+                    ) from None
             audio = await asyncio.to_thread(decode, data, max_duration_s=limits.max_audio_s)
             return await self.player.play_audio(audio, label)
         except (aiohttp.ClientError, TimeoutError, ValueError, EdgeVoiceError) as exc:
