@@ -196,7 +196,9 @@ async def docs(request: web.Request) -> web.StreamResponse:
 
 def documents(settings: Settings, api_key: str | None) -> Documents:
     """``/openapi.json`` and ``/docs`` for this configuration (its limits, its key)."""
-    spec = build_spec(settings.limits, api_key=api_key is not None)
+    spec = build_spec(
+        settings.limits, api_key=api_key is not None, local_speaker=settings.audio_io.enabled
+    )
     return Documents(spec, render_docs(spec))
 
 

@@ -526,14 +526,21 @@ def _status_schema() -> dict[str, Any]:
     return status_schema
 
 
-def build_spec(limits: LimitsConfig | None = None, *, api_key: bool = False) -> dict[str, Any]:
+def build_spec(
+    limits: LimitsConfig | None = None, *, api_key: bool = False, local_speaker: bool = False
+) -> dict[str, Any]:
     """The OpenAPI 3.1 document for every route the server registers, with ``limits``.
 
     With ``api_key`` every route but ``/health``, ``/openapi.json`` and
     ``/docs`` requires the bearer key; without, none does (and none answers 401).
+    Speech's ``play`` flag is offered only where a local speaker exists
+    (``[audio_io]`` on); elsewhere the server refuses it.
     """
     limits = limits or LimitsConfig()
     schemas = copy.deepcopy(_SCHEMAS)
+    if not local_speaker:
+        for name in ("SpeechRequest", "SpeechForm"):
+            schemas[name]["properties"].pop("play", None)
     _allow_null(schemas["SpeechRequest"])
     schemas["SpeechRequest"]["properties"]["input"]["maxLength"] = limits.max_input_chars
     audio_content = {t: {"schema": {"type": "string", "format": "binary"}} for t in AUDIO_TYPES}

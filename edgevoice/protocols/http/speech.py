@@ -256,6 +256,9 @@ async def speech(request: web.Request) -> web.StreamResponse:
         files = form.files
     else:
         body = await read_json(request, st.settings.limits)
+        if body.get("play") is not None and not isinstance(body["play"], bool):
+            # JSON says what it means: only form fields spell booleans as text.
+            raise client_error(f"play must be true or false, not {body['play']!r}", "play")
     body = unpack_kwargs(body)  # Xinference's client: prompt_text etc. in a JSON "kwargs"
     text = check_text(body.get("input"), st.settings.limits.max_input_chars)
     fmt = parse_choice(body.get("response_format"), "response_format", OUTPUT_FORMATS, "mp3")
