@@ -774,6 +774,7 @@ async def test_hostile_ids_and_response_topics_publish_nowhere_else(
         f"{base}/status",
         f"{base}/state",
         f"{base}/voice",
+        f"{base}/models",  # retained model lifecycle states
         f"{base}/error",
         f"{ha}/device/{node}/config",
         f"{attack}/ok",
