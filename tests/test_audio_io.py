@@ -698,14 +698,18 @@ async def main():
     async with EngineHub(settings) as hub:
         server = AudioIoServer(settings, hub)
         await server.start()
+        loop = server.loop
         try:
             await asyncio.wait_for(server.running.wait(), 30)
-            loop = server.loop
-            while loop.audio_s < 1.0:
-                await asyncio.sleep(0.05)
+            async with asyncio.timeout(30):
+                while loop.audio_s < 1.0:
+                    await asyncio.sleep(0.05)
             tone = Audio(np.full(8000, 0.1, dtype=np.float32), 16000)
             result = await asyncio.wait_for(server.player.play_audio(tone, "tone"), 30)
             print("OK", round(loop.audio_s, 2), result.played, result.duration_s)
+        except TimeoutError:
+            print("STUCK", loop.audio_s, server.attempts, server.device_error, flush=True)
+            raise
         finally:
             await server.stop(1.0)
 
@@ -738,7 +742,7 @@ async def test_real_portaudio_path_with_an_alsa_null_device(tmp_path: Path) -> N
         [], process.returncode or 0, stdout.decode(), stderr.decode()
     )
     output = done.stdout.strip().splitlines()
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     assert output, done.stderr[-3000:]
     if output[-1].startswith("SKIP"):
         pytest.skip(f"no PortAudio device to test with: {output[-1][5:]}")
