@@ -552,6 +552,7 @@ def build_spec(
         "text/event-stream": {"schema": _sse("TranscriptionStreamEvent")},
     }
     voice_id = {"name": "voice_id", "in": "path", "required": True, "schema": {"type": "string"}}
+    model_id = {"name": "model_id", "in": "path", "required": True, "schema": {"type": "string"}}
     paths: dict[str, Any] = {
         "/v1/audio/transcriptions": {
             "post": {
@@ -674,14 +675,7 @@ def build_spec(
                 "operationId": "getModel",
                 "tags": ["models"],
                 "summary": "One model (by name or alias)",
-                "parameters": [
-                    {
-                        "name": "model_id",
-                        "in": "path",
-                        "required": True,
-                        "schema": {"type": "string"},
-                    }
-                ],
+                "parameters": [model_id],
                 "responses": {"200": _json(_ref("Model")), **_errors("404")},
             }
         },
@@ -690,14 +684,7 @@ def build_spec(
                 "operationId": "loadModel",
                 "tags": ["models"],
                 "summary": "Load a model now (any kind; waits at most its load_timeout_s)",
-                "parameters": [
-                    {
-                        "name": "model_id",
-                        "in": "path",
-                        "required": True,
-                        "schema": {"type": "string"},
-                    }
-                ],
+                "parameters": [model_id],
                 "responses": {"200": _json(_ref("ModelState")), **_errors("404", "503")},
             }
         },
@@ -706,14 +693,7 @@ def build_spec(
                 "operationId": "unloadModel",
                 "tags": ["models"],
                 "summary": "Unload a model (it loads again on demand); 429 while in use",
-                "parameters": [
-                    {
-                        "name": "model_id",
-                        "in": "path",
-                        "required": True,
-                        "schema": {"type": "string"},
-                    }
-                ],
+                "parameters": [model_id],
                 "responses": {"200": _json(_ref("ModelState")), **_errors("404", "503")},
             }
         },
