@@ -671,7 +671,8 @@ async def test_devices_command_lists_or_explains(capsys: pytest.CaptureFixture[s
 
 
 PORTAUDIO_RUN = r"""
-import asyncio, sys
+import asyncio, faulthandler, sys
+faulthandler.dump_traceback_later(240, exit=True)  # a hang says where, then ends
 import numpy as np
 from edgevoice.audio import Audio
 from edgevoice.audio_io.devices import list_devices, AudioDeviceError
@@ -737,7 +738,12 @@ async def test_real_portaudio_path_with_an_alsa_null_device(tmp_path: Path) -> N
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
-    stdout, stderr = await asyncio.wait_for(process.communicate(), 300)
+    try:
+        stdout, stderr = await asyncio.wait_for(process.communicate(), 300)
+    except TimeoutError:
+        process.kill()
+        stdout, stderr = await process.communicate()
+        pytest.fail("PortAudio run hung:\n" + stdout.decode()[-2000:] + stderr.decode()[-4000:])
     done = subprocess.CompletedProcess(
         [], process.returncode or 0, stdout.decode(), stderr.decode()
     )

@@ -54,6 +54,9 @@ MAX_FILE_INPUT_S = 4 * 3600.0
 """Longest ``file:`` microphone recording read (longer files are cut)."""
 _FILE_READ_S = 1.0
 """A ``file:`` microphone reads this much per worker call."""
+_MAX_AHEAD_S = 0.5
+"""A PortAudio input further ahead of the wall clock than this has no sample
+clock (ALSA ``null``): its callback is held back to real time."""
 _OUTPUT_PIECE_S = 0.1
 """Speakers take audio in pieces this long (so a stop takes effect quickly)."""
 
@@ -209,6 +212,10 @@ class PortAudioMicrophone:
         """Blocks dropped because the loop did not keep up (or PortAudio overflowed)."""
         self._reported_overflows = 0
         self._error: str | None = None
+        self._waiting = False
+        self._rate_hz = CAPTURE_RATE_HZ
+        self._clock_start: float | None = None
+        self._frames = 0
 
     async def open(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -225,6 +232,7 @@ class PortAudioMicrophone:
             rate = int(info["default_samplerate"])
             self._resampler = StreamResampler(rate, CAPTURE_RATE_HZ)
         block = max(1, round(self._block * rate / CAPTURE_RATE_HZ))
+        self._rate_hz = rate
         try:
             self._stream = sd.InputStream(
                 device=device,
@@ -242,18 +250,42 @@ class PortAudioMicrophone:
         _LOGGER.info("Microphone: %s at %d Hz", self.name, rate)
 
     def _callback(self, indata: Any, frames: int, time_info: Any, status: Any) -> None:
-        # PortAudio's thread: copy and hand over, never block.
+        # PortAudio's thread: copy and hand over. A real device calls this at its
+        # sample clock; a clockless one (ALSA ``null``, some broken drivers) calls
+        # it in a tight loop, which would hold the GIL and flood the event loop:
+        # such a stream is held back to real time here (a real device is never
+        # that far ahead, so it never waits).
         if status and status.input_overflow:
             self.overflows += 1
+        self._pace(frames)
+        block = np.array(indata[:, 0], dtype=np.float32)
+        if not np.isfinite(block).all():
+            # NaN/inf from a driver would poison every engine downstream.
+            np.nan_to_num(block, copy=False, nan=0.0, posinf=1.0, neginf=-1.0)
         try:
-            self._queue.put_nowait(np.array(indata[:, 0], dtype=np.float32))
+            self._queue.put_nowait(block)
         except queue.Full:
             self.overflows += 1
             return
         loop = self._loop
-        if loop is not None:
+        if loop is not None and self._waiting:
+            # Wake the reader only when it waits: one wake-up per empty queue,
+            # not one per block.
+            self._waiting = False
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(self._ready.set)
+
+    def _pace(self, frames: int) -> None:
+        now = time.monotonic()
+        if self._clock_start is None:
+            self._clock_start = now
+        self._frames += frames
+        ahead_s = self._frames / self._rate_hz - (now - self._clock_start)
+        if ahead_s > _MAX_AHEAD_S:
+            time.sleep(min(ahead_s - _MAX_AHEAD_S / 2, 1.0))
+        elif ahead_s < -5.0:
+            # Far behind (a stall, a suspend): restart the clock.
+            self._clock_start, self._frames = now, 0
 
     def _finished(self) -> None:
         # The stream stopped by itself (device unplugged, fatal error).
@@ -272,6 +304,9 @@ class PortAudioMicrophone:
                 if self._error is not None or self._stream is None:
                     raise AudioDeviceError(self._error or f"{self.name} is closed") from None
                 self._ready.clear()
+                self._waiting = True
+                if not self._queue.empty():
+                    continue
                 try:
                     # A live stream delivers a block every few ms; silence this
                     # long means the device is gone without telling us.
