@@ -181,29 +181,42 @@ async def _speak(args: argparse.Namespace, settings: Settings) -> None:
 
 
 def _engines() -> None:
+    """One row per engine: installed or what is missing, the devices it supports,
+    and those it can use on this machine (its runtime probed once)."""
+    from edgevoice.devices import MachineFacts, probe_machine, usable_devices
+
     registry = default_registry()
+    facts: dict[str | None, MachineFacts] = {}
     rows = []
     for status in registry.statuses():
         plugin = status.plugin
         if plugin is None:
-            rows.append((status.entry_point, "?", "broken", "-", status.source, status.error or ""))
+            rows.append(
+                (status.entry_point, "?", "broken", "-", "-", status.source, status.error or "")
+            )
             continue
         state = "installed" if status.available else "missing: " + ", ".join(status.missing)
+        here = "-"
+        if status.available:
+            if plugin.runtime not in facts:
+                facts[plugin.runtime] = probe_machine(plugin.runtime)
+            here = ",".join(usable_devices(plugin.devices, facts[plugin.runtime])) or "none"
         rows.append(
             (
                 plugin.name,
                 plugin.kind.value,
                 state,
                 ",".join(plugin.devices),
+                here,
                 plugin.install_hint(),
                 plugin.description,
             )
         )
-    header = ("ENGINE", "KIND", "STATUS", "DEVICES", "INSTALL", "DESCRIPTION")
-    widths = [max(len(str(r[i])) for r in (header, *rows)) for i in range(5)]
+    header = ("ENGINE", "KIND", "STATUS", "DEVICES", "USABLE HERE", "INSTALL", "DESCRIPTION")
+    widths = [max(len(str(r[i])) for r in (header, *rows)) for i in range(6)]
     for row in (header, *rows):
-        cells = [str(c).ljust(widths[i]) for i, c in enumerate(row[:5])]
-        print("  ".join([*cells, row[5]]).rstrip())
+        cells = [str(c).ljust(widths[i]) for i, c in enumerate(row[:6])]
+        print("  ".join([*cells, row[6]]).rstrip())
 
 
 def _devices() -> int:

@@ -86,6 +86,19 @@ def select_device(requested: str, supported: tuple[str, ...], facts: MachineFact
     return DeviceChoice(requested, "configured")
 
 
+def usable_devices(supported: tuple[str, ...], facts: MachineFacts) -> list[str]:
+    """The device families of ``supported`` this machine can run, best first
+    (what ``auto`` would pick comes first)."""
+    usable = []
+    if "cuda" in supported and facts.cuda_devices > 0:
+        usable.append("cuda" if facts.cuda_devices == 1 else f"cuda(x{facts.cuda_devices})")
+    if "mlx" in supported and facts.apple_silicon and facts.mlx_installed:
+        usable.append("mlx")
+    if "cpu" in supported:
+        usable.append("cpu")
+    return usable
+
+
 def _cuda_devices(runtime: str) -> int:
     try:
         if runtime == "ctranslate2" and importlib.util.find_spec("ctranslate2"):

@@ -156,6 +156,9 @@ def test_engines_lists_builtins() -> None:
     lines = {line.split()[0]: line for line in result.stdout.splitlines()[1:]}
     assert "asr" in lines["faster-whisper"] and "installed" in lines["faster-whisper"]
     assert "cpu,cuda" in lines["faster-whisper"]
+    # USABLE HERE: what this machine can run (a GPU runner lists cuda first).
+    assert lines["faster-whisper"].split()[4] in ("cpu", "cuda,cpu")
+    assert "USABLE HERE" in result.stdout.splitlines()[0]
     assert "edgevoice[faster-whisper]" in lines["faster-whisper"]
     assert "tts" in lines["piper"] and "edgevoice[piper]" in lines["piper"]
 

@@ -61,3 +61,14 @@ def test_select_device_errors(
 def test_choice_family_and_index() -> None:
     choice = select_device("cuda:1", CPU_CUDA, TWO_GPUS)
     assert (choice.family, choice.index) == ("cuda", 1)
+
+
+def test_usable_devices_say_what_this_machine_can_run() -> None:
+    from edgevoice.devices import usable_devices
+
+    assert usable_devices(("cpu", "cuda"), NO_GPU) == ["cpu"]
+    assert usable_devices(("cpu", "cuda"), ONE_GPU) == ["cuda", "cpu"]
+    assert usable_devices(("cpu", "cuda"), TWO_GPUS) == ["cuda(x2)", "cpu"]
+    assert usable_devices(("cpu",), ONE_GPU) == ["cpu"]
+    assert usable_devices(("cpu", "mlx"), MAC) == ["mlx", "cpu"]
+    assert usable_devices(("mlx",), NO_GPU) == []

@@ -39,7 +39,7 @@ def test_broken_plugin_is_logged_and_skipped(caplog: pytest.LogCaptureFixture) -
     )
     wrong = EntryPoint(name="wrong", value="edgevoice.testing:tone", group="edgevoice.engines")
     with caplog.at_level(logging.WARNING):
-        statuses = [_load_entry_point(broken), _load_entry_point(wrong)]
+        statuses = [*_load_entry_point(broken), *_load_entry_point(wrong)]
     assert all(s.plugin is None and s.error for s in statuses)
     assert "ModuleNotFoundError" in (statuses[0].error or "")
     assert "not an EnginePlugin" in (statuses[1].error or "")
@@ -71,3 +71,32 @@ def test_kind_mismatch_is_unknown() -> None:
     registry.register(FAKE_TTS_PLUGIN)
     with pytest.raises(UnknownEngineError, match="unknown asr engine 'test-tts'"):
         registry.get("test-tts", EngineKind.ASR)
+
+
+def test_one_name_serves_several_kinds() -> None:
+    """``wyoming`` is one entry point, one extra and one config value for the
+    asr, tts and wake entries; each kind finds its own plugin."""
+    discovered = EngineRegistry.discover()
+    plugins = {kind: discovered.get("wyoming", kind) for kind in EngineKind if kind.value != "vad"}
+    assert {k: p.kind for k, p in plugins.items()} == {k: k for k in plugins}
+    assert {p.name for p in plugins.values()} == {"wyoming"}
+    rows = [s for s in discovered.statuses() if s.entry_point == "wyoming"]
+    assert [s.plugin.kind.value for s in rows if s.plugin] == ["asr", "tts", "wake"]
+    with pytest.raises(UnknownEngineError, match="unknown vad engine 'wyoming'"):
+        discovered.get("wyoming", EngineKind.VAD)
+
+
+def test_a_tuple_entry_point_must_name_itself_once_per_kind(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    misnamed = EntryPoint(
+        name="remote", value="edgevoice.engines.wyoming_remote:PLUGINS", group="edgevoice.engines"
+    )
+    twice = EntryPoint(
+        name="test-tts", value="edgevoice.testing:FAKE_TTS_PLUGIN", group="edgevoice.engines"
+    )
+    with caplog.at_level(logging.WARNING):
+        (bad_name,) = _load_entry_point(misnamed)
+        (good,) = _load_entry_point(twice)
+    assert bad_name.plugin is None and "differs from plugin name" in (bad_name.error or "")
+    assert good.plugin is FAKE_TTS_PLUGIN

@@ -84,17 +84,17 @@ def _remote(tmp: Path, cache: Path, uris: list[str], *, connect_timeout_s: float
     return _settings(
         tmp,
         cache,
-        asr=[ModelConfig(name="far-ears", engine="wyoming-asr", model="tiny-en", options=options)],
+        asr=[ModelConfig(name="far-ears", engine="wyoming", model="tiny-en", options=options)],
         tts=[
             ModelConfig(
                 name="far-voice",
-                engine="wyoming-tts",
+                engine="wyoming",
                 model="joe",
                 options={**options, "sample_rate_hz": 16000},
             )
         ],
         wake=[
-            ModelConfig(name="far-wake", engine="wyoming-wake", model="hey_jarvis", options=options)
+            ModelConfig(name="far-wake", engine="wyoming", model="hey_jarvis", options=options)
         ],
         wyoming={"enabled": False},
     )

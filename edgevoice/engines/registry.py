@@ -41,29 +41,35 @@ def _missing_modules(names: Iterable[str]) -> list[str]:
     return missing
 
 
-def _load_entry_point(ep: EntryPoint) -> PluginStatus:
+def _load_entry_point(ep: EntryPoint) -> list[PluginStatus]:
+    """The plugin(s) an entry point names: one :class:`EnginePlugin`, or a tuple
+    of plugins of that same name, one per kind (``wyoming``: asr, tts, wake)."""
     source = ep.dist.name if ep.dist is not None else "?"
     try:
-        plugin = ep.load()
+        loaded = ep.load()
     except Exception as exc:  # a broken third-party plugin must not take us down
         _LOGGER.warning("Skipping engine plugin %r from %s: %s", ep.name, source, exc)
-        return PluginStatus(None, ep.name, source, error=f"{type(exc).__name__}: {exc}")
-    if not isinstance(plugin, EnginePlugin):
-        msg = f"entry point {ep.value!r} is not an EnginePlugin"
+        return [PluginStatus(None, ep.name, source, error=f"{type(exc).__name__}: {exc}")]
+    plugins = list(loaded) if isinstance(loaded, tuple | list) else [loaded]
+    msg = None
+    if not plugins or not all(isinstance(p, EnginePlugin) for p in plugins):
+        msg = f"entry point {ep.value!r} is not an EnginePlugin (or a tuple of them)"
+    elif any(p.name != ep.name for p in plugins):
+        names = ", ".join(sorted({p.name for p in plugins}))
+        msg = f"entry point name {ep.name!r} differs from plugin name {names!r}"
+    elif len({p.kind for p in plugins}) != len(plugins):
+        msg = f"entry point {ep.name!r} names two plugins of one kind"
+    if msg is not None:
         _LOGGER.warning("Skipping engine plugin %r from %s: %s", ep.name, source, msg)
-        return PluginStatus(None, ep.name, source, error=msg)
-    if plugin.name != ep.name:
-        msg = f"entry point name {ep.name!r} differs from plugin name {plugin.name!r}"
-        _LOGGER.warning("Skipping engine plugin from %s: %s", source, msg)
-        return PluginStatus(None, ep.name, source, error=msg)
-    return PluginStatus(plugin, ep.name, source, missing=_missing_modules(plugin.requires))
+        return [PluginStatus(None, ep.name, source, error=msg)]
+    return [PluginStatus(p, ep.name, source, missing=_missing_modules(p.requires)) for p in plugins]
 
 
 class EngineRegistry:
-    """All engine plugins found, by name."""
+    """All engine plugins found, by name and kind (one name may serve several kinds)."""
 
     def __init__(self, statuses: Iterable[PluginStatus]) -> None:
-        self._statuses = {s.entry_point: s for s in statuses}
+        self._statuses = {_key(s): s for s in statuses}
 
     @classmethod
     def discover(cls) -> EngineRegistry:
@@ -72,16 +78,25 @@ class EngineRegistry:
         seen: dict[str, EntryPoint] = {}
         for ep in eps:
             seen.setdefault(ep.name, ep)
-        return cls(_load_entry_point(ep) for ep in sorted(seen.values(), key=lambda e: e.name))
+        return cls(
+            status
+            for ep in sorted(seen.values(), key=lambda e: e.name)
+            for status in _load_entry_point(ep)
+        )
 
     def register(self, plugin: EnginePlugin, source: str = "runtime") -> None:
         """Add a plugin without an entry point (tests, embedding)."""
-        self._statuses[plugin.name] = PluginStatus(
+        status = PluginStatus(
             plugin, plugin.name, source, missing=_missing_modules(plugin.requires)
         )
+        self._statuses[_key(status)] = status
 
     def statuses(self) -> list[PluginStatus]:
-        return sorted(self._statuses.values(), key=lambda s: s.entry_point)
+        return sorted(self._statuses.values(), key=_key_order)
+
+    def _status(self, name: str, kind: EngineKind) -> PluginStatus | None:
+        """The plugin ``name`` of ``kind``, else a broken entry point of that name."""
+        return self._statuses.get((name, kind)) or self._statuses.get((name, None))
 
     def names(self, kind: EngineKind) -> list[str]:
         return [
@@ -90,8 +105,8 @@ class EngineRegistry:
 
     def get(self, name: str, kind: EngineKind) -> EnginePlugin:
         """The plugin ``name`` of ``kind``, with its dependencies installed."""
-        status = self._statuses.get(name)
-        if status is None or status.plugin is None or status.plugin.kind is not kind:
+        status = self._status(name, kind)
+        if status is None or status.plugin is None:
             known = ", ".join(self.names(kind)) or "none"
             detail = f" ({status.error})" if status is not None and status.error else ""
             raise UnknownEngineError(
@@ -107,13 +122,21 @@ class EngineRegistry:
 
     def lookup(self, name: str, kind: EngineKind) -> EnginePlugin:
         """Like :meth:`get` but without the dependency check (for validation)."""
-        status = self._statuses.get(name)
-        if status is None or status.plugin is None or status.plugin.kind is not kind:
+        status = self._status(name, kind)
+        if status is None or status.plugin is None:
             known = ", ".join(self.names(kind)) or "none"
             raise UnknownEngineError(
                 f"unknown {kind.value} engine {name!r}; known {kind.value} engines: {known}"
             )
         return status.plugin
+
+
+def _key(status: PluginStatus) -> tuple[str, EngineKind | None]:
+    return (status.entry_point, status.plugin.kind if status.plugin is not None else None)
+
+
+def _key_order(status: PluginStatus) -> tuple[str, str]:
+    return (status.entry_point, status.plugin.kind.value if status.plugin is not None else "")
 
 
 _DEFAULT: EngineRegistry | None = None

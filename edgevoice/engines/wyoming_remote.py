@@ -1,13 +1,14 @@
 """Remote Wyoming engines: ASR, TTS and wake words served by another Wyoming peer.
 
-Three plugins, ``wyoming-asr``, ``wyoming-tts`` and ``wyoming-wake`` (one
-engine kind each), forward to another Wyoming server (another edgevoice, or
+One engine name, ``wyoming``, for three kinds (``[[asr]]``, ``[[tts]]`` and
+``[[wake]]`` entries; the entry point names a plugin per kind), forwards to
+another Wyoming server (another edgevoice, or
 any Wyoming peer: wyoming-faster-whisper, wyoming-piper, ...). This is how a
 Raspberry Pi in each room borrows the GPU box's models::
 
     [[asr]]
     name = "big-whisper"
-    engine = "wyoming-asr"
+    engine = "wyoming"
     model = "large-v3"            # the peer's model name; "default" = the peer's default
     [asr.options]
     uris = ["tcp://gpu-box:10300", "tcp://backup:10300"]
@@ -473,27 +474,34 @@ def _wake(context: EngineContext, options: Any) -> RemoteWakeEngine:
     return RemoteWakeEngine(context, options)
 
 
+_BUILT_IN = "built in (wyoming is a core dependency)"
+
 ASR_PLUGIN = EnginePlugin(
-    name="wyoming-asr",
+    name="wyoming",
     kind=EngineKind.ASR,
     description="Speech recognition on another Wyoming server (failover across uris)",
     factory=_asr,
     options_model=RemoteOptions,
     requires=("wyoming",),
+    pip_hint=_BUILT_IN,
 )
 TTS_PLUGIN = EnginePlugin(
-    name="wyoming-tts",
+    name="wyoming",
     kind=EngineKind.TTS,
     description="Speech synthesis on another Wyoming server (failover across uris)",
     factory=_tts,
     options_model=RemoteTtsOptions,
     requires=("wyoming",),
+    pip_hint=_BUILT_IN,
 )
 WAKE_PLUGIN = EnginePlugin(
-    name="wyoming-wake",
+    name="wyoming",
     kind=EngineKind.WAKE,
     description="Wake words detected by another Wyoming server (failover across uris)",
     factory=_wake,
     options_model=RemoteOptions,
     requires=("wyoming",),
+    pip_hint=_BUILT_IN,
 )
+PLUGINS = (ASR_PLUGIN, TTS_PLUGIN, WAKE_PLUGIN)
+"""The ``wyoming`` entry point: one plugin per kind, one name."""
