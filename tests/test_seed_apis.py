@@ -11,6 +11,7 @@ expected length of every answer is known.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -22,6 +23,12 @@ import pytest
 import pytest_asyncio
 import requests
 import websockets
+from xinference_client.client.restful.restful_client import (  # type: ignore[import-untyped]
+    Client as XinferenceClient,
+)
+from xinference_client.client.restful.restful_client import (
+    RESTfulAudioModelHandle,
+)
 
 from edgevoice.audio import decode, encode, pcm_to_float
 from edgevoice.cli import main as cli_main
@@ -624,57 +631,60 @@ async def test_voices_import_a_fish_ref_data_tree(
 # -------------------------------------------------------------- Xinference
 
 
-def xinference_speech(
-    url: str, model_uid: str, text: str, *, stream: bool = False, **kwargs: Any
-) -> tuple[requests.Response, bytes]:
-    """What Xinference's ``RESTfulAudioModelHandle.speech`` sends (``model.speech(...)``):
-    extra arguments as a JSON ``kwargs`` string; ``prompt_speech`` as a file part."""
-    prompt_speech: bytes | None = kwargs.pop("prompt_speech", None)
-    params = {
-        "model": model_uid,
-        "input": text,
-        "voice": "",
-        "response_format": kwargs.pop("response_format", "mp3"),
-        "speed": 1.0,
-        "stream": stream,
-        "kwargs": json.dumps(kwargs),
-    }
-    if prompt_speech:
-        files = [("prompt_speech", ("prompt_speech", prompt_speech, "application/octet-stream"))]
-        response = requests.post(
-            f"{url}/v1/audio/speech", data=params, files=files, stream=stream, timeout=60
-        )
-    else:
-        response = requests.post(f"{url}/v1/audio/speech", json=params, stream=stream, timeout=60)
-    # stream=True: the client hands back response.iter_content(chunk_size=1024)
-    body = b"".join(response.iter_content(chunk_size=1024)) if stream else response.content
-    return response, body
+def xinference_model(url: str, model_uid: str, api_key: str | None = None) -> Any:
+    """Xinference's documented calls: ``Client(url)``, then ``client.get_model(uid)``."""
+    client = XinferenceClient(url, api_key=api_key)
+    return client.get_model(model_uid)
 
 
 async def test_xinference_client_calls(server: HttpServer) -> None:
     url = base(server)
+    model = await asyncio.to_thread(xinference_model, url, XINFERENCE_UID)
+    assert isinstance(model, RESTfulAudioModelHandle)
     text = "Speech through the Xinference client. Cloned."
-    response, body = await asyncio.to_thread(
-        xinference_speech, url, XINFERENCE_UID, text,
-        prompt_speech=LIGHT_EN_WAV.read_bytes(), prompt_text=LIGHT_EN_TEXT,
-        response_format="wav", stream=True,
-    )  # fmt: skip
-    assert response.status_code == 200, body[:300]
-    audio = decode(body)
+    prompt = LIGHT_EN_WAV.read_bytes()
+
+    def streamed() -> bytes:
+        chunks = model.speech(
+            text, prompt_speech=prompt, prompt_text=LIGHT_EN_TEXT, response_format="wav",
+            stream=True,
+        )  # fmt: skip
+        assert inspect.isgenerator(chunks)  # as Xinference's guide checks
+        out = bytearray()
+        for chunk in chunks:
+            assert isinstance(chunk, bytes)
+            out += chunk
+        return bytes(out)
+
+    audio = decode(await asyncio.to_thread(streamed))
     assert len(audio.samples) == fake_samples(text)
     assert abs(dominant_hz(audio.samples, CLONER_RATE_HZ) - 440) < 5  # prompt_speech reached it
-    response, body = await asyncio.to_thread(
-        xinference_speech, url, XINFERENCE_UID, text,
-        prompt_speech=LIGHT_EN_WAV.read_bytes(), prompt_text=LIGHT_EN_TEXT,
+    body = await asyncio.to_thread(
+        model.speech, text, prompt_speech=prompt, prompt_text=LIGHT_EN_TEXT,
         instruct_text="Speak cheerfully.", response_format="wav",
     )  # fmt: skip
-    assert response.status_code == 200, body[:300]
     assert len(decode(body).samples) == fake_samples(text)
     # No prompt: the model's own voice (220 Hz), mp3 by default.
-    response, body = await asyncio.to_thread(xinference_speech, url, XINFERENCE_UID, text)
-    assert response.status_code == 200 and response.headers["Content-Type"] == "audio/mpeg"
-    plain = decode(body)
+    plain = decode(await asyncio.to_thread(model.speech, text))
     assert abs(dominant_hz(plain.samples, plain.rate_hz) - 220) < 5
+    # Xinference's CosyVoice-Instruct call on a model without style control: refused.
+    joe = await asyncio.to_thread(xinference_model, url, "joe")
+    with pytest.raises(RuntimeError, match="Failed to speech"):
+        await asyncio.to_thread(
+            joe.speech, "Hello.", voice="joe", instruct_text="Speak like a rebel leader."
+        )
+    response = await asyncio.to_thread(
+        requests.post,
+        f"{url}/v1/audio/speech",
+        json={"model": "joe", "input": "Hello.", "kwargs": json.dumps({"instruct_text": "Loud."})},
+        timeout=60,
+    )
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "instruct_text"
+    assert "style control" in response.json()["error"]["message"]
+    # An unknown uid: get_model fails as Xinference's client reports it.
+    with pytest.raises(RuntimeError, match="Failed to get the model"):
+        await asyncio.to_thread(xinference_model, url, "no-such-uid")
     # kwargs that are not a JSON object: OpenAI's error shape, naming the field.
     response = await asyncio.to_thread(
         requests.post,
@@ -744,22 +754,12 @@ async def test_oversize_bodies_get_each_api_s_shape(server: HttpServer) -> None:
 
 
 async def test_xinference_transcriptions_call(server: HttpServer) -> None:
-    def transcriptions(audio: bytes, **kwargs: Any) -> requests.Response:
-        """What Xinference's ``model.transcriptions(audio=...)`` sends."""
-        params = {
-            "model": "SenseVoiceSmall",
-            "language": None,
-            "prompt": None,
-            "response_format": "json",
-            "temperature": 0,
-            "timestamp_granularities[]": None,
-            "kwargs": json.dumps(kwargs),
-        }
-        files = [("file", ("file", audio, "application/octet-stream"))]
-        return requests.post(
-            f"{base(server)}/v1/audio/transcriptions", data=params, files=files, timeout=60
-        )
-
-    response = await asyncio.to_thread(transcriptions, LIGHT_EN_WAV.read_bytes())
-    assert response.status_code == 200, response.text[:300]
-    assert response.json()["text"] == FAKE_ASR_TEXT
+    model = await asyncio.to_thread(xinference_model, base(server), "SenseVoiceSmall")
+    result = await asyncio.to_thread(model.transcriptions, LIGHT_EN_WAV.read_bytes())
+    assert result["text"] == FAKE_ASR_TEXT
+    result = await asyncio.to_thread(
+        model.transcriptions, LIGHT_EN_WAV.read_bytes(), language="en", response_format="json"
+    )
+    assert result["text"] == FAKE_ASR_TEXT
+    with pytest.raises(RuntimeError, match="Failed to transcribe"):
+        await asyncio.to_thread(model.transcriptions, b"not audio" * 100)

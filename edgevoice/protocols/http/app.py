@@ -37,11 +37,12 @@ from edgevoice.protocols.http.status import STATUS_PATH, status
 from edgevoice.protocols.http.transcription import transcriptions, translations
 from edgevoice.protocols.http.ui import add_ui_routes, is_ui_path
 from edgevoice.protocols.http.voices import create_voice, delete_voice, get_voice, list_voices
+from edgevoice.protocols.http.xinference import CLUSTER_AUTH_PATH, add_xinference_routes
 from edgevoice.voices import VoiceLibrary
 
 _LOGGER = logging.getLogger(__name__)
 
-PUBLIC_PATHS: Final = frozenset({"/health", "/openapi.json", "/docs"})
+PUBLIC_PATHS: Final = frozenset({"/health", "/openapi.json", "/docs", CLUSTER_AUTH_PATH})
 """Served without the API key (they reveal nothing secret)."""
 UNCOUNTED_PATHS: Final = frozenset({"/health", "/metrics", "/openapi.json", "/docs"})
 """Cheap routes outside ``max_pending_per_client``: probes must answer a busy client too."""
@@ -250,6 +251,7 @@ def build_app(settings: Settings, hub: EngineHub, api_key: str | None = None) ->
     add_cosyvoice_routes(app)  # CosyVoice's FastAPI server: /inference_*
     add_csm_routes(app, limits)  # the CSM voice-cloning API
     add_fish_routes(app)  # Fish Speech: /v1/tts, /v1/references/*
+    add_xinference_routes(app)  # Xinference's client: /v1/cluster/auth
     add_ui_routes(app)  # the web page: / and /ui/
     app.router.add_get("/openapi.json", openapi)
     app.router.add_get("/docs", docs)

@@ -86,6 +86,10 @@ def _model_json(
         "aliases": list(model.config.aliases),
         "default": model.default,
         "capabilities": caps,
+        # Xinference's shape, which its client's get_model() reads:
+        "model_type": "audio",
+        "model_name": model.name,
+        "model_ability": ["audio2text"] if kind is EngineKind.ASR else ["text2audio"],
         **_state_json(hub.status(model)),
     }
 

@@ -622,4 +622,32 @@ def compat_paths(limits: LimitsConfig) -> dict[str, Any]:
         }
     paths.update(_csm_paths(limits))
     paths.update(_fish_paths(limits))
+    paths.update(XINFERENCE_PATHS)
     return paths
+
+
+XINFERENCE_PATHS: dict[str, Any] = {
+    "/v1/cluster/auth": {
+        "get": {
+            "operationId": "xinferenceClusterAuth",
+            "tags": ["xinference"],
+            "summary": "Xinference: whether requests need the API key",
+            "description": "Asked by Xinference's `Client(url, api_key)` before anything else; only when this says `auth: true` does it send the key. `client.get_model(uid)` then reads `/v1/models/{model_id}` (its `model_type` is `audio`; a uid is a model name or alias), and `model.speech(...)` / `model.transcriptions(...)` are `/v1/audio/speech` / `/v1/audio/transcriptions` with extra arguments (`prompt_text`, `instruct_text`) in a JSON `kwargs` string.",
+            "security": [],
+            "responses": {
+                "200": {
+                    "description": "Whether an API key is configured",
+                    "content": {
+                        "application/json": {
+                            "schema": {
+                                "type": "object",
+                                "required": ["auth"],
+                                "properties": {"auth": {"type": "boolean"}},
+                            }
+                        }
+                    },
+                }
+            },
+        }
+    }
+}

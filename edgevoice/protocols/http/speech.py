@@ -32,7 +32,7 @@ from edgevoice.errors import (
 )
 from edgevoice.hub import EngineHub, LoadedModel
 from edgevoice.pipeline.speak import Speech, SpokenAudio, speak
-from edgevoice.protocols.http.compat import unpack_kwargs
+from edgevoice.protocols.http.compat import require_instructions, unpack_kwargs
 from edgevoice.protocols.http.errors import client_error, error_payload
 from edgevoice.protocols.http.forms import (
     UploadedFile,
@@ -267,11 +267,15 @@ async def speech(request: web.Request) -> web.StreamResponse:
         body.get("stream_format"), "stream_format", ("audio", "sse"), "audio"
     )
     target = await resolve_speech_target(st, body, files)
+    # Xinference's instruct_text: refused by a model without style control, never ignored.
+    instruct = optional_str(body.get("instruct_text"), "instruct_text")
+    if instruct is not None:
+        require_instructions(st, target.model)
     options = SynthesizeOptions(
         voice=target.voice,
         speaker=optional_str(body.get("speaker"), "speaker"),
         speed=1.0 if speed is None else speed,
-        instructions=optional_str(body.get("instructions"), "instructions"),
+        instructions=optional_str(body.get("instructions"), "instructions") or instruct,
         reference=target.reference,
     )
     if parse_bool(body.get("play"), "play"):
