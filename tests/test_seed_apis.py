@@ -11,6 +11,7 @@ expected length of every answer is known.
 from __future__ import annotations
 
 import asyncio
+import base64
 import inspect
 import json
 from collections.abc import AsyncIterator
@@ -37,6 +38,11 @@ from edgevoice.hub import EngineHub
 from edgevoice.protocols.http import HttpServer
 from edgevoice.text import split_sentences
 from tests.conftest import JOE, LIGHT_EN_TEXT, LIGHT_EN_WAV
+from tests.pocket_tiny import FRAME_SAMPLES as POCKET_FRAME_SAMPLES
+from tests.pocket_tiny import MIN_FRAMES as POCKET_MIN_FRAMES
+from tests.pocket_tiny import RATE_HZ as POCKET_RATE_HZ
+from tests.pocket_tiny import build_tiny_model
+from tests.pocket_tiny import max_samples as pocket_max_samples
 
 pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
 
@@ -763,3 +769,255 @@ async def test_xinference_transcriptions_call(server: HttpServer) -> None:
     assert result["text"] == FAKE_ASR_TEXT
     with pytest.raises(RuntimeError, match="Failed to transcribe"):
         await asyncio.to_thread(model.transcriptions, b"not audio" * 100)
+
+
+# --------------------------------------- a real cloning engine: pocket-tts
+#
+# The same documented calls against Pocket TTS built from its shipped config
+# with random weights (tests/pocket_tiny.py): a real cloning engine's whole
+# path (reference decoding and encoding, streamed generation at 24 kHz).
+# Random weights say nothing intelligible, so these check format, rate and
+# length bounds, never content.
+
+POCKET_UID = "CosyVoice-300M"  # a Xinference uid, as an alias of the pocket model
+
+
+def pocket_bounds(text: str) -> tuple[int, int]:
+    """Fewest and most samples Pocket TTS may make for ``text`` (any weights).
+
+    Each sentence is one synthesis: at least its 6 frames (the end-of-speech
+    threshold of -20 ends every piece there), at most Pocket TTS's cap.
+    """
+    sentences = split_sentences(text)
+    return (
+        len(sentences) * POCKET_MIN_FRAMES * POCKET_FRAME_SAMPLES,
+        sum(pocket_max_samples(s) for s in sentences),
+    )
+
+
+def check_pocket_audio(samples: np.ndarray[Any, Any], text: str) -> None:
+    low, high = pocket_bounds(text)
+    assert low <= len(samples) <= high, (len(samples), low, high)
+    assert np.all(np.isfinite(samples)) and float(np.max(np.abs(samples))) > 0
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def pocket(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[HttpServer]:
+    config = await asyncio.to_thread(build_tiny_model, tmp_path_factory.mktemp("pocket-tiny"))
+    root = tmp_path_factory.mktemp("pocket-server")
+    values: dict[str, Any] = {
+        "cache_dir": root / "cache",
+        "state_dir": root / "state",
+        "offline": True,
+        "tts": [
+            ModelConfig(
+                name="pocket",
+                engine="pocket-tts",
+                model=str(config),
+                aliases=[POCKET_UID],
+                options={"voice": str(LIGHT_EN_WAV), "eos_threshold": -20},
+            ),
+            JOE_STEADY,
+        ],
+        "asr": [],
+        "wake": [],
+        "vad": [],
+        "wyoming": {"enabled": False},
+        "mqtt": {"enabled": False},
+        "http": {"host": "127.0.0.1", "port": 0, "speakers": {"中文女": "Clara"}},
+        "limits": {"max_upload_bytes": 1 << 20, "max_input_chars": MAX_INPUT_CHARS},
+    }
+    settings = Settings(**values)
+    async with EngineHub(settings) as hub, HttpServer(settings, hub) as srv:
+        yield srv
+
+
+async def test_pocket_cosyvoice_guide_calls(pocket: HttpServer) -> None:
+    url = base(pocket)
+    cases = [  # the guide's requests examples, one per cloning mode
+        (
+            "/inference_zero_shot",
+            {"tts_text": "Hope you can do even better than me.", "prompt_text": LIGHT_EN_TEXT},
+        ),
+        ("/inference_cross_lingual", {"tts_text": "Hello, this is a cross-lingual test"}),
+    ]
+    for path, payload in cases:
+        response, body = await call("POST", url + path, data=payload, files=prompt_files())
+        assert response.status_code == 200, (path, body[:300])
+        assert response.headers["Content-Type"] == "application/octet-stream"
+        assert response.headers["Transfer-Encoding"] == "chunked"  # streamed as it is made
+        assert response.headers["Access-Control-Allow-Origin"] == "*"
+        assert int(response.headers["X-Sample-Rate"]) == POCKET_RATE_HZ
+        check_pocket_audio(pcm(body), payload["tts_text"])
+    # CosyVoice's own client: GET with the form body.
+    response, body = await call(
+        "GET", url + "/inference_zero_shot", data=cases[0][1], files=prompt_files()
+    )
+    assert response.status_code == 200, body[:300]
+    check_pocket_audio(pcm(body), cases[0][1]["tts_text"])
+    # Pocket TTS has no style control: instruct2 is refused, in FastAPI's shape.
+    response, body = await call(
+        "POST",
+        url + "/inference_instruct2",
+        data={"tts_text": "Hello, I am a test", "instruct_text": "Speak cheerfully"},
+        files=prompt_files(),
+    )
+    assert response.status_code == 400
+    assert "style control" in json.loads(body)["detail"]
+    # An English model: Chinese text cannot be spoken cross-lingually.
+    response, body = await call(
+        "POST",
+        url + "/inference_cross_lingual",
+        data={"tts_text": "你好，我是通义千问语音合成大模型"},
+        files=prompt_files(),
+    )
+    assert response.status_code == 400 and "English" in json.loads(body)["detail"]
+    # A stock voice still works on /inference_sft next to the cloner.
+    response, body = await call(
+        "POST", url + "/inference_sft", data={"tts_text": "Hello there.", "spk_id": "joe"}
+    )
+    assert response.status_code == 200 and int(response.headers["X-Sample-Rate"]) == 22050
+
+
+async def test_pocket_csm_calls(pocket: HttpServer) -> None:
+    url = base(pocket)
+    text = "Hello, this is my cloned voice speaking."
+    files = {"audio_file": ("sample.wav", LIGHT_EN_WAV.read_bytes(), "audio/wav")}
+    response, body = await call(
+        "POST",
+        f"{url}/v1/voice-clone",
+        data={"text": text, "context_text": LIGHT_EN_TEXT, "temperature": "0.6", "topk": "20"},
+        files=files,
+    )
+    assert response.status_code == 200, body[:300]
+    made = json.loads(body)
+    response, wav = await call("GET", url + made["audio_url"])
+    assert response.status_code == 200 and response.headers["Content-Type"] == "audio/wav"
+    audio = decode(wav)
+    assert audio.rate_hz == POCKET_RATE_HZ
+    assert made["duration_seconds"] == pytest.approx(audio.duration_s, abs=1e-3)
+    check_pocket_audio(audio.samples, text)
+    response, body = await call(
+        "POST", f"{url}/v1/voice-clone", data={"text": text, "stream": "true"}, files=files
+    )
+    assert response.status_code == 200 and response.headers["Transfer-Encoding"] == "chunked"
+    check_pocket_audio(decode(body).samples, text)
+    response, body = await call(
+        "POST", f"{url}/v1/voice-clone", data={"text": text, "output_format": "mp3"}, files=files
+    )
+    made = json.loads(body)
+    response, mp3 = await call("GET", url + made["audio_url"])
+    assert response.headers["Content-Type"] == "audio/mpeg"
+    assert decode(mp3).duration_s >= made["duration_seconds"]
+    # The README's streaming session: HTTP chunks, then the WebSocket.
+    response, body = await call("POST", f"{url}/v1/streaming-session", files=files)
+    sid = json.loads(body)["session_id"]
+    chunks = ["Hello, ", "this is ", "streaming ", "text input."]
+    samples = 0
+    for i, chunk in enumerate(chunks):
+        payload = {"session_id": sid, "text_chunk": chunk, "is_final": i == len(chunks) - 1}
+        response, wav = await call("POST", f"{url}/v1/stream-text", json=payload)
+        assert response.status_code == 200 and response.headers["Content-Type"] == "audio/wav"
+        if len(wav) > 44:
+            piece = decode(wav)
+            assert piece.rate_hz == POCKET_RATE_HZ
+            samples += len(piece.samples)
+    # However the session cuts the text into pieces, each holds a word at least.
+    high = sum(pocket_max_samples(word) for word in "".join(chunks).split())
+    assert POCKET_MIN_FRAMES * POCKET_FRAME_SAMPLES <= samples <= high
+    response, body = await call("POST", f"{url}/v1/streaming-session", files=files)
+    ws_url = f"ws://{url.replace('http://', '')}/v1/ws/stream-text/{json.loads(body)['session_id']}"
+    async with websockets.connect(ws_url) as websocket:
+        received = []
+        for i, chunk in enumerate(chunks):
+            await websocket.send(json.dumps({"text_chunk": chunk, "is_final": i == 3}))
+            received.append(await websocket.recv())
+    assert all(isinstance(r, bytes) for r in received)
+    total = sum(len(decode(r).samples) for r in received if isinstance(r, bytes) and len(r) > 44)
+    assert POCKET_MIN_FRAMES * POCKET_FRAME_SAMPLES <= total <= high
+
+
+async def test_pocket_fish_calls(pocket: HttpServer) -> None:
+    url = base(pocket)
+    text = "Text to be input. Spoken with the reference voice."
+    reference = {"audio": LIGHT_EN_WAV.read_bytes(), "text": LIGHT_EN_TEXT}
+    response, body = await fish_tts(pocket, text=text, references=[reference], streaming=True)
+    assert response.status_code == 200, body[:300]
+    assert response.headers["Transfer-Encoding"] == "chunked"
+    audio = decode(body)
+    assert audio.rate_hz == POCKET_RATE_HZ
+    check_pocket_audio(audio.samples, text)
+    response, body = await fish_tts(pocket, text=text, references=[reference], format="pcm")
+    assert response.status_code == 200
+    check_pocket_audio(pcm(body), text)
+    encoded = base64.b64encode(LIGHT_EN_WAV.read_bytes()).decode()
+    response, body = await call(  # JSON with base64 audio
+        "POST",
+        f"{url}/v1/tts",
+        json={"text": text, "references": [{"audio": encoded, "text": LIGHT_EN_TEXT}]},
+    )
+    assert response.status_code == 200, body[:300]
+    check_pocket_audio(decode(body).samples, text)
+    # A reference added through Fish serves Fish, CosyVoice and OpenAI alike.
+    response, body = await call(
+        "POST",
+        f"{url}/v1/references/add",
+        data={"id": "Clara", "text": LIGHT_EN_TEXT},
+        files={"audio": ("clara.wav", LIGHT_EN_WAV.read_bytes(), "audio/wav")},
+    )
+    assert response.status_code == 200, body[:300]
+    response, body = await fish_tts(pocket, text=text, reference_id="Clara")
+    assert response.status_code == 200, body[:300]
+    check_pocket_audio(decode(body).samples, text)
+    for spk_id in ("Clara", "中文女"):
+        response, body = await call(
+            "POST", f"{url}/inference_sft", data={"tts_text": text, "spk_id": spk_id}
+        )
+        assert response.status_code == 200, body[:300]
+        assert int(response.headers["X-Sample-Rate"]) == POCKET_RATE_HZ
+        check_pocket_audio(pcm(body), text)
+    response, body = await call(
+        "POST",
+        f"{url}/v1/audio/speech",
+        json={"model": "pocket", "input": text, "voice": "voice_clara", "response_format": "wav"},
+    )
+    assert response.status_code == 200, body[:300]
+    check_pocket_audio(decode(body).samples, text)
+    response, body = await call(
+        "DELETE", f"{url}/v1/references/delete", json={"reference_id": "Clara"}
+    )
+    assert response.status_code == 200
+    response, body = await fish_tts(pocket, text=text, reference_id="Clara")
+    assert response.status_code == 404 and json.loads(body)["statusCode"] == 404
+
+
+async def test_pocket_xinference_client_calls(pocket: HttpServer) -> None:
+    model = await asyncio.to_thread(xinference_model, base(pocket), POCKET_UID)
+    text = "The text to generate audio for."
+    prompt = LIGHT_EN_WAV.read_bytes()
+    # The guide's CosyVoice clone call (mp3 by default), its cross-lingual call, streaming.
+    cloned = await asyncio.to_thread(
+        model.speech, text, prompt_text=LIGHT_EN_TEXT, prompt_speech=prompt
+    )
+    audio = decode(cloned)
+    assert audio.rate_hz == POCKET_RATE_HZ
+    low, high = pocket_bounds(text)
+    assert low <= round(audio.duration_s * POCKET_RATE_HZ) <= high + 1152 * 2  # mp3 padding
+    wav = await asyncio.to_thread(model.speech, text, prompt_speech=prompt, response_format="wav")
+    check_pocket_audio(decode(wav).samples, text)
+
+    def streamed() -> bytes:
+        chunks = model.speech(text, prompt_speech=prompt, response_format="wav", stream=True)
+        assert inspect.isgenerator(chunks)
+        out = bytearray()
+        for chunk in chunks:
+            assert isinstance(chunk, bytes)
+            out += chunk
+        return bytes(out)
+
+    check_pocket_audio(decode(await asyncio.to_thread(streamed)).samples, text)
+    # instruct_text on a model without style control: refused, not ignored.
+    with pytest.raises(RuntimeError, match="Failed to speech"):
+        await asyncio.to_thread(
+            model.speech, text, prompt_speech=prompt, instruct_text="Speak like a rebel."
+        )
