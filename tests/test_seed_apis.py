@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import msgpack  # type: ignore[import-untyped]
 import numpy as np
 import pytest
@@ -36,6 +37,7 @@ from edgevoice.cli import main as cli_main
 from edgevoice.config import ModelConfig, Settings
 from edgevoice.hub import EngineHub
 from edgevoice.protocols.http import HttpServer
+from edgevoice.protocols.http.state import STATE
 from edgevoice.text import split_sentences
 from tests.conftest import JOE, LIGHT_EN_TEXT, LIGHT_EN_WAV
 from tests.pocket_tiny import FRAME_SAMPLES as POCKET_FRAME_SAMPLES
@@ -1021,3 +1023,259 @@ async def test_pocket_xinference_client_calls(pocket: HttpServer) -> None:
         await asyncio.to_thread(
             model.speech, text, prompt_speech=prompt, instruct_text="Speak like a rebel."
         )
+
+
+# ------------------------------------------------------- auth, limits, attacks
+
+API_KEY = "seed-api-key"
+WS_MAX_BYTES = 4096
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def secured(tmp_path: Path) -> AsyncIterator[HttpServer]:
+    """The fake cloner behind an API key, at most 2 requests in flight per client."""
+    values: dict[str, Any] = {
+        "cache_dir": tmp_path / "cache",
+        "state_dir": tmp_path / "state",
+        "tts": [CLONER],
+        "asr": [FAKE_ASR],
+        "wake": [],
+        "vad": [],
+        "wyoming": {"enabled": False},
+        "mqtt": {"enabled": False},
+        "http": {"host": "127.0.0.1", "port": 0, "api_key": API_KEY},
+        "limits": {"max_pending_per_client": 2, "max_ws_message_bytes": WS_MAX_BYTES},
+    }
+    settings = Settings(**values)
+    async with EngineHub(settings) as hub, HttpServer(settings, hub) as srv:
+        yield srv
+
+
+async def recv_bytes(websocket: Any) -> bytes:
+    message = await websocket.recv()
+    assert isinstance(message, bytes), message
+    return message
+
+
+async def test_every_adapter_needs_the_api_key(secured: HttpServer) -> None:
+    url = base(secured)
+    bearer = {"Authorization": f"Bearer {API_KEY}"}
+    sample = {"audio_file": ("s.wav", LIGHT_EN_WAV.read_bytes(), "audio/wav")}
+    calls: list[tuple[str, str, dict[str, Any]]] = [
+        ("POST", "/inference_sft", {"data": {"tts_text": "Hi there.", "spk_id": "cloner"}}),
+        ("GET", "/inference_sft", {"params": {"tts_text": "Hi there.", "spk_id": "cloner"}}),
+        ("POST", "/inference_zero_shot",
+         {"data": {"tts_text": "Hi there.", "prompt_text": "x"}, "files": prompt_files()}),
+        ("POST", "/v1/voice-clone", {"data": {"text": "Hi there."}, "files": sample}),
+        ("POST", "/v1/streaming-session", {"files": sample}),
+        ("POST", "/v1/tts", {"json": {"text": "Hi there."}}),
+        ("GET", "/v1/references/list", {}),
+        ("POST", "/v1/audio/speech", {"json": {"model": XINFERENCE_UID, "input": "Hi there."}}),
+    ]  # fmt: skip
+    for method, path, kwargs in calls:
+        response, body = await call(method, url + path, **kwargs)
+        assert response.status_code == 401, (path, body[:200])
+        response, body = await call(method, url + path, headers=bearer, **kwargs)
+        assert response.status_code == 200, (path, body[:300])
+    response, body = await call("GET", url + "/v1/audio/" + "0" * 32 + ".wav")
+    assert response.status_code == 401  # even a missing file says nothing without the key
+    response, body = await call("POST", f"{url}/v1/streaming-session", headers=bearer, files=sample)
+    ws_url = f"ws://127.0.0.1:{secured.port}/v1/ws/stream-text/{json.loads(body)['session_id']}"
+    with pytest.raises(websockets.InvalidStatus) as refused:
+        async with websockets.connect(ws_url):
+            pass
+    assert refused.value.response.status_code == 401
+    async with websockets.connect(ws_url, additional_headers=bearer) as websocket:
+        await websocket.send(json.dumps({"text_chunk": "Hi there.", "is_final": True}))
+        assert len(decode(await recv_bytes(websocket)).samples) == fake_samples("Hi there.")
+    # Xinference's client asks /v1/cluster/auth (public) and then sends its key.
+    response, body = await call("GET", f"{url}/v1/cluster/auth")
+    assert response.status_code == 200 and json.loads(body) == {"auth": True}
+    with pytest.raises(RuntimeError, match="Failed to get the model"):
+        await asyncio.to_thread(xinference_model, url, XINFERENCE_UID)
+    model = await asyncio.to_thread(xinference_model, url, XINFERENCE_UID, API_KEY)
+    wav = await asyncio.to_thread(model.speech, "Hi there.", response_format="wav")
+    assert len(decode(wav).samples) == fake_samples("Hi there.")
+    # The spec says so: every adapter operation but the auth probe needs the key.
+    response, body = await call("GET", f"{url}/openapi.json")
+    spec = json.loads(body)
+    for path in ("/inference_sft", "/v1/voice-clone", "/v1/tts", "/v1/references/add"):
+        for operation in spec["paths"][path].values():
+            assert "401" in operation["responses"] and operation.get("security") != []
+    assert spec["paths"]["/v1/cluster/auth"]["get"]["security"] == []
+
+
+async def test_a_flood_of_stalled_uploads_is_bounded(secured: HttpServer) -> None:
+    """Uploads that never finish hold at most max_pending_per_client slots;
+    the next request of that client is refused at once, others keep being served."""
+    url = base(secured)
+    bearer = {"Authorization": f"Bearer {API_KEY}"}
+    release = asyncio.Event()
+
+    async def stalled_body() -> AsyncIterator[bytes]:
+        yield b"tts_text=Hello&prompt_text=x&"
+        await release.wait()
+        yield b"spk_id=cloner"
+
+    async with aiohttp.ClientSession(headers=bearer) as session:
+        headers = {"Content-Type": "application/x-www-form-urlencoded"}
+        stalled = [
+            asyncio.create_task(
+                session.post(f"{url}/inference_sft", data=stalled_body(), headers=headers)
+            )
+            for _ in range(2)
+        ]
+        assert secured.app is not None
+        pending = secured.app[STATE].pending
+        deadline = asyncio.get_running_loop().time() + 60
+        while sum(pending.values()) < 2:  # both stalled uploads hold their slot
+            assert not any(task.done() for task in stalled)
+            assert asyncio.get_running_loop().time() < deadline, "the uploads never arrived"
+            await asyncio.sleep(0.05)
+        async with session.post(
+            f"{url}/inference_sft", data={"tts_text": "Hi.", "spk_id": "cloner"}
+        ) as response:
+            assert response.status == 429
+            assert "max_pending_per_client" in await response.text()
+        for route in ("/v1/tts", "/v1/voice-clone", "/v1/references/list"):
+            async with session.post(url + route, json={}) as response:
+                assert response.status == 429, route
+        release.set()
+        for task in stalled:
+            async with await task as response:
+                assert response.status == 200
+                assert len(pcm(await response.read())) == fake_samples("Hello")
+        async with session.post(
+            f"{url}/inference_sft", data={"tts_text": "Hi.", "spk_id": "cloner"}
+        ) as response:
+            assert response.status == 200
+
+
+async def test_csm_websocket_attacks(secured: HttpServer) -> None:
+    url = base(secured)
+    bearer = {"Authorization": f"Bearer {API_KEY}"}
+    sample = {"audio_file": ("s.wav", LIGHT_EN_WAV.read_bytes(), "audio/wav")}
+
+    async def session() -> str:
+        response, body = await call(
+            "POST", f"{url}/v1/streaming-session", headers=bearer, files=sample
+        )
+        assert response.status_code == 200, body[:300]
+        return str(json.loads(body)["session_id"])
+
+    ws_base = f"ws://127.0.0.1:{secured.port}/v1/ws/stream-text/"
+    with pytest.raises(websockets.InvalidStatus) as unknown:
+        async with websockets.connect(ws_base + "no-such-session", additional_headers=bearer):
+            pass
+    assert unknown.value.response.status_code == 404
+    async with websockets.connect(ws_base + await session(), additional_headers=bearer) as ws:
+        await ws.send("not json {")
+        assert "JSON" in json.loads(await ws.recv())["detail"]
+        await ws.send(json.dumps({"text_chunk": 42}))
+        assert "text_chunk" in json.loads(await ws.recv())["detail"]
+        await ws.send(b"\x00binary frames are ignored")
+        await ws.send(json.dumps({"text_chunk": "Still serving.", "is_final": True}))
+        assert len(decode(await recv_bytes(ws)).samples) == fake_samples("Still serving.")
+    async with websockets.connect(ws_base + await session(), additional_headers=bearer) as ws:
+        await ws.send(json.dumps({"text_chunk": "x" * (WS_MAX_BYTES * 2)}))
+        with pytest.raises(websockets.ConnectionClosed) as closed:
+            await ws.recv()
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1009  # too big
+    # A text chunk over max_input_chars (pending, never ending a sentence) is refused.
+    sid = await session()
+    response, body = await call(
+        "POST",
+        f"{url}/v1/stream-text",
+        headers=bearer,
+        json={"session_id": sid, "text_chunk": "word " * 2000},
+    )
+    assert response.status_code in (400, 413), body[:300]
+    assert "max_input_chars" in json.loads(body)["detail"]
+
+
+async def test_adapters_refuse_hostile_input(server: HttpServer, state_dir: Path) -> None:
+    url = base(server)
+    empty = {"prompt_wav": ("p.wav", b"", "audio/wav")}
+    response, body = await call(
+        "POST",
+        f"{url}/inference_zero_shot",
+        data={"tts_text": "Hi.", "prompt_text": "x"},
+        files=empty,
+    )
+    assert response.status_code in (400, 415, 422), body[:300]
+    assert "detail" in json.loads(body)
+    silence = encode(np.zeros(CLONER_RATE_HZ * 2, dtype=np.float32), CLONER_RATE_HZ, "wav")
+    for files in ({"audio_file": ("a.wav", b"", "audio/wav")},
+                  {"audio_file": ("a.wav", silence, "audio/wav")}):  # fmt: skip
+        response, body = await call(
+            "POST", f"{url}/v1/voice-clone", data={"text": "Hi."}, files=files
+        )
+        assert response.status_code in (400, 415, 422), body[:300]
+        assert "detail" in json.loads(body)
+    # CSM: the same text and audio-length limits as every API.
+    response, body = await csm_clone(server, "a" * (MAX_INPUT_CHARS + 1))
+    assert response.status_code == 400 and "max_input_chars" in json.loads(body)["detail"]
+    for max_ms in ("1e12", "-5", "nan"):
+        response, body = await csm_clone(server, "Hi.", max_audio_length_ms=max_ms)
+        assert response.status_code == 400, (max_ms, body[:300])
+        assert "max_audio_length_ms" in json.loads(body)["detail"]
+    for name in ("%00.wav", "a" * 4000 + ".wav", "..%5C..%5Cwin.ini.wav", "%2F.wav"):
+        response, body = await call("GET", f"{url}/v1/audio/{name}")
+        assert response.status_code == 404, name
+    # Fish: a reference id that tries to leave the library is just a name.
+    library = state_dir / "voices"
+    response, body = await call(
+        "POST",
+        f"{url}/v1/references/add",
+        data={"id": "../../../../tmp/evil", "text": LIGHT_EN_TEXT},
+        files={"audio": ("e.wav", LIGHT_EN_WAV.read_bytes(), "audio/wav")},
+    )
+    assert response.status_code == 200, body[:300]
+    stored = {p.resolve().parent for p in library.rglob("*")}
+    assert stored == {library.resolve()}
+    response, body = await call(
+        "DELETE", f"{url}/v1/references/delete", json={"reference_id": "../../../../tmp/evil"}
+    )
+    assert response.status_code == 200
+    response, body = await call(
+        "POST",
+        f"{url}/v1/references/add",
+        data={"id": "x" * 10_000, "text": LIGHT_EN_TEXT},
+        files={"audio": ("e.wav", LIGHT_EN_WAV.read_bytes(), "audio/wav")},
+    )
+    assert response.status_code == 400 and json.loads(body)["statusCode"] == 400
+    reference = {"audio": LIGHT_EN_WAV.read_bytes(), "text": "x"}
+    hostile: list[dict[str, Any]] = [
+        {"text": "Hi.", "references": [reference] * 9},
+        {"text": "Hi.", "references": [{"audio": "", "text": "x"}]},
+        {"text": "Hi.", "references": [{"audio": b"", "text": "x"}]},
+        {"text": "Hi.", "references": [{"audio": LIGHT_EN_WAV.read_bytes(), "text": 5}]},
+        {"text": "Hi.", "reference_id": "../../etc/passwd"},
+        {"text": "Hi.", "reference_id": 7},
+        {"text": 12},
+        {"text": "Hi.", "chunk_length": "200"},
+        {"text": "Hi.", "streaming": "yes"},
+    ]
+    for fields in hostile:
+        response, body = await fish_tts(server, **fields)
+        assert 400 <= response.status_code < 500, (fields.keys(), body[:300])
+        error = json.loads(body)
+        assert set(error) == {"statusCode", "message", "error"}
+    for raw in (b"\x91" * 100_000, msgpack.packb([1, 2, 3]), b""):
+        response, body = await call(
+            "POST", f"{url}/v1/tts", data=raw, headers={"content-type": "application/msgpack"}
+        )
+        assert 400 <= response.status_code < 500
+        assert json.loads(body)["statusCode"] == response.status_code
+    # CosyVoice: an unknown field is ignored as FastAPI does; a non-UTF-8 form is refused.
+    response, body = await call(
+        "POST",
+        f"{url}/inference_sft",
+        data=b"tts_text=\xff\xfe&spk_id=joe",
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+    )
+    assert response.status_code == 400 and "UTF-8" in json.loads(body)["detail"]
+    response, body = await call(
+        "POST", f"{url}/inference_sft", data={"tts_text": "Hello there.", "spk_id": "joe", "x": "1"}
+    )
+    assert response.status_code == 200
