@@ -37,8 +37,10 @@ from edgevoice.cli import main as cli_main
 from edgevoice.config import ModelConfig, Settings
 from edgevoice.hub import EngineHub
 from edgevoice.protocols.http import HttpServer
+from edgevoice.protocols.http.compat import find_stored
 from edgevoice.protocols.http.state import STATE
 from edgevoice.text import split_sentences
+from edgevoice.voices import VoiceLibrary
 from tests.conftest import JOE, LIGHT_EN_TEXT, LIGHT_EN_WAV
 from tests.pocket_tiny import FRAME_SAMPLES as POCKET_FRAME_SAMPLES
 from tests.pocket_tiny import MIN_FRAMES as POCKET_MIN_FRAMES
@@ -609,6 +611,8 @@ async def test_voices_import_a_fish_ref_data_tree(
         ),
         "SPEAKER2/calm/1.0-3.0.wav": LIGHT_EN_WAV.read_bytes(),
         "SPEAKER2/mute/no-transcript.wav": LIGHT_EN_WAV.read_bytes(),
+        "SPEAKER3/angry/1.wav": LIGHT_EN_WAV.read_bytes(),
+        "SPEAKER3/neutral/1.wav": LIGHT_EN_WAV.read_bytes(),
     }
     for name, data in files.items():
         path = ref / name
@@ -634,6 +638,28 @@ async def test_voices_import_a_fish_ref_data_tree(
     response, body = await fish_tts(server, text=text, reference_id="SPEAKER1", emotion="angry")
     assert response.status_code == 404
     assert "SPEAKER1/angry" in json.loads(body)["message"]
+    # One voice per speaker with its emotions as styles: the name alone picks
+    # its neutral style (else its first), in every API that takes a voice name.
+    library = VoiceLibrary(state_dir / "voices")
+    picked = {
+        name: await asyncio.to_thread(find_stored, library, name)
+        for name in ("SPEAKER1", "SPEAKER3", "speaker3/ANGRY", "SPEAKER9")
+    }
+    assert picked == {
+        "SPEAKER1": "voice_speaker1-happy",
+        "SPEAKER3": "voice_speaker3-neutral",
+        "speaker3/ANGRY": "voice_speaker3-angry",
+        "SPEAKER9": None,
+    }
+    for spk_id in ("SPEAKER3", "SPEAKER1/sad"):
+        response, body = await call(
+            "POST", f"{base(server)}/inference_sft", data={"tts_text": text, "spk_id": spk_id}
+        )
+        assert response.status_code == 200, body[:300]
+        assert len(pcm(body)) == fake_samples(text)
+    for voice in await asyncio.to_thread(library.voices):
+        if voice.name.startswith("SPEAKER"):
+            await asyncio.to_thread(library.delete, voice.id)
 
 
 # -------------------------------------------------------------- Xinference

@@ -16,7 +16,7 @@ import asyncio
 import json
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 from urllib.parse import parse_qsl
 
 import numpy as np
@@ -105,20 +105,42 @@ class Speaker:
     reference: VoiceReference | None
 
 
+DEFAULT_STYLES: Final = ("neutral", "default", "normal")
+"""The style a speaker name alone picks, when it has one of these (else its first by name)."""
+
+
 def find_stored(library: VoiceLibrary, name: str) -> str | None:
-    """Blocking: the library id for an id, a display name or its slug; None if none."""
+    """Blocking: the library id for an id, a display name or its slug; None if none.
+
+    A speaker imported from a Fish ``ref_data`` tree is stored as one voice
+    per style (``SPEAKER/EMOTION``); its name alone picks its default style
+    (:data:`DEFAULT_STYLES`, else the first by name), so ``SPEAKER`` works
+    wherever a voice name does (CosyVoice's ``spk_id``, Fish's ``reference_id``).
+    """
     if valid_voice_id(name):
         return name
     slug_id = f"voice_{slugify(name)}"
     folded = name.casefold()
-    for voice in library.voices():
+    voices = library.voices()
+    for voice in voices:
         if voice.name.casefold() == folded:
             return voice.id
     try:
         library.get(slug_id)
     except VoiceNotFoundError:
-        return None
-    return slug_id if slugify(name) != "voice" else None
+        pass
+    else:
+        if slugify(name) != "voice":
+            return slug_id
+    styles = {
+        voice.name.casefold().removeprefix(f"{folded}/"): voice.id
+        for voice in voices
+        if voice.name.casefold().startswith(f"{folded}/")
+    }
+    for style in (*DEFAULT_STYLES, *sorted(styles)):
+        if style in styles:
+            return styles[style]
+    return None
 
 
 def cloning_model(st: ServerState, param: str | None = None) -> LoadedModel[Any]:

@@ -170,14 +170,7 @@ def _find_reference(st: ServerState, ref_id: str, emotion: str | None) -> str | 
     target = st.settings.http.speakers.get(ref_id, ref_id)
     if emotion is not None:
         return find_stored(st.library, f"{target}/{emotion}")
-    found = find_stored(st.library, target)
-    if found is not None:
-        return found
-    prefix = f"{target}/".casefold()  # an imported speaker: its first emotion
-    for voice in sorted(st.library.voices(), key=lambda v: v.name):
-        if voice.name.casefold().startswith(prefix):
-            return voice.id
-    return None
+    return find_stored(st.library, target)  # an imported speaker: its default emotion
 
 
 T = TypeVar("T")
@@ -381,9 +374,12 @@ class ImportedVoice:
 def import_ref_data(library: VoiceLibrary, root: Path) -> list[ImportedVoice]:
     """Blocking: store a Fish ``ref_data/SPEAKER/EMOTION/*.wav|.lab`` tree in the library.
 
-    Each ``SPEAKER/EMOTION`` becomes the voice named so (``/v1/tts`` with
-    ``reference_id=SPEAKER`` and ``emotion=EMOTION``; without an emotion the
-    speaker's first), from its first sample (sorted by name) that has a
+    Each speaker is one voice with its emotions as styles: each
+    ``SPEAKER/EMOTION`` is stored as the library voice named so, picked by
+    ``/v1/tts`` with ``reference_id=SPEAKER`` and ``emotion=EMOTION``; the
+    speaker's name alone (Fish's ``reference_id``, CosyVoice's ``spk_id``)
+    picks its ``neutral``/``default``/``normal`` emotion, else its first by
+    name. Each style is made from its first sample (sorted by name) that has a
     ``.lab`` transcript and is 1-30 s long. Voices already stored are kept;
     library quotas apply. Symbolic links are not followed.
     """
