@@ -180,6 +180,8 @@ class WyomingConnection:
         self.server = server
         self.hub = server.hub
         self.reader = reader
+        self._read_ahead: asyncio.Task[Event | None] | None = None
+        """The read of the next event, started while this one is handled."""
         self.writer = writer
         self.peer = peer
         self._idle_timeout = idle_timeout
@@ -257,20 +259,28 @@ class WyomingConnection:
         worker = asyncio.create_task(self._job_worker(), name=f"wyoming-jobs-{self.peer}")
         watchdog = asyncio.create_task(self._watchdog(), name=f"wyoming-timeout-{self.peer}")
         bad = 0
+        ahead = asyncio.create_task(read_event(self.reader))
         try:
             while True:
                 try:
-                    event = await read_event(self.reader)
+                    event = await ahead
                 except ProtocolError as exc:
                     await self.send_error(exc)
                     bad += 1
                     if exc.fatal or bad >= MAX_BAD_EVENTS:
                         break
+                    ahead = asyncio.create_task(read_event(self.reader))
                     continue
                 if event is None:
                     break
                 bad = 0
                 self._last_event = time.monotonic()
+                # Read one event ahead while this one is handled: whether it is
+                # complete already tells that the client is ahead of us. The
+                # yield also gives other connections a turn after each event
+                # (a flood of buffered events must not hold the loop).
+                ahead = self._read_ahead = asyncio.create_task(read_event(self.reader))
+                await asyncio.sleep(0)
                 try:
                     await self._dispatch(event)
                 except ProtocolError as exc:
@@ -279,12 +289,16 @@ class WyomingConnection:
                         break
                 except EdgeVoiceError as exc:
                     await self.send_error(exc)
-                # Buffered events are read without waiting: give other
-                # connections a turn after each one (a flood must not hold the loop).
-                await asyncio.sleep(0)
         except (ConnectionError, asyncio.IncompleteReadError):
             _LOGGER.debug("Wyoming client %s went away", self.peer)
         finally:
+            self._read_ahead = None
+            if not ahead.done():
+                ahead.cancel()
+            with contextlib.suppress(
+                asyncio.CancelledError, ConnectionError, asyncio.IncompleteReadError, ProtocolError
+            ):
+                await ahead
             watchdog.cancel()
             await asyncio.gather(watchdog, return_exceptions=True)
             await self._close_streams()
@@ -499,7 +513,8 @@ class WyomingConnection:
             samples = await self._convert(listening.pcm, chunk)
             # More audio already waiting in the socket: the client is ahead of us
             # (a recording sent at once, or we fell behind): no guesses now.
-            pipeline.backlogged = len(getattr(self.reader, "_buffer", b"")) > 0
+            ahead = self._read_ahead
+            pipeline.backlogged = ahead is not None and ahead.done()
             await pipeline.feed(samples)
         except ClientError:
             listening.pipeline = None  # drop the rest until audio-stop
