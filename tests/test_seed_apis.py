@@ -41,7 +41,7 @@ from edgevoice.protocols.http.compat import find_stored
 from edgevoice.protocols.http.state import STATE
 from edgevoice.text import split_sentences
 from edgevoice.voices import VoiceLibrary
-from tests.conftest import JOE, LIGHT_EN_TEXT, LIGHT_EN_WAV
+from tests.conftest import JOE, LIGHT_EN_TEXT, LIGHT_EN_WAV, TINY_EN, assert_means
 from tests.pocket_tiny import FRAME_SAMPLES as POCKET_FRAME_SAMPLES
 from tests.pocket_tiny import MIN_FRAMES as POCKET_MIN_FRAMES
 from tests.pocket_tiny import RATE_HZ as POCKET_RATE_HZ
@@ -808,6 +808,7 @@ async def test_xinference_transcriptions_call(server: HttpServer) -> None:
 # length bounds, never content.
 
 POCKET_UID = "CosyVoice-300M"  # a Xinference uid, as an alias of the pocket model
+WHISPER_UID = "whisper-tiny.en"  # and one of faster-whisper tiny.en
 
 
 def pocket_bounds(text: str) -> tuple[int, int]:
@@ -830,11 +831,13 @@ def check_pocket_audio(samples: np.ndarray[Any, Any], text: str) -> None:
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def pocket(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[HttpServer]:
+async def pocket(
+    tmp_path_factory: pytest.TempPathFactory, shared_cache: Path
+) -> AsyncIterator[HttpServer]:
     config = await asyncio.to_thread(build_tiny_model, tmp_path_factory.mktemp("pocket-tiny"))
     root = tmp_path_factory.mktemp("pocket-server")
     values: dict[str, Any] = {
-        "cache_dir": root / "cache",
+        "cache_dir": shared_cache,
         "state_dir": root / "state",
         "offline": True,
         "tts": [
@@ -847,7 +850,7 @@ async def pocket(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Http
             ),
             JOE_STEADY,
         ],
-        "asr": [],
+        "asr": [TINY_EN.model_copy(update={"aliases": [WHISPER_UID]})],
         "wake": [],
         "vad": [],
         "wyoming": {"enabled": False},
@@ -1238,6 +1241,28 @@ async def test_adapters_refuse_hostile_input(server: HttpServer, state_dir: Path
         )
         assert response.status_code in (400, 415, 422), body[:300]
         assert "detail" in json.loads(body)
+    # A 31 s reference is refused by every API, each in its own shape.
+    tone = np.sin(np.arange(31 * 8000, dtype=np.float32) * 0.3).astype(np.float32) * 0.3
+    long_wav = encode(tone, 8000, "wav")
+    response, body = await call(
+        "POST",
+        f"{url}/inference_zero_shot",
+        data={"tts_text": "Hi.", "prompt_text": "x"},
+        files={"prompt_wav": ("p.wav", long_wav, "audio/wav")},
+    )
+    assert response.status_code == 400 and "30 s" in json.loads(body)["detail"]
+    response, body = await call(
+        "POST",
+        f"{url}/v1/voice-clone",
+        data={"text": "Hi."},
+        files={"audio_file": ("a.wav", long_wav, "audio/wav")},
+    )
+    assert response.status_code == 400 and "30 s" in json.loads(body)["detail"]
+    response, body = await fish_tts(server, text="Hi.", references=[{"audio": long_wav}])
+    assert response.status_code == 400 and "30 s" in json.loads(body)["message"]
+    xinference = await asyncio.to_thread(xinference_model, url, XINFERENCE_UID)
+    with pytest.raises(RuntimeError, match="Failed to speech"):
+        await asyncio.to_thread(xinference.speech, "Hi.", prompt_speech=long_wav)
     # CSM: the same text and audio-length limits as every API.
     response, body = await csm_clone(server, "a" * (MAX_INPUT_CHARS + 1))
     assert response.status_code == 400 and "max_input_chars" in json.loads(body)["detail"]
@@ -1305,3 +1330,17 @@ async def test_adapters_refuse_hostile_input(server: HttpServer, state_dir: Path
         "POST", f"{url}/inference_sft", data={"tts_text": "Hello there.", "spk_id": "joe", "x": "1"}
     )
     assert response.status_code == 200
+
+
+async def test_xinference_client_transcribes_with_whisper(pocket: HttpServer) -> None:
+    model = await asyncio.to_thread(xinference_model, base(pocket), WHISPER_UID)
+    assert isinstance(model, RESTfulAudioModelHandle)
+    with LIGHT_EN_WAV.open("rb") as audio_file:  # the guide's call
+        audio = audio_file.read()
+    result = await asyncio.to_thread(model.transcriptions, audio=audio)
+    assert_means(result["text"], "living", "room", "light")
+    verbose = await asyncio.to_thread(
+        model.transcriptions, audio, language="en", response_format="verbose_json"
+    )
+    assert_means(verbose["text"], "living", "room")
+    assert verbose["segments"] and verbose["duration"] > 1
