@@ -27,6 +27,9 @@ fi
 
 source scripts/ensure-venv.sh
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+# CosyVoice 2's runtime declares torchaudio and CUDA-only requirements it does not import:
+# it installs without them (edgevoice[cosyvoice], part of .[test], lists what it needs).
+.venv/bin/python -m pip install -q --disable-pip-version-check --no-deps 'cosyvoice2-eu==0.2.8'
 
 .venv/bin/ruff format --check edgevoice tests bench
 .venv/bin/ruff check edgevoice tests bench
