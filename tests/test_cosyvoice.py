@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -625,6 +627,22 @@ async def test_bad_requests_are_client_errors(hub: EngineHub) -> None:
     _check_audio(audio.samples, expected_samples(_engine(hub), "Okay."))
 
 
+@MODULE_LOOP
+async def test_concurrent_requests_keep_their_own_state(hub: EngineHub) -> None:
+    """Two streams at once on one model: each gets its own vocoder cache and length."""
+    engine = _engine(hub)
+    texts = ["Good morning. The lights are on.", "Have a nice day."]
+    stored = _reference(voice_id="voice_lamp")
+    inline = _reference(LIGHT_EN_WAV, text=None)
+    results = await asyncio.gather(
+        hub.synthesize_all(texts[0], SynthesizeOptions(reference=stored)),
+        hub.synthesize_all(texts[1], SynthesizeOptions(reference=inline)),
+    )
+    for text, audio in zip(texts, results, strict=True):
+        _check_audio(audio.samples, expected_samples(engine, text))
+    assert not engine._model.hift_cache_dict
+
+
 def _llm_threads() -> int:
     return sum(t.name == "cosyvoice-llm" for t in threading.enumerate())
 
@@ -776,3 +794,18 @@ async def test_wyoming_speaks_a_stored_voice(wyoming: WyomingServer, hub: Engine
             assert chunks >= 2
             assert len(pcm_to_float(pcm, 2)) == expected_samples(engine, text)
     assert engine.reference_encodings == before + 1, "the stored voice is encoded once"
+
+
+def test_edgevoice_engines_lists_cosyvoice() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "edgevoice", "engines"],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = {line.split()[0]: line for line in result.stdout.splitlines()[1:] if line.strip()}
+    row = lines["cosyvoice"]
+    assert "tts" in row and "installed" in row and "cpu,cuda" in row
+    assert "edgevoice[cosyvoice]" in row and "--no-deps" in row
