@@ -1086,6 +1086,15 @@ async def recv_bytes(websocket: Any) -> bytes:
     return message
 
 
+def error_keys(path: str) -> set[str]:
+    """The keys of the error body of the API ``path`` belongs to."""
+    if path.startswith(("/v1/tts", "/v1/references")):
+        return {"statusCode", "message", "error"}  # Fish Speech
+    if path.startswith("/v1/audio/speech"):
+        return {"error"}  # OpenAI (Xinference's client)
+    return {"detail"}  # FastAPI: CosyVoice and CSM
+
+
 async def test_every_adapter_needs_the_api_key(secured: HttpServer) -> None:
     url = base(secured)
     bearer = {"Authorization": f"Bearer {API_KEY}"}
@@ -1104,10 +1113,12 @@ async def test_every_adapter_needs_the_api_key(secured: HttpServer) -> None:
     for method, path, kwargs in calls:
         response, body = await call(method, url + path, **kwargs)
         assert response.status_code == 401, (path, body[:200])
+        assert set(json.loads(body)) == error_keys(path), (path, body[:200])  # the API's shape
         response, body = await call(method, url + path, headers=bearer, **kwargs)
         assert response.status_code == 200, (path, body[:300])
     response, body = await call("GET", url + "/v1/audio/" + "0" * 32 + ".wav")
     assert response.status_code == 401  # even a missing file says nothing without the key
+    assert "API key" in json.loads(body)["detail"]
     response, body = await call("POST", f"{url}/v1/streaming-session", headers=bearer, files=sample)
     ws_url = f"ws://127.0.0.1:{secured.port}/v1/ws/stream-text/{json.loads(body)['session_id']}"
     with pytest.raises(websockets.InvalidStatus) as refused:
@@ -1166,9 +1177,10 @@ async def test_a_flood_of_stalled_uploads_is_bounded(secured: HttpServer) -> Non
         ) as response:
             assert response.status == 429
             assert "max_pending_per_client" in await response.text()
-        for route in ("/v1/tts", "/v1/voice-clone", "/v1/references/list"):
+        for route in ("/v1/tts", "/v1/voice-clone", "/v1/references/add", "/v1/audio/speech"):
             async with session.post(url + route, json={}) as response:
                 assert response.status == 429, route
+                assert set(await response.json()) == error_keys(route)  # each API's shape
         release.set()
         for task in stalled:
             async with await task as response:
@@ -1318,6 +1330,15 @@ async def test_adapters_refuse_hostile_input(server: HttpServer, state_dir: Path
         )
         assert 400 <= response.status_code < 500
         assert json.loads(body)["statusCode"] == response.status_code
+    # A method a route lacks: 405, in that API's shape.
+    for method, path in (
+        ("DELETE", "/inference_sft"),
+        ("GET", "/v1/tts"),
+        ("PUT", "/v1/voice-clone"),
+    ):
+        response, body = await call(method, url + path)
+        assert response.status_code == 405, (method, path)
+        assert set(json.loads(body)) == error_keys(path), (path, body[:200])
     # CosyVoice: an unknown field is ignored as FastAPI does; a non-UTF-8 form is refused.
     response, body = await call(
         "POST",

@@ -21,6 +21,7 @@ from edgevoice.config import Settings
 from edgevoice.engines.base import EngineKind
 from edgevoice.fairness import client_scope
 from edgevoice.hub import EngineHub
+from edgevoice.protocols.http.compat import compat_error
 from edgevoice.protocols.http.cosyvoice import add_cosyvoice_routes
 from edgevoice.protocols.http.csm import add_csm_routes
 from edgevoice.protocols.http.errors import ApiError, to_api_error
@@ -130,7 +131,7 @@ async def api_middleware(request: web.Request, handler: Handler) -> web.StreamRe
         status = exc.status
         if exc.status < 400:
             raise
-        return to_api_error(exc, request).response()
+        return compat_error(request, exc) or to_api_error(exc, request).response()
     except ClientGone as exc:
         status = 499  # nobody is left to answer
         _LOGGER.debug("HTTP %s %s: client went away (%s)", request.method, request.path, exc)
@@ -146,7 +147,7 @@ async def api_middleware(request: web.Request, handler: Handler) -> web.StreamRe
             _LOGGER.exception("HTTP %s %s failed", request.method, request.path)
         else:
             _LOGGER.debug("HTTP %s %s: %s %s", request.method, request.path, status, error.message)
-        return error.response()
+        return compat_error(request, exc) or error.response()
     finally:
         st.request_finished()
         st.metrics.observe(request.method, _route_name(request), status, time.monotonic() - started)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Final
 from urllib.parse import parse_qsl
@@ -264,3 +265,39 @@ def unpack_kwargs(body: dict[str, Any]) -> dict[str, Any]:
         raise client_error("kwargs must be a JSON object", "kwargs")
     rest = {k: v for k, v in body.items() if k != "kwargs"}
     return {**extra, **rest}
+
+
+# ------------------------------------------------------------ error shapes
+
+ErrorShape = Callable[[BaseException], web.Response]
+"""An exception → its answer in one compatible API's error shape."""
+
+
+class ErrorShapes(dict[str, ErrorShape]):
+    """Route (canonical path) → the error shape of the compatible API it belongs to."""
+
+
+ERROR_SHAPES: Final = web.AppKey("edgevoice_compat_error_shapes", ErrorShapes)
+
+
+def add_error_shape(app: web.Application, paths: Iterable[str], shape: ErrorShape) -> None:
+    """Errors the shared middleware answers on ``paths`` (401, 429, 405...) take ``shape``."""
+    if ERROR_SHAPES not in app:
+        app[ERROR_SHAPES] = ErrorShapes()
+    for path in paths:
+        app[ERROR_SHAPES][path] = shape
+
+
+def compat_error(request: web.Request, exc: BaseException) -> web.Response | None:
+    """``exc`` in the shape of the compatible API ``request`` went to; None for the OpenAI face.
+
+    The HTTP face's middleware (auth, per-client bound, unknown methods) asks
+    this first, so a CosyVoice or CSM client gets FastAPI's ``{"detail"}`` and a
+    Fish client ``{"statusCode", "message", "error"}`` for those errors too.
+    """
+    shapes = request.app.get(ERROR_SHAPES)
+    if not shapes:
+        return None
+    resource = request.match_info.route.resource
+    shape = shapes.get(resource.canonical if resource is not None else request.path)
+    return None if shape is None else shape(exc)

@@ -35,6 +35,7 @@ from edgevoice.hub import LoadedModel
 from edgevoice.pipeline.speak import SpokenAudio, speak
 from edgevoice.protocols.http.compat import (
     Fields,
+    add_error_shape,
     cloning_model,
     fastapi_error,
     read_fields,
@@ -189,3 +190,4 @@ def add_cosyvoice_routes(app: web.Application) -> None:
     for path in MODES:
         app.router.add_get(path, inference)
         app.router.add_post(path, inference)
+    add_error_shape(app, MODES, error_response)

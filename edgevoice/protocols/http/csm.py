@@ -48,6 +48,7 @@ from edgevoice.pipeline.speak import speak
 from edgevoice.protocols.http.compat import (
     Fields,
     MissingFields,
+    add_error_shape,
     cloning_model,
     fastapi_error,
     read_fields,
@@ -473,3 +474,5 @@ def add_csm_routes(app: web.Application, limits: LimitsConfig) -> None:
     app.router.add_post("/v1/streaming-session", streaming_session)
     app.router.add_post("/v1/stream-text", stream_text)
     app.router.add_get(WS_PATH, stream_text_ws)
+    paths = ("/v1/voice-clone", "/v1/audio/{filename}", "/v1/streaming-session", "/v1/stream-text")
+    add_error_shape(app, (*paths, WS_PATH), fastapi_error)

@@ -38,6 +38,7 @@ from edgevoice.errors import ClientError, LimitExceededError
 from edgevoice.pipeline.speak import SpokenAudio, speak
 from edgevoice.protocols.http.compat import (
     MissingFields,
+    add_error_shape,
     cloning_model,
     find_stored,
     read_fields,
@@ -354,6 +355,8 @@ def add_fish_routes(app: web.Application) -> None:
     app.router.add_post("/v1/references/add", add_reference)
     app.router.add_get("/v1/references/list", list_references)
     app.router.add_delete("/v1/references/delete", delete_reference)
+    paths = ("/v1/tts", "/v1/references/add", "/v1/references/list", "/v1/references/delete")
+    add_error_shape(app, paths, fish_error)
 
 
 # ------------------------------------------------------------ ref_data import

@@ -816,13 +816,13 @@ def build_spec(
             }
         },
     }
-    paths.update(compat_paths(limits))  # CosyVoice, CSM, Fish Speech
+    paths.update(compat_paths(limits, api_key=api_key))  # CosyVoice, CSM, Fish Speech
     schemas.update(copy.deepcopy(COMPAT_SCHEMAS))
     if api_key:
         for item in paths.values():
             for operation in item.values():
                 if operation.get("security") != []:
-                    operation["responses"]["401"] = _error("401")
+                    operation["responses"].setdefault("401", _error("401"))
     return {
         "openapi": "3.1.0",
         "info": {

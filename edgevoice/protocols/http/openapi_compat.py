@@ -445,12 +445,8 @@ def _csm_paths(limits: LimitsConfig) -> dict[str, Any]:
                 ],
                 "responses": {
                     "101": {"description": "Switching protocols"},
-                    "426": {
-                        "description": "Plain HTTP request to the WebSocket route",
-                        "content": {
-                            "application/json": {"schema": {"$ref": "#/components/schemas/Error"}}
-                        },
-                    },
+                    "404": _fastapi_error("Unknown or expired session (before the upgrade)"),
+                    "426": _fastapi_error("Plain HTTP request to the WebSocket route"),
                     "429": _either_error("Too many requests of this client in flight"),
                     "500": _either_error("Failure"),
                 },
@@ -612,8 +608,16 @@ def _fish_paths(limits: LimitsConfig) -> dict[str, Any]:
     }
 
 
-def compat_paths(limits: LimitsConfig) -> dict[str, Any]:
-    """The compatible APIs' paths, with this configuration's limits."""
+_UNAUTHORIZED: dict[str, str] = {
+    "cosyvoice": "FastApiError",
+    "csm": "FastApiError",
+    "fish": "FishError",
+}
+"""Tag → the schema of that API's 401 (the shared middleware answers in each API's shape)."""
+
+
+def compat_paths(limits: LimitsConfig, *, api_key: bool = False) -> dict[str, Any]:
+    """The compatible APIs' paths, with this configuration's limits (and 401s when keyed)."""
     paths: dict[str, Any] = {}
     for path, (operation_id, summary, fields) in COSYVOICE.items():
         paths[path] = {
@@ -623,6 +627,19 @@ def compat_paths(limits: LimitsConfig) -> dict[str, Any]:
     paths.update(_csm_paths(limits))
     paths.update(_fish_paths(limits))
     paths.update(XINFERENCE_PATHS)
+    if api_key:
+        for item in paths.values():
+            for operation in item.values():
+                schema = _UNAUTHORIZED.get(operation["tags"][0])
+                if schema is not None and operation.get("security") != []:
+                    operation["responses"]["401"] = {
+                        "description": "Missing or wrong API key (`Authorization: Bearer <key>`)",
+                        "content": {
+                            "application/json": {
+                                "schema": {"$ref": f"#/components/schemas/{schema}"}
+                            }
+                        },
+                    }
     return paths
 
 
