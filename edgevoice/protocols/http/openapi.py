@@ -919,8 +919,9 @@ def render_docs(spec: dict[str, Any]) -> str:
         f"<h1>{html.escape(info['title'])}</h1><p>version {html.escape(info['version'])} · "
         "<a href='/openapi.json'>openapi.json</a></p>",
         f"<p>{_esc(info['description'])}</p>",
-        '<p>Errors always use OpenAI\'s shape: <code>{"error": {"message", "type", '
-        '"param", "code"}}</code>. When an API key is configured, send '
+        '<p>Errors use OpenAI\'s shape: <code>{"error": {"message", "type", '
+        '"param", "code"}}</code>, except on the compatible APIs (CosyVoice, CSM, Fish '
+        "Speech), which answer in their own (see each). When an API key is configured, send "
         "<code>Authorization: Bearer &lt;key&gt;</code>.</p><nav>",
     ]
     operations = [
