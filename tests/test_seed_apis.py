@@ -702,6 +702,11 @@ async def test_xinference_client_calls(server: HttpServer) -> None:
     # No prompt: the model's own voice (220 Hz), mp3 by default.
     plain = decode(await asyncio.to_thread(model.speech, text))
     assert abs(dominant_hz(plain.samples, plain.rate_hz) - 220) < 5
+    # The guide's CosyVoice-SFT call: a speaker name of [http] speakers.
+    wav = await asyncio.to_thread(
+        model.speech, "Hello there.", voice="narrator", response_format="wav"
+    )
+    assert decode(wav).rate_hz == 22050  # narrator is Piper joe
     # Xinference's CosyVoice-Instruct call on a model without style control: refused.
     joe = await asyncio.to_thread(xinference_model, url, "joe")
     with pytest.raises(RuntimeError, match="Failed to speech"):

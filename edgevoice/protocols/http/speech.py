@@ -157,6 +157,8 @@ async def resolve_speech_target(
     hub = st.hub
     model = resolve_tts(hub, optional_str(body.get("model"), "model"))
     voice_name = _voice_field(body)
+    if voice_name is not None:  # [http] speakers: e.g. Xinference's voice="中文女"
+        voice_name = st.settings.http.speakers.get(voice_name, voice_name)
     inline = _inline_reference(body, files, st.settings.limits.max_upload_bytes)
     stored_id: str | None = None
     voice = model.name
