@@ -128,8 +128,9 @@ class HttpConfig(_Strict):
     """Also serve the API on this port (CosyVoice's is 50000), so unchanged CosyVoice
     clients work; None: only ``port``."""
     speakers: dict[str, str] = Field(default_factory=dict)
-    """Speaker names of compatible APIs (CosyVoice ``spk_id``, Fish ``reference_id``)
-    → a configured voice name or a voice-library id/name, e.g. ``{"中文女" = "voice_anna"}``."""
+    """Speaker names of compatible APIs (CosyVoice ``spk_id``, Fish ``reference_id``,
+    the ``voice`` of ``/v1/audio/speech`` as Xinference's client sends it) → a configured
+    voice name or a voice-library id/name, e.g. ``{"中文女" = "voice_anna"}``."""
 
 
 class MqttConfig(_Strict):
