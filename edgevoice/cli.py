@@ -97,7 +97,9 @@ def _parser() -> argparse.ArgumentParser:
     voices = sub.add_parser("voices", help="manage the voice library")
     voices_sub = voices.add_subparsers(dest="voices_command", required=True)
     vimport = voices_sub.add_parser(
-        "import", help="store a Fish Speech ref_data/SPEAKER/EMOTION/*.wav|.lab tree"
+        "import",
+        help="store a Fish Speech ref_data/SPEAKER/EMOTION/*.wav|.lab tree "
+        "(each speaker a voice, its emotions styles of it)",
     )
     vimport.add_argument("dir", type=Path, help="the ref_data directory")
     with_config(vimport)
@@ -245,7 +247,8 @@ def _devices() -> int:
 
 
 def _voices_import(args: argparse.Namespace, settings: Settings) -> int:
-    """``voices import DIR``: each SPEAKER/EMOTION a stored voice; 1 if any failed."""
+    """``voices import DIR``: each SPEAKER a voice, each EMOTION a style of it (stored as the
+    voice ``SPEAKER/EMOTION``); 1 if any failed."""
     from edgevoice.protocols.http.fish import import_ref_data
     from edgevoice.voices import VoiceLibrary
 
