@@ -108,6 +108,10 @@ class WyomingConfig(_Strict):
     model; without one it is ``client``."""
     finish_silence_s: float = Field(default=0.5, gt=0, le=10)
     """Server endpointing: silence after speech that ends the utterance."""
+    complete_sentence_silence_s: float | None = Field(default=0.3, gt=0, le=10)
+    """Server endpointing: silence enough to end the utterance when the
+    speculative transcript already ends a sentence (``.``, ``!``, ``?``);
+    unset: always ``finish_silence_s``."""
     min_speech_s: float = Field(default=0.1, ge=0, le=5)
     """Server endpointing: speech needed before it counts (shorter noises are ignored)."""
     max_utterance_s: float = Field(default=15.0, gt=0, le=600)
@@ -297,6 +301,9 @@ class AudioIoConfig(_Strict):
     """Silence after speech that starts the (speculative) decode."""
     finish_silence_s: float = Field(default=0.7, gt=0, le=10)
     """Silence after speech that ends the command."""
+    complete_sentence_silence_s: float | None = Field(default=0.3, gt=0, le=10)
+    """Silence enough to end the command when the speculative transcript
+    already ends a sentence (``.``, ``!``, ``?``); unset: always ``finish_silence_s``."""
     min_speech_s: float = Field(default=0.1, ge=0, le=5)
     max_utterance_s: float = Field(default=15.0, gt=0, le=300)
     no_speech_timeout_s: float = Field(default=5.0, gt=0, le=300)

@@ -119,6 +119,24 @@ def noise(seconds: float, seed: int = 0, rate_hz: int = 16000) -> npt.NDArray[np
     return (rng.standard_normal(int(seconds * rate_hz)) * 0.1).astype(np.float32)
 
 
+def run_queue_wait_s() -> float:
+    """Seconds the calling thread has spent runnable but not running (waiting
+    for a CPU the OS gave to other processes), from /proc/thread-self/schedstat;
+    0.0 where the kernel does not report it.
+
+    Latency probes subtract the event-loop thread's wait over each request: a
+    machine starved by other processes (CI on one core beside a hog) slows
+    every wall clock, which is not the daemon's doing, while time the loop
+    lost to the daemon's own work (a blocked loop, a GIL held too long) still
+    counts.
+    """
+    try:
+        with open("/proc/thread-self/schedstat", "rb") as stats:
+            return int(stats.read().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
 def openai_audio_client(port: int, timeout_s: float) -> openai.AsyncOpenAI:
     """An OpenAI client for the daemon on ``port``, its audio resources touched.
 

@@ -11,6 +11,7 @@ model's only worker with a gate instead of guessing how long inference takes.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -441,3 +442,69 @@ async def test_no_guesses_while_audio_waits_to_be_fed(
         await asyncio.wait_for(pipeline.finish(), DEADLINE_S)
     assert recorder.of(FinalTranscript)[0].reused_speculation
     assert len(decoded) == 1
+
+
+@pytest.mark.parametrize(
+    ("text", "early"),
+    [
+        ("Turn on the living room light.", True),
+        ("Turn on the living room light?", True),
+        ("Turn on the living room", False),
+        ("Turn on the living room...", False),
+    ],
+)
+async def test_a_finished_sentence_ends_the_utterance_early(
+    hub: EngineHub,
+    clips: dict[str, FloatAudio],
+    monkeypatch: pytest.MonkeyPatch,
+    text: str,
+    early: bool,
+) -> None:
+    """``complete_sentence_silence_s``: once the speculation is done and its text
+    ends a sentence, a short silence ends the utterance; otherwise the whole
+    ``finish_silence_s`` is waited. (Real VAD and decode; the decode's text is
+    set, so the rule is tested whatever punctuation tiny.en chooses here.)"""
+    engine = hub.asr().engine
+    original = engine.transcribe
+
+    def punctuated(audio: FloatAudio, options: Any) -> Any:
+        info, segments = original(audio, options)
+        decoded = list(segments)
+        if not decoded:
+            return info, iter(())
+        whole = dataclasses.replace(decoded[0], end_s=decoded[-1].end_s, text=text)
+        return info, iter([whole])
+
+    monkeypatch.setattr(engine, "transcribe", punctuated)
+    recorder = Recorder()
+    speech = clips["light"][: round(1.55 * RATE)]  # the clip without its trailing silence
+    async with _pipeline(
+        hub,
+        recorder,
+        trailing_silence_s=0.2,
+        finish_silence_s=2.0,
+        complete_sentence_silence_s=0.3,
+    ) as pipeline:
+        await _feed(pipeline, np.concatenate([speech, _silence(0.25)]))
+        await recorder.wait_for(PartialTranscript)  # the speculation is done
+        await asyncio.sleep(0)
+        silence_s = 0.25
+        while pipeline.utterances == 0 and silence_s < 1.5:
+            await _feed(pipeline, _silence(0.1))
+            silence_s += 0.1
+        if early:
+            assert pipeline.utterances == 1 and silence_s < 1.0, silence_s
+            await recorder.wait_for(FinalTranscript)
+            (final,) = recorder.of(FinalTranscript)
+            assert final.reused_speculation and final.text == text
+        else:
+            assert pipeline.utterances == 0  # waits for finish_silence_s (2 s)
+            await _feed(pipeline, _silence(0.7))
+            assert pipeline.utterances == 1
+
+
+async def test_sentence_ends() -> None:
+    from edgevoice.pipeline.endpointing import ends_sentence
+
+    assert all(map(ends_sentence, ["Lamp on.", "Really?", 'Wow!"', "开灯。", " done. "]))
+    assert not any(map(ends_sentence, ["Turn on the", "Turn on the...", "Hmm…", "", "e.g"]))

@@ -227,6 +227,7 @@ class StandaloneLoop(WakeLoop):
             trailing_silence_s=config.end_of_speech_s,
             min_speech_s=config.min_speech_s,
             finish_silence_s=max(config.finish_silence_s, config.end_of_speech_s),
+            complete_sentence_silence_s=config.complete_sentence_silence_s,
             max_utterance_s=config.max_utterance_s,
             no_speech_timeout_s=config.no_speech_timeout_s,
             pre_roll_s=0.5,

@@ -51,6 +51,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
@@ -82,6 +83,12 @@ class EndpointConfig:
     """``None``: the caller ends the utterance (:meth:`EndpointingPipeline.finish`).
     Else the pipeline ends it after this much silence following speech (at least
     ``trailing_silence_s``; the speculation started then is reused) and listens on."""
+    complete_sentence_silence_s: float | None = None
+    """With ``finish_silence_s``: end the utterance after only this much silence
+    when the speculative decode (started at ``trailing_silence_s``) is done and
+    its text ends a sentence (``.``, ``!``, ``?``, not ``...``): a finished
+    command needs no longer wait, a pause inside one still gets the whole
+    ``finish_silence_s``. ``None``: always wait ``finish_silence_s``."""
     max_utterance_s: float | None = None
     """With ``finish_silence_s``: an utterance whose speech runs this long is ended."""
     no_speech_timeout_s: float | None = None
@@ -420,13 +427,26 @@ class EndpointingPipeline:
         if (
             auto is not None
             and self._heard_speech
-            and self._silence >= self._samples(auto)
+            and (self._silence >= self._samples(auto) or self._sentence_complete())
             and self._may_end()
         ):
             self._auto_finish()
             return
         if not self._heard_speech:
             await self._waiting_for_speech(end)
+
+    def _sentence_complete(self) -> bool:
+        """The speculation over the whole utterance is done, ended a sentence, and
+        ``complete_sentence_silence_s`` of silence followed the speech."""
+        early = self.config.complete_sentence_silence_s
+        job = self._job
+        if early is None or self._silence < self._samples(early) or not self._reusable(job):
+            return False
+        assert job is not None
+        task = job.task
+        if not task.done() or task.exception() is not None:
+            return False
+        return ends_sentence(task.result().text)
 
     async def _speech_started(self, position: int) -> None:
         self._in_speech = True
@@ -607,6 +627,15 @@ class EndpointingPipeline:
         task = asyncio.create_task(coro, name="pipeline-final")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+
+_SENTENCE_END = re.compile(r"(?<![.…])[.!?。！？]['\"”’)\]]*$")
+
+
+def ends_sentence(text: str) -> bool:
+    """``text`` ends with a sentence's final punctuation (an ellipsis does not:
+    it marks speech that trails off)."""
+    return bool(_SENTENCE_END.search(text.strip()))
 
 
 def _retrieve(task: asyncio.Task[Transcript]) -> None:

@@ -469,6 +469,7 @@ class WyomingConnection:
             config = EndpointConfig(
                 trailing_silence_s=min(wyoming.end_of_speech_s, wyoming.finish_silence_s),
                 finish_silence_s=wyoming.finish_silence_s,
+                complete_sentence_silence_s=wyoming.complete_sentence_silence_s,
                 min_speech_s=wyoming.min_speech_s,
                 max_utterance_s=wyoming.max_utterance_s,
                 no_speech_timeout_s=wyoming.max_utterance_s,
