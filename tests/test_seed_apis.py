@@ -170,6 +170,20 @@ async def test_cosyvoice_sft_as_documented(server: HttpServer) -> None:
     audio = pcm(body)
     assert 0.5 < len(audio) / rate < 10
     assert float(np.sqrt(np.mean(audio**2))) > 0.01
+    # A browser's CORS preflight is allowed as CosyVoice's server allows it.
+    response, _empty = await call(
+        "OPTIONS",
+        f"{base(server)}/inference_sft",
+        headers={
+            "Origin": "http://page.example",
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "content-type, x-custom",
+        },
+    )
+    assert response.status_code == 200
+    assert response.headers["Access-Control-Allow-Origin"] == "*"
+    assert "POST" in response.headers["Access-Control-Allow-Methods"]
+    assert response.headers["Access-Control-Allow-Headers"] == "content-type, x-custom"
     # CosyVoice's own client: GET with the same form body; and a [http] speakers name.
     response, again = await call(
         "GET",

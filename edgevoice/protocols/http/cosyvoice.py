@@ -9,7 +9,8 @@ sends a GET with a form body): ``/inference_sft`` (``tts_text``, ``spk_id``),
 
 The answer is what CosyVoice streams: raw 16-bit little-endian mono PCM at
 the model's own rate (``X-Sample-Rate`` says which), written as each sentence
-is synthesized, as ``application/octet-stream``, CORS open to every origin.
+is synthesized, as ``application/octet-stream``, CORS open to every origin
+(preflights included).
 ``spk_id`` names a configured voice, a voice-library id or name, or an entry
 of ``[http] speakers`` mapping it to one (so ``中文女`` can name a stored
 voice). Errors come in FastAPI's shape: a missing field is 422 with
@@ -185,9 +186,27 @@ async def inference(request: web.Request) -> web.StreamResponse:
     return response
 
 
+MAX_ALLOWED_HEADERS_CHARS: Final = 1024
+
+
+async def preflight(request: web.Request) -> web.Response:
+    """A CORS preflight, answered as CosyVoice's ``CORSMiddleware`` does (every origin,
+    method and header). With ``[http] cors_origins`` set, the HTTP face answers first."""
+    headers = {
+        **CORS,
+        "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
+        "Access-Control-Max-Age": "600",
+    }
+    asked = request.headers.get("Access-Control-Request-Headers", "")
+    if asked and len(asked) <= MAX_ALLOWED_HEADERS_CHARS:
+        headers["Access-Control-Allow-Headers"] = asked
+    return web.Response(status=200, headers=headers)
+
+
 def add_cosyvoice_routes(app: web.Application) -> None:
-    """The five CosyVoice endpoints, each on GET (with HEAD) and POST."""
+    """The five CosyVoice endpoints, each on GET (with HEAD), POST and OPTIONS (CORS)."""
     for path in MODES:
         app.router.add_get(path, inference)
         app.router.add_post(path, inference)
+        app.router.add_route("OPTIONS", path, preflight)
     add_error_shape(app, MODES, error_response)

@@ -262,6 +262,27 @@ def _cosyvoice_operation(
     }
 
 
+def _cosyvoice_preflight(operation_id: str) -> dict[str, Any]:
+    return {
+        "operationId": f"{operation_id}Preflight",
+        "tags": ["cosyvoice"],
+        "summary": "CORS preflight: every origin, method and header, as CosyVoice's server allows",
+        "description": "With `[http] cors_origins` set, the HTTP face's own CORS policy answers instead (204).",
+        "responses": {
+            "200": {
+                "description": "Allowed",
+                "headers": {
+                    "Access-Control-Allow-Origin": {"schema": {"type": "string"}},
+                    "Access-Control-Allow-Methods": {"schema": {"type": "string"}},
+                },
+            },
+            "204": {"description": "Allowed by `[http] cors_origins`"},
+            "429": _either_error("Too many requests of this client in flight"),
+            "500": _either_error("Failure"),
+        },
+    }
+
+
 def _csm_errors(*codes: str) -> dict[str, Any]:
     described = {
         "400": "Bad field or a `[limits]` bound crossed",
@@ -624,6 +645,7 @@ def compat_paths(limits: LimitsConfig, *, api_key: bool = False) -> dict[str, An
             method: _cosyvoice_operation(operation_id, summary, fields, method, limits)
             for method in ("get", "post")
         }
+        paths[path]["options"] = _cosyvoice_preflight(operation_id)
     paths.update(_csm_paths(limits))
     paths.update(_fish_paths(limits))
     paths.update(XINFERENCE_PATHS)
