@@ -33,6 +33,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
+from collections import deque
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any
@@ -178,6 +179,17 @@ class _Listening:
                 self.result.set_result(event)
 
 
+MAX_HELD_S = 5.0
+"""Most microphone audio kept while a due turn waits for a late speaker."""
+
+
+def _hold(pending: _Pending, block: FloatAudio) -> None:
+    pending.held.append(block)
+    pending.held_samples += len(block)
+    while pending.held_samples > MAX_HELD_S * CAPTURE_RATE_HZ and len(pending.held) > 1:
+        pending.held_samples -= len(pending.held.popleft())
+
+
 @dataclass(eq=False)
 class _Pending:
     """Listening is due once the speaker is quiet (after the awake sound or a reply)."""
@@ -189,6 +201,11 @@ class _Pending:
     """Microphone audio before this point (:attr:`WakeLoop.audio_s`) is dropped:
     the sound's own length plus ``echo_guard_s`` (audio time, so a loop that
     reads late drops no more than that)."""
+    held: deque[FloatAudio] = field(default_factory=deque)
+    """Audio after ``until_s`` while the speaker still reports the sound as
+    playing (a slow machine or device): kept, up to ``MAX_HELD_S``, and
+    recorded first once it is quiet, so a late speaker loses no words."""
+    held_samples: int = 0
 
 
 @dataclass
@@ -269,14 +286,19 @@ class StandaloneLoop(WakeLoop):
             if self.muted:
                 self._pending = None
                 return False
-            if (
-                self.audio_s < pending.until_s
-                or (pending.sound is not None and not pending.sound.done())
-                or not self.speaker_quiet()
-            ):
+            if self.audio_s < pending.until_s:
                 return True  # the awake sound (or a reply) is playing: not speech
+            if (pending.sound is not None and not pending.sound.done()) or (
+                not self.speaker_quiet()
+            ):
+                _hold(pending, block)  # due already; the speaker is just late
+                return True
             self._pending = None
             await self._start_listening(pending)
+            listen = self._listen
+            if listen is not None:
+                while pending.held and not listen.over:
+                    await self._feed(listen, pending.held.popleft())
         listen = self._listen
         if listen is None:
             return False

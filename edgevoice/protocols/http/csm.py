@@ -426,6 +426,7 @@ async def stream_text_ws(request: web.Request) -> web.StreamResponse:
     try:
         while True:
             message = await ws.receive(timeout=limits.session_timeout_s)
+            await asyncio.sleep(0)  # a flood of buffered messages must not hold the loop
             if message.type in (
                 WSMsgType.CLOSE,
                 WSMsgType.CLOSING,

@@ -417,6 +417,9 @@ class RealtimeSession:
         limit = self.limits.max_ws_message_bytes
         while True:
             message = await self.ws.receive(timeout=self.limits.session_timeout_s)
+            # Buffered messages are returned without yielding: a flood of them
+            # must not hold the loop.
+            await asyncio.sleep(0)
             if message.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED):
                 return
             if message.type is WSMsgType.ERROR:

@@ -164,14 +164,11 @@ async def speech_stream(request: web.Request) -> web.StreamResponse:
         options, fmt = chosen
         utterances = _Utterances(limits.max_input_chars, limits.max_pending_per_client)
         worker = asyncio.create_task(_synthesize(ws, st, options, fmt, utterances))
-        received = 0
         while True:
             message = await ws.receive(timeout=limits.session_timeout_s)
-            received += 1
-            if received % 16 == 0:
-                # Buffered messages are returned without yielding: a flood of
-                # them must not hold the loop (the speech worker, /health).
-                await asyncio.sleep(0)
+            # Buffered messages are returned without yielding: a flood of them
+            # must not hold the loop (the speech worker, /health).
+            await asyncio.sleep(0)
             if message.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED):
                 break
             if message.type is WSMsgType.ERROR:

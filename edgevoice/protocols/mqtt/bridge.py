@@ -464,6 +464,9 @@ class MqttBridge(ProtocolServer):
     async def _read(self, client: aiomqtt.Client) -> None:
         async for message in client.messages:
             await self._dispatch(message)
+            # Queued messages are handed over without yielding: a burst of them
+            # must not hold the loop (the other faces, the engines' results).
+            await asyncio.sleep(0)
 
     async def _goodbye(self, client: aiomqtt.Client) -> None:
         try:
