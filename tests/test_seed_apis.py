@@ -33,9 +33,12 @@ from xinference_client.client.restful.restful_client import (
     RESTfulAudioModelHandle,
 )
 
+import tests.test_cosyvoice as cosy_tiny
 from edgevoice.audio import decode, encode, pcm_to_float
 from edgevoice.cli import main as cli_main
 from edgevoice.config import ModelConfig, Settings
+from edgevoice.engines.base import EngineKind
+from edgevoice.engines.cosyvoice import END_OF_PROMPT, CosyVoiceEngine
 from edgevoice.hub import EngineHub
 from edgevoice.protocols.http import HttpServer
 from edgevoice.protocols.http.compat import find_stored
@@ -1386,3 +1389,102 @@ async def test_xinference_client_transcribes_with_whisper(pocket: HttpServer) ->
     )
     assert_means(verbose["text"], "living", "room")
     assert verbose["segments"] and verbose["duration"] > 1
+
+
+# ------------------------------- a cloning engine with style control: CosyVoice 2
+#
+# The CosyVoice 2 engine built from a tiny random-weight model directory
+# (tests/test_cosyvoice.py): multilingual, with instruct mode, and every
+# output length known exactly. So the modes a style-less cloner refuses run
+# here, and the LLM's prompts show what each API's fields became.
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def cosy(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> AsyncIterator[tuple[HttpServer, CosyVoiceEngine]]:
+    model_dir = await asyncio.to_thread(
+        cosy_tiny.build_tiny_model, tmp_path_factory.mktemp("cosyvoice-tiny")
+    )
+    root = tmp_path_factory.mktemp("cosy-server")
+    exact = {"min_token_text_ratio": cosy_tiny.RATIO, "max_token_text_ratio": cosy_tiny.RATIO}
+    values: dict[str, Any] = {
+        "cache_dir": root / "cache",
+        "state_dir": root / "state",
+        "offline": True,
+        "tts": [
+            ModelConfig(
+                name="cosy",
+                engine="cosyvoice",
+                model=str(model_dir),
+                aliases=["CosyVoice-300M-Instruct"],
+                options=exact,
+            )
+        ],
+        "asr": [],
+        "wake": [],
+        "vad": [],
+        "wyoming": {"enabled": False},
+        "mqtt": {"enabled": False},
+        "http": {"host": "127.0.0.1", "port": 0},
+    }
+    settings = Settings(**values)
+    async with EngineHub(settings) as hub, HttpServer(settings, hub) as srv:
+        engine = hub.get(EngineKind.TTS, "cosy").engine
+        assert isinstance(engine, CosyVoiceEngine)
+        yield srv, engine
+
+
+async def test_cosyvoice_modes_on_a_style_capable_cloner(
+    cosy: tuple[HttpServer, CosyVoiceEngine],
+) -> None:
+    server, engine = cosy
+    url = base(server)
+    instruct = "Speak with a cheerful and energetic tone"
+    end_of_prompt = engine.text_tokens(END_OF_PROMPT)
+    with cosy_tiny.LlmCalls(engine) as llm:
+        zero_shot_fields = {
+            "tts_text": "希望你以后能够做的比我还好呦",
+            "prompt_text": LIGHT_EN_TEXT,
+        }
+        for path, payload in (
+            ("/inference_zero_shot", zero_shot_fields),
+            ("/inference_cross_lingual", {"tts_text": "你好，我是通义千问语音合成大模型"}),
+            ("/inference_instruct2", {"tts_text": "Hello, I am a test", "instruct_text": instruct}),
+        ):
+            response, body = await call("POST", url + path, data=payload, files=prompt_files())
+            assert response.status_code == 200, (path, body[:300])
+            assert int(response.headers["X-Sample-Rate"]) == cosy_tiny.RATE_HZ
+            audio = pcm(body)
+            assert len(audio) == cosy_tiny.expected_samples(engine, payload["tts_text"]), path
+    zero_shot, cross, instructed = llm.calls
+    assert zero_shot["prompt_text"].tolist()[0] == engine.text_tokens(LIGHT_EN_TEXT)
+    assert int(cross["prompt_text_len"][0]) == 0  # cross-lingual: no transcript prompt
+    assert instructed["prompt_text"].tolist()[0] == engine.text_tokens(instruct) + end_of_prompt
+    # /inference_instruct: a stored voice (added through Fish) with an instruction.
+    response, body = await call(
+        "POST",
+        f"{url}/v1/references/add",
+        data={"id": "Dora", "text": LIGHT_EN_TEXT},
+        files={"audio": ("dora.wav", LIGHT_EN_WAV.read_bytes(), "audio/wav")},
+    )
+    assert response.status_code == 200, body[:300]
+    with cosy_tiny.LlmCalls(engine) as llm:
+        response, body = await call(
+            "POST",
+            f"{url}/inference_instruct",
+            data={"tts_text": "Hello, I am a test", "spk_id": "Dora", "instruct_text": instruct},
+        )
+        assert response.status_code == 200, body[:300]
+        assert len(pcm(body)) == cosy_tiny.expected_samples(engine, "Hello, I am a test")
+        # Xinference's client: the guide's instruct call, on the same model by its uid.
+        model = await asyncio.to_thread(xinference_model, url, "CosyVoice-300M-Instruct")
+        wav = await asyncio.to_thread(
+            model.speech, "Hello, I am a test", prompt_speech=LIGHT_EN_WAV.read_bytes(),
+            instruct_text=instruct, response_format="wav",
+        )  # fmt: skip
+        assert len(decode(wav).samples) == cosy_tiny.expected_samples(engine, "Hello, I am a test")
+    for call_kwargs in llm.calls:
+        assert (
+            call_kwargs["prompt_text"].tolist()[0] == engine.text_tokens(instruct) + end_of_prompt
+        )
