@@ -1,11 +1,15 @@
 """The compatible APIs, driven by the calls their own documentation shows.
 
-The calls are those of ``../shared/seeds/`` (CosyVoice's API guide, ...):
+The calls are those of ``../shared/seeds/`` (CosyVoice's API guide, the CSM
+README, Fish's ``post_api`` MessagePack request, the real ``xinference-client``):
 ``requests`` exactly as the guides write them, run in worker threads so the
 event loop keeps serving. Engines: Piper joe (a stock voice without style
-control) and the fake ``test-tts`` with cloning at 16 kHz (440 Hz with a
-reference, 220 Hz without; length proportional to the text), so the
-expected length of every answer is known.
+control), the fake ``test-tts`` with cloning at 16 kHz (440 Hz with a
+reference, 220 Hz without; length proportional to the text, so every length
+is known exactly), faster-whisper tiny.en, and two real cloning engines with
+random weights: pocket-tts (format, rate and length bounds) and CosyVoice 2
+(style control, cross-lingual; exact lengths and the prompts its LLM gets).
+Then auth, floods and hostile input against each API.
 """
 
 from __future__ import annotations
