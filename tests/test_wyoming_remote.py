@@ -93,9 +93,7 @@ def _remote(tmp: Path, cache: Path, uris: list[str], *, connect_timeout_s: float
                 options={**options, "sample_rate_hz": 16000},
             )
         ],
-        wake=[
-            ModelConfig(name="far-wake", engine="wyoming", model="hey_jarvis", options=options)
-        ],
+        wake=[ModelConfig(name="far-wake", engine="wyoming", model="hey_jarvis", options=options)],
         wyoming={"enabled": False},
     )
 
