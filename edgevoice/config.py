@@ -361,6 +361,8 @@ def _default_asr() -> list[ModelConfig]:
             model="tiny.en",
             default=True,
             aliases=["whisper-1"],
+            # Voice commands: a 10 s encoder window, ~3x less work than 30 s.
+            options={"min_window_s": 10.0},
         )
     ]
 

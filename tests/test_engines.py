@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -75,6 +76,51 @@ def test_faster_whisper_words_and_capabilities(whisper: FasterWhisperAsrEngine) 
     assert [w.word.strip(" .").lower() for w in timed] == words(LIGHT_EN_TEXT)
     assert all(a.start_s <= b.start_s for a, b in itertools.pairwise(timed))
     assert timed[-1].end_s <= info.duration_s + 0.1
+
+
+def test_faster_whisper_encoder_window(
+    whisper: FasterWhisperAsrEngine,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``min_window_s``: the encoder sees short audio padded to that window only
+    (its own length when longer, never over 30 s); other callers keep 30 s."""
+    import faster_whisper.transcribe as fw_transcribe
+
+    seen: list[int] = []
+    windowed = fw_transcribe.pad_or_trim
+
+    def recording(array: np.ndarray, length: int = 3000, *, axis: int = -1) -> Any:
+        out = windowed(array, length, axis=axis)
+        seen.append(out.shape[axis])
+        return out
+
+    monkeypatch.setattr(fw_transcribe, "pad_or_trim", recording)
+    short = FasterWhisperAsrEngine(
+        _context(TINY_EN, tmp_path), FasterWhisperOptions(min_window_s=10.0)
+    )
+    short.load()
+    try:
+        speech = decode(LIGHT_EN_WAV, rate_hz=16000).samples  # 2.4 s
+        for engine, window_s in ((short, 10), (whisper, 30)):
+            seen.clear()
+            _info, segments = engine.transcribe(speech, TranscribeOptions())
+            text = "".join(s.text for s in segments)
+            assert words(text) == words(LIGHT_EN_TEXT)
+            assert seen and set(seen) == {window_s * 100}, seen
+        seen.clear()  # a prompt (or hotwords) decodes in Whisper's stock windows
+        _info, segments = short.transcribe(speech, TranscribeOptions(prompt="Living room."))
+        list(segments)
+        assert seen and set(seen) == {3000}, seen
+        seen.clear()
+        long_speech = np.concatenate([speech] * 6)  # 14.3 s: its own length
+        _info, segments = short.transcribe(long_speech, TranscribeOptions())
+        list(segments)
+        assert seen and max(seen) == 1500 and min(seen) >= 1000, seen
+        # Outside a decode of this engine, faster-whisper's 30 s stay.
+        assert fw_transcribe.pad_or_trim(np.zeros((80, 10)), 3000).shape[-1] == 3000
+    finally:
+        short.close()
 
 
 def test_faster_whisper_rejects_translate_and_unknown_language(
