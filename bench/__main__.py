@@ -212,6 +212,7 @@ model = "tiny.en"
 compute_type = "int8"
 beam_size = 1
 language = "en"
+min_window_s = 10.0  # as the built-in default model
 
 [[tts]]
 name = "joe"

@@ -80,7 +80,14 @@ def _settings(cache_dir: Path, state_dir: Path) -> Settings:
     return Settings(
         cache_dir=cache_dir,
         state_dir=state_dir,
-        asr=[ModelConfig(name="tiny-en", engine="faster-whisper", model="tiny.en")],
+        asr=[
+            ModelConfig(
+                name="tiny-en",
+                engine="faster-whisper",
+                model="tiny.en",
+                options={"min_window_s": 10.0},  # as the built-in default model
+            )
+        ],
         tts=[
             ModelConfig(
                 name="joe",
