@@ -40,10 +40,8 @@ yields it whole. Each sentence's speech tokens are capped at
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import functools
-import hashlib
 import importlib.util
 import logging
 import math
@@ -74,7 +72,8 @@ from edgevoice.engines.base import (
     VoiceInfo,
     VoiceReference,
 )
-from edgevoice.errors import BadAudioError, ClientError, UnknownModelError
+from edgevoice.engines.cloning_common import ReferenceCache, check_reference
+from edgevoice.errors import ClientError, UnknownModelError
 from edgevoice.model_files import ModelNotFoundError, as_local_path
 from edgevoice.text import split_sentences
 
@@ -86,8 +85,6 @@ RUNTIME_HINT: Final = (
 )
 MIN_SPEED: Final = 0.5
 MAX_SPEED: Final = 2.0
-SILENT_PEAK: Final = 1e-4
-"""A reference whose loudest sample is below this (-80 dBFS) is silence."""
 TOKENIZER_RATE_HZ: Final = 16000
 """The speech tokenizer's and speaker encoder's input rate."""
 MODEL_FILES: Final = ("cosyvoice2.yaml", "llm.pt", "flow.pt", "hift.pt")
@@ -374,9 +371,7 @@ class CosyVoiceEngine:
         self._fp16 = False
         self._rate_hz = 24000
         self._default: tuple[PromptState, str | None] | None = None
-        self._prompts: collections.OrderedDict[tuple[str, str], PromptState] = (
-            collections.OrderedDict()
-        )
+        self._voices: ReferenceCache[PromptState] = ReferenceCache(options.max_cached_voices)
         self._lock = threading.Lock()
         self.reference_encodings = 0
         """References encoded so far (cache misses); for tests and metrics."""
@@ -504,28 +499,10 @@ class CosyVoiceEngine:
 
     def _checked_reference(self, reference: VoiceReference) -> FloatAudio:
         """The reference's samples, or a client error saying why they cannot clone."""
-        param = "voice" if reference.voice_id else "voice_sample"
-        samples = np.asarray(reference.audio, dtype=np.float32)
-        if samples.ndim != 1:
-            raise BadAudioError("reference audio must be mono samples", param=param)
-        if samples.size == 0:
-            raise BadAudioError("reference audio is empty", param=param)
-        rate = reference.sample_rate_hz
-        if not 1000 <= rate <= 384000:
-            raise BadAudioError(f"reference sample rate {rate} Hz is not plausible", param=param)
-        if not np.all(np.isfinite(samples)):
-            raise BadAudioError("reference audio holds non-finite samples", param=param)
-        duration_s = samples.size / rate
-        low, high = self._options.min_reference_s, self._options.max_reference_s
-        if not low <= duration_s <= high:
-            raise EngineRequestError(
-                f"reference audio is {duration_s:.2f} s long; cosyvoice clones from "
-                f"{low:g}-{high:g} s of speech",
-                param=param,
-            )
-        if float(np.max(np.abs(samples))) < SILENT_PEAK:
-            raise BadAudioError("reference audio is silent", param=param)
-        return samples
+        options = self._options
+        return check_reference(
+            reference, ENGINE_NAME, options.min_reference_s, options.max_reference_s
+        )
 
     def _encode(self, samples: FloatAudio, rate_hz: int) -> PromptState:
         """Speech tokens, mel prompt and speaker embedding of a clip (blocking, the
@@ -577,26 +554,11 @@ class CosyVoiceEngine:
     def _reference_state(self, reference: VoiceReference) -> PromptState:
         """The cached prompt of ``reference``, encoding it on a miss (blocking)."""
         samples = self._checked_reference(reference)
-        digest = hashlib.blake2b(samples.tobytes(), digest_size=16)
-        digest.update(str(reference.sample_rate_hz).encode())
-        key = (reference.voice_id or "", digest.hexdigest())
-        with self._lock:
-            state = self._prompts.get(key)
-            if state is not None:
-                self._prompts.move_to_end(key)
-                return state
-        state = self._encode(samples, reference.sample_rate_hz)
-        with self._lock:
-            self._prompts[key] = state
-            self._prompts.move_to_end(key)
-            while len(self._prompts) > self._options.max_cached_voices:
-                self._prompts.popitem(last=False)
-        return state
+        return self._voices.get_or_encode(reference, samples, self._encode)
 
     def cached_voices(self) -> int:
         """Encoded references held now."""
-        with self._lock:
-            return len(self._prompts)
+        return len(self._voices)
 
     def text_tokens(self, text: str) -> list[int]:
         """CosyVoice 2's text tokens for ``text`` (its Qwen tokenizer)."""
@@ -819,8 +781,7 @@ class CosyVoiceEngine:
         self._model = None
         self._default = None
         self._campplus = self._speech_tokenizer = None
-        with self._lock:
-            self._prompts.clear()
+        self._voices.clear()
 
 
 PLUGIN = EnginePlugin(

@@ -31,8 +31,6 @@ closed stream stops them.
 
 from __future__ import annotations
 
-import collections
-import hashlib
 import logging
 import math
 import re
@@ -60,7 +58,8 @@ from edgevoice.engines.base import (
     VoiceInfo,
     VoiceReference,
 )
-from edgevoice.errors import BadAudioError, ClientError, UnknownModelError
+from edgevoice.engines.cloning_common import ReferenceCache, check_reference
+from edgevoice.errors import ClientError, UnknownModelError
 from edgevoice.model_files import ModelNotFoundError, as_local_path
 from edgevoice.text import split_sentences
 
@@ -69,8 +68,6 @@ _LOGGER = logging.getLogger(__name__)
 ENGINE_NAME: Final = "pocket-tts"
 MIN_SPEED: Final = 0.5
 MAX_SPEED: Final = 2.0
-SILENT_PEAK: Final = 1e-4
-"""A reference whose loudest sample is below this (-80 dBFS) is silence."""
 
 CONFIG_LANGUAGES: Final = {
     "english": "en",
@@ -319,7 +316,7 @@ class PocketTtsEngine:
         self._rate_hz = 24000
         self._default_state: Any = None
         self._cloning = True
-        self._states: collections.OrderedDict[tuple[str, str], Any] = collections.OrderedDict()
+        self._voices: ReferenceCache[Any] = ReferenceCache(options.max_cached_voices)
         self._lock = threading.Lock()
         self.reference_encodings = 0
         """References encoded so far (cache misses); for tests and metrics."""
@@ -445,28 +442,10 @@ class PocketTtsEngine:
 
     def _checked_reference(self, reference: VoiceReference) -> FloatAudio:
         """The reference's samples, or a client error saying why they cannot clone."""
-        param = "voice" if reference.voice_id else "voice_sample"
-        samples = np.asarray(reference.audio, dtype=np.float32)
-        if samples.ndim != 1:
-            raise BadAudioError("reference audio must be mono samples", param=param)
-        if samples.size == 0:
-            raise BadAudioError("reference audio is empty", param=param)
-        rate = reference.sample_rate_hz
-        if not 1000 <= rate <= 384000:
-            raise BadAudioError(f"reference sample rate {rate} Hz is not plausible", param=param)
-        if not np.all(np.isfinite(samples)):
-            raise BadAudioError("reference audio holds non-finite samples", param=param)
-        duration_s = samples.size / rate
-        low, high = self._options.min_reference_s, self._options.max_reference_s
-        if not low <= duration_s <= high:
-            raise EngineRequestError(
-                f"reference audio is {duration_s:.2f} s long; pocket-tts clones from "
-                f"{low:g}-{high:g} s of speech",
-                param=param,
-            )
-        if float(np.max(np.abs(samples))) < SILENT_PEAK:
-            raise BadAudioError("reference audio is silent", param=param)
-        return samples
+        options = self._options
+        return check_reference(
+            reference, ENGINE_NAME, options.min_reference_s, options.max_reference_s
+        )
 
     def _encode(self, samples: FloatAudio, rate_hz: int) -> Any:
         """Encode a reference clip into a voice state (blocking, the expensive part)."""
@@ -494,26 +473,11 @@ class PocketTtsEngine:
                 param="voice",
             )
         samples = self._checked_reference(reference)
-        digest = hashlib.blake2b(samples.tobytes(), digest_size=16)
-        digest.update(str(reference.sample_rate_hz).encode())
-        key = (reference.voice_id or "", digest.hexdigest())
-        with self._lock:
-            state = self._states.get(key)
-            if state is not None:
-                self._states.move_to_end(key)
-                return state
-        state = self._encode(samples, reference.sample_rate_hz)
-        with self._lock:
-            self._states[key] = state
-            self._states.move_to_end(key)
-            while len(self._states) > self._options.max_cached_voices:
-                self._states.popitem(last=False)
-        return state
+        return self._voices.get_or_encode(reference, samples, self._encode)
 
     def cached_voices(self) -> int:
         """Encoded reference states held now."""
-        with self._lock:
-            return len(self._states)
+        return len(self._voices)
 
     # -------------------------------------------------------- synthesis
 
@@ -589,8 +553,7 @@ class PocketTtsEngine:
     def close(self) -> None:
         self._model = None
         self._default_state = None
-        with self._lock:
-            self._states.clear()
+        self._voices.clear()
 
 
 def _to_float(chunk: Any) -> FloatAudio:
