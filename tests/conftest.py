@@ -99,6 +99,14 @@ def _time_gc(phase: str, _info: dict[str, int]) -> None:
 gc.callbacks.append(_time_gc)
 
 
+def stalled_s() -> float:
+    """Seconds the calling thread has lost to what is not the daemon's code:
+    waiting for a CPU (:func:`run_queue_wait_s`) and cyclic garbage collection
+    of this process's heap (the whole suite's). Latency probes subtract its
+    growth over each request, as the loop guard does."""
+    return run_queue_wait_s() + _gc_cpu_s.get(threading.get_ident(), 0.0)
+
+
 def _timed_handle_run(self: asyncio.Handle) -> None:
     ident = threading.get_ident()
     gc0 = _gc_cpu_s.get(ident, 0.0)

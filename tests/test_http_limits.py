@@ -38,7 +38,7 @@ from edgevoice.config import ModelConfig, Settings
 from edgevoice.hub import EngineHub
 from edgevoice.protocols.http import HttpServer
 from edgevoice.testing import tone
-from tests.conftest import LAMP_WAV, run_queue_wait_s
+from tests.conftest import LAMP_WAV, stalled_s
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module")]
 
@@ -106,15 +106,15 @@ class HealthProbe:
     def __init__(self, server: HttpServer) -> None:
         self.url = base_url(server) + "/health"
         self.latencies_s: list[float] = []
-        """Each answer's wall time less the loop thread's run-queue wait (the
-        OS giving the CPU to other processes: see ``run_queue_wait_s``)."""
+        """Each answer's wall time less what the loop thread lost to others
+        (waiting for a CPU, garbage collection: see ``stalled_s``)."""
         self.starved_s: list[float] = []
         self._task: asyncio.Task[None] | None = None
 
     async def _run(self) -> None:
         async with aiohttp.ClientSession() as session:
             while True:
-                started, waited = time.monotonic(), run_queue_wait_s()
+                started, waited = time.monotonic(), stalled_s()
                 try:
                     async with asyncio.timeout(10 * HEALTH_PROBE_TIMEOUT_S):
                         async with session.get(self.url) as response:
@@ -122,7 +122,7 @@ class HealthProbe:
                             await response.read()
                 except TimeoutError:
                     pass
-                starved = run_queue_wait_s() - waited
+                starved = stalled_s() - waited
                 self.latencies_s.append(time.monotonic() - started - starved)
                 self.starved_s.append(starved)
                 await asyncio.sleep(0.05)
@@ -141,7 +141,7 @@ class HealthProbe:
         slowest = max(self.latencies_s)
         starved = self.starved_s[self.latencies_s.index(slowest)]
         assert slowest < HEALTH_PROBE_TIMEOUT_S, (
-            f"/health took {slowest:.2f} s (+ {starved:.2f} s with no CPU for the loop)"
+            f"/health took {slowest:.2f} s (+ {starved:.2f} s the loop lost to others)"
         )
 
 

@@ -49,7 +49,7 @@ from tests.conftest import (
     LIGHT_EN_WAV,
     REPO,
     TINY_EN,
-    run_queue_wait_s,
+    stalled_s,
     words,
 )
 
@@ -545,11 +545,11 @@ class DescribeProbe:
     async def _run(self) -> None:
         async with _client(self.server) as client:
             while not self._stop.is_set():
-                started, waited = time.monotonic(), run_queue_wait_s()
+                started, waited = time.monotonic(), stalled_s()
                 await client.write_event(Describe().event())
                 assert Info.is_type((await _read(client)).type)
-                # Less the time the OS gave the loop's CPU to other processes.
-                starved = run_queue_wait_s() - waited
+                # Less what the loop lost to others (waiting for a CPU, garbage collection).
+                starved = stalled_s() - waited
                 self.round_trips_s.append(time.monotonic() - started - starved)
                 await asyncio.sleep(0.02)
 
