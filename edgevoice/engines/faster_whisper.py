@@ -199,11 +199,14 @@ class FasterWhisperAsrEngine:
         temperature: float | list[float] = (
             options.temperature if options.temperature is not None else self._options.temperature
         )
-        frames = self._window_frames
-        if options.prompt or options.hotwords or self._options.initial_prompt:
-            frames = _STOCK_FRAMES  # prompting was tuned on (and holds best in) 30 s windows
-        if self._options.hotwords:
-            frames = _STOCK_FRAMES
+        prompted = (
+            options.prompt
+            or options.hotwords
+            or self._options.initial_prompt
+            or self._options.hotwords
+        )
+        # Prompting was tuned on (and holds best in) Whisper's 30 s windows.
+        frames = _STOCK_FRAMES if prompted else self._window_frames
         _WINDOW.frames = frames
         try:
             segments, info = self._transcribe(audio, language, temperature, options)
