@@ -30,6 +30,7 @@ import dataclasses
 import json
 import logging
 import os
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -79,6 +80,18 @@ from edgevoice.pipeline import speak as speak_pipeline
 from edgevoice.voices import VoiceLibrary, valid_voice_id
 
 _LOGGER = logging.getLogger(__name__)
+
+# Building a torch model is not thread-safe: while transformers' ``from_pretrained``
+# builds one it sets torch's process-wide default dtype and patches
+# ``PreTrainedModel.tie_weights`` for every class. Two loads at once leave those
+# patches in place, and the next model loads untied, its output layer still on the
+# meta device. Engines that need torch therefore load one at a time.
+_TORCH_LOAD_LOCK = threading.Lock()
+
+
+def _load_lock(plugin: EnginePlugin) -> contextlib.AbstractContextManager[Any]:
+    return _TORCH_LOAD_LOCK if "torch" in plugin.requires else contextlib.nullcontext()
+
 
 T = TypeVar("T")
 E = TypeVar("E")
@@ -429,11 +442,12 @@ class EngineHub:
                 cache_dir=settings.cache_dir,
                 offline=settings.offline,
             )
-            started = time.monotonic()
-            rss_before = _rss_bytes()
-            engine = slot.plugin.factory(context, options)
-            engine.load()
-            rss_after = _rss_bytes()
+            with _load_lock(slot.plugin):
+                started = time.monotonic()
+                rss_before = _rss_bytes()
+                engine = slot.plugin.factory(context, options)
+                engine.load()
+                rss_after = _rss_bytes()
             slot.capabilities = engine.capabilities
             slot.memory_bytes = (
                 max(0, rss_after - rss_before)

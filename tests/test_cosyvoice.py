@@ -537,6 +537,21 @@ async def test_conformance_and_capabilities(hub: EngineHub) -> None:
 
 
 @MODULE_LOOP
+async def test_two_torch_loads_leave_process_state_alone(hub: EngineHub) -> None:
+    """The hub loaded two CosyVoice models (each a transformers ``from_pretrained``)
+    at startup. transformers patches process-wide state while it builds a model; the
+    hub's loads take turns, so nothing is left patched for the next model (a stuck
+    ``tie_weights`` patch loaded Whisper's output layer on the meta device)."""
+    import torch
+    from transformers import PreTrainedModel
+
+    assert _engine(hub, "babbler") is not _engine(hub)
+    assert PreTrainedModel.tie_weights.__qualname__ == "PreTrainedModel.tie_weights"
+    assert torch.get_default_dtype() == torch.float32
+    assert torch.linspace.__module__ in {"torch", None}, torch.linspace
+
+
+@MODULE_LOOP
 async def test_hub_clones_and_streams_exact_lengths(hub: EngineHub) -> None:
     engine = _engine(hub)
     text = "Good morning. The lights are on."
