@@ -17,7 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench.__main__ import _free_port, _ours, load_clips, synthesize, transcribe
+from bench.__main__ import _free_port, _ours, load_clips, synthesize, throughput, transcribe
 
 STAGES = [
     ("python", "pass"),
@@ -58,19 +58,24 @@ def import_stages() -> list[tuple[str, float | None, str]]:
     return [(row[0], row[1], row[2]) for row in json.loads(done.stdout)]
 
 
-async def daemon(env_extra: dict[str, str]) -> tuple[float, float]:
+async def daemon(env_extra: dict[str, str]) -> tuple[float, float, float]:
+    """RSS ready, after one transcription and one synthesis, and after the
+    benchmark's 4-client load (as ``python -m bench`` measures it)."""
     import os
 
     env = {**os.environ, **env_extra}
-    clip = load_clips(quick=True)[0]
+    clips = load_clips(quick=False)
     with tempfile.TemporaryDirectory() as tmp:
         server = _ours(Path(tmp), _free_port(), env)
         await server.start()
         try:
             ready = server.rss_mb()
-            await transcribe(server.port, clip, paced=False, trailing_s=0.5)
+            await transcribe(server.port, clips[0], paced=False, trailing_s=0.5)
             await synthesize(server.port, streaming=False)
-            return ready, server.rss_mb()
+            single = server.rss_mb()
+            await throughput(server.port, clips, clients=4, per_client=3)
+            await synthesize(server.port, streaming=True)
+            return ready, single, server.rss_mb()
         finally:
             await server.stop()
 
@@ -78,6 +83,13 @@ async def daemon(env_extra: dict[str, str]) -> tuple[float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.memory")
     parser.add_argument("--skip-daemon", action="store_true")
+    parser.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="also run the daemon with this environment variable (repeatable)",
+    )
     args = parser.parse_args()
     previous = 0.0
     print("| import stage | RSS (MB) | added |\n|---|---|---|")
@@ -89,14 +101,15 @@ def main() -> None:
         previous = rss
     if args.skip_daemon:
         return
-    print("\n| daemon variant | RSS ready (MB) | after ASR + TTS (MB) |\n|---|---|---|")
-    variants: list[tuple[str, dict[str, str]]] = [
-        ("default", {}),
-        ("MALLOC_ARENA_MAX=2", {"MALLOC_ARENA_MAX": "2"}),
-    ]
+    print(
+        "\n| daemon variant | RSS ready (MB) | after ASR + TTS | after 4-client load |"
+        "\n|---|---|---|---|"
+    )
+    variants: list[tuple[str, dict[str, str]]] = [("default", {})]
+    variants += [(v, dict([v.split("=", 1)])) for v in args.env]
     for label, env in variants:
-        ready, after = asyncio.run(daemon(env))
-        print(f"| {label} | {ready:.0f} | {after:.0f} |")
+        ready, single, loaded = asyncio.run(daemon(env))
+        print(f"| {label} | {ready:.0f} | {single:.0f} | {loaded:.0f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ import numpy.typing as npt
 
 from edgevoice.engines.base import FloatAudio
 from edgevoice.errors import BadAudioError, LimitExceededError
+from edgevoice.memory import load_module
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -364,7 +365,7 @@ def _frame_to_mono(frame: Any) -> FloatAudio:
 
 
 def _decode_pyav(source: io.BytesIO | str, collector: _Collector, max_s: float | None) -> None:
-    import av
+    av = load_module("av")
 
     declared_s: float | None = None
     try:
@@ -505,7 +506,7 @@ class StreamEncoder:
         self._stream: Any = None
         self._sink = _Sink()
         if fmt in _AV_OUTPUT:
-            import av
+            av = load_module("av")
 
             container_format, codec, fixed_rate = _AV_OUTPUT[fmt]
             options = {"page_duration": "20000"} if container_format == "ogg" else {}
@@ -531,7 +532,7 @@ class StreamEncoder:
                 self._header_sent = True
                 return wav_header(self.rate_hz, None) + pcm
             return pcm
-        import av
+        av = load_module("av")
 
         if len(samples) == 0:
             return b""

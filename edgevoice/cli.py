@@ -28,6 +28,7 @@ from edgevoice.engines.base import (
 from edgevoice.engines.registry import default_registry, validate_engines
 from edgevoice.errors import EngineError, UnknownModelError
 from edgevoice.hub import EngineHub, HubStartError
+from edgevoice.memory import limit_malloc_arenas
 from edgevoice.transcript_formats import TRANSCRIPT_FORMATS, format_transcript
 
 _LOGGER = logging.getLogger(__name__)
@@ -307,6 +308,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             settings = _settings(args)
             if args.command == "serve":
+                limit_malloc_arenas()
                 try:
                     asyncio.run(Daemon(settings).run())
                 except asyncio.CancelledError:  # a second SIGTERM/SIGINT: stopped at once

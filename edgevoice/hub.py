@@ -76,6 +76,7 @@ from edgevoice.errors import (
     UnsupportedRequestError,
 )
 from edgevoice.fairness import FairLimiter
+from edgevoice.memory import return_freed_memory
 from edgevoice.pipeline import speak as speak_pipeline
 from edgevoice.voices import VoiceLibrary, valid_voice_id
 
@@ -447,6 +448,7 @@ class EngineHub:
                 rss_before = _rss_bytes()
                 engine = slot.plugin.factory(context, options)
                 engine.load()
+                return_freed_memory()  # what reading the model's files left on the heap
                 rss_after = _rss_bytes()
             slot.capabilities = engine.capabilities
             slot.memory_bytes = (

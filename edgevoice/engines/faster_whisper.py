@@ -28,6 +28,7 @@ from edgevoice.engines.base import (
     TranscriptInfo,
     Word,
 )
+from edgevoice.memory import defer_import, return_freed_memory
 from edgevoice.model_files import as_local_path, packaged_model
 
 _LOGGER = logging.getLogger(__name__)
@@ -155,6 +156,8 @@ class FasterWhisperAsrEngine:
         return workers, threads
 
     def load(self) -> None:
+        # faster-whisper imports PyAV for files; this engine is handed samples.
+        defer_import("av")
         from faster_whisper import WhisperModel
 
         _install_window()
@@ -244,6 +247,15 @@ class FasterWhisperAsrEngine:
 
     @staticmethod
     def _convert(segments: Iterator[Any]) -> Iterator[Segment]:
+        try:
+            yield from FasterWhisperAsrEngine._segments(segments)
+        finally:
+            # A decode's buffers (features, encoder output) are freed by now;
+            # without this glibc keeps them, tens of MB a concurrent decode.
+            return_freed_memory()
+
+    @staticmethod
+    def _segments(segments: Iterator[Any]) -> Iterator[Segment]:
         for seg in segments:
             words = tuple(
                 Word(w.word, float(w.start), float(w.end), float(w.probability))

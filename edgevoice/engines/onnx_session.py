@@ -10,9 +10,7 @@ this module (and the engines that use it) stays cheap.
 
 from __future__ import annotations
 
-import ctypes
-import functools
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -62,25 +60,3 @@ def inference_session(
         sess_options=options,
         providers=onnx_providers(device, engine=engine, cuda_options=cuda_options),
     )
-
-
-@functools.cache
-def _malloc_trim() -> Callable[[int], int] | None:
-    """glibc's ``malloc_trim`` (None on other C libraries)."""
-    try:
-        trim: Callable[[int], int] = ctypes.CDLL(None).malloc_trim
-    except (AttributeError, OSError):
-        return None
-    return trim
-
-
-def return_freed_memory() -> None:
-    """Hand the heap's free pages back to the OS (blocking, about a millisecond).
-
-    Without the onnxruntime arena, a run's tensors are freed, but glibc keeps
-    large freed blocks for reuse (its mmap threshold rises after the first big
-    free), so RSS would stay near the peak of the largest request.
-    """
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)

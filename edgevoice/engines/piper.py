@@ -38,7 +38,8 @@ from edgevoice.engines.base import (
     TtsCapabilities,
     VoiceInfo,
 )
-from edgevoice.engines.onnx_session import inference_session, return_freed_memory
+from edgevoice.engines.onnx_session import inference_session
+from edgevoice.memory import return_freed_memory
 from edgevoice.model_files import ModelNotFoundError, as_local_path, hf_snapshot, packaged_model
 from edgevoice.text import split_for_streaming
 
