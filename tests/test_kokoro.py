@@ -40,7 +40,7 @@ from edgevoice.engines.kokoro import (
     resolve_model,
     voice_language,
 )
-from edgevoice.engines.onnx_session import onnx_providers
+from edgevoice.engines.onnx_session import ShrinkingSession, onnx_providers
 from edgevoice.engines.registry import default_registry
 from edgevoice.errors import UnknownModelError
 from edgevoice.hub import EngineHub
@@ -190,9 +190,11 @@ def test_packaged_model_loads_with_every_voice(engine: KokoroTtsEngine) -> None:
     assert {"jf_alpha", "jf_gongitsune", "jf_nezumi", "jf_tebukuro", "jm_kumo"} <= set(names)
     assert BLEND in caps.voices[0].description
     assert caps.voices[0].languages == ("en-us",)
-    # Big requests must not keep onnxruntime's peak memory.
-    options = engine._kokoro.sess.get_session_options()
-    assert not options.enable_cpu_mem_arena and not options.enable_mem_pattern
+    # Big requests must not keep onnxruntime's peak memory: the arena shrinks
+    # after every run, and no memory patterns are planned.
+    session = engine._kokoro.sess
+    assert isinstance(session, ShrinkingSession)
+    assert not session.get_session_options().enable_mem_pattern
 
 
 def test_contract(engine: KokoroTtsEngine) -> None:

@@ -2,8 +2,9 @@
 
 onnxruntime's defaults keep memory: a CPU arena that grows to the largest
 request and keeps it (gigabytes after one long unpunctuated text), and
-memory-pattern planning that caches per input shape. Sessions made here turn
-both off; a TTS model's run time is dominated by compute, not allocation.
+memory-pattern planning that caches per input shape. Sessions made here keep
+the arena (without it Piper runs 14 % slower, twice as slow on a long
+sentence) but shrink it back after every run, and plan no memory patterns.
 onnxruntime itself is imported only when a session is made, so importing
 this module (and the engines that use it) stays cheap.
 """
@@ -52,11 +53,30 @@ def inference_session(
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
-    options.enable_cpu_mem_arena = False
     options.enable_mem_pattern = False
     options.intra_op_num_threads = intra_op_threads
-    return onnxruntime.InferenceSession(
+    session = onnxruntime.InferenceSession(
         str(path),
         sess_options=options,
         providers=onnx_providers(device, engine=engine, cuda_options=cuda_options),
     )
+    return ShrinkingSession(session, onnxruntime.RunOptions())
+
+
+class ShrinkingSession:
+    """An ``InferenceSession`` whose every ``run`` hands the CPU arena's unused
+    chunks back when it ends (onnxruntime's ``memory.enable_memory_arena_shrinkage``
+    run option); anything else is the session's own."""
+
+    def __init__(self, session: Any, run_options: Any) -> None:
+        self.session = session
+        run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+        self._run_options = run_options
+
+    def run(self, output_names: Any, input_feed: Any, run_options: Any = None) -> Any:
+        if run_options is not None:
+            run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+        return self.session.run(output_names, input_feed, run_options or self._run_options)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.session, name)
