@@ -72,6 +72,19 @@ async def test_whole_text_is_spoken_sentence_by_sentence_in_order(piper_hub: Eng
     assert max(np.abs(c.samples).max() for c in chunks) > 0.1
 
 
+async def test_only_the_first_sentence_gets_a_quick_lead_chunk(piper_hub: EngineHub) -> None:
+    """Piper speaks the first 3 words of a long first sentence as their own chunk
+    (first audio sooner); later sentences are synthesized while earlier ones play,
+    so they stay whole (one model run each, unbroken prosody)."""
+    text = (
+        "The weather today is sunny with a light breeze. "
+        "Later this evening expect clouds rolling in from the west."
+    )
+    chunks = await _collect(piper_hub, text)
+    per_sentence = [sum(1 for c in chunks if c.sentence == i) for i in range(2)]
+    assert per_sentence == [2, 1], per_sentence
+
+
 async def test_text_over_the_limit_is_refused_before_any_work(piper_hub: EngineHub) -> None:
     model, _voice = piper_hub.voice(None)
     requests, busy_s = model.slot.requests, model.slot.busy_s

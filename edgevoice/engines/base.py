@@ -220,6 +220,9 @@ class SynthesizeOptions:
     """1.0 is the voice's natural rate; 2.0 twice as fast."""
     instructions: str | None = None
     reference: VoiceReference | None = None
+    continuation: bool = False
+    """The text continues a stream whose first audio is already out: an engine
+    that cuts its first chunk short for a quick start need not."""
 
 
 @runtime_checkable

@@ -41,7 +41,7 @@ from edgevoice.engines.base import (
 from edgevoice.engines.onnx_session import inference_session
 from edgevoice.memory import return_freed_memory
 from edgevoice.model_files import ModelNotFoundError, as_local_path, hf_snapshot, packaged_model
-from edgevoice.text import split_for_streaming
+from edgevoice.text import split_for_streaming, split_sentences
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -64,7 +64,9 @@ class PiperOptions(EngineOptions):
     """Silence appended after each sentence."""
     first_chunk_words: int = Field(default=3, ge=0, le=20)
     """Speak the first N words of a long first sentence as their own chunk, so
-    audio starts about twice as soon; 0 keeps whole sentences (best prosody)."""
+    audio starts about twice as soon; 0 keeps whole sentences (best prosody).
+    Only a stream's first sentence is cut (the others are synthesized while the
+    first plays)."""
     max_chunk_chars: int = Field(default=300, ge=20, le=2000)
     """Most characters the model synthesizes at once; a longer sentence is cut at
     clause, then word boundaries (the model's memory grows with its input)."""
@@ -210,10 +212,14 @@ class PiperTtsEngine:
             dtype=np.float32,
         )
         produced = False
-        pieces = split_for_streaming(
-            text,
-            lead_words=self._options.first_chunk_words,
-            max_chars=self._options.max_chunk_chars,
+        pieces = (
+            split_sentences(text, self._options.max_chunk_chars)
+            if options.continuation
+            else split_for_streaming(
+                text,
+                lead_words=self._options.first_chunk_words,
+                max_chars=self._options.max_chunk_chars,
+            )
         )
         try:
             for piece in pieces:

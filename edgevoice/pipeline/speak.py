@@ -282,6 +282,8 @@ class Speech:
         index = self.sentences
         self.sentences += 1
         engine, request = self.model.engine, self._request
+        if index:  # the first audio is out: no quick first chunk needed
+            request = dataclasses.replace(request, continuation=True)
 
         def chunks() -> Iterator[FloatAudio]:
             # A generator: even engine.synthesize's eager part runs in the worker.
