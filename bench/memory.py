@@ -26,9 +26,13 @@ STAGES = [
     ("http face", "import edgevoice.protocols.http"),
     ("mqtt face", "import edgevoice.protocols.mqtt"),
     ("numpy", "import numpy"),
-    ("faster_whisper", "import faster_whisper"),
+    (
+        "faster_whisper (PyAV deferred, as the engine loads it)",
+        "from edgevoice.memory import defer_import; defer_import('av'); import faster_whisper",
+    ),
     ("onnxruntime", "import onnxruntime"),
     ("piper", "import piper"),
+    ("PyAV (first compressed upload)", "import av; av.open"),
 ]
 
 _PROBE = """
