@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import contextlib
 import functools
 import json
@@ -151,10 +152,15 @@ class _TimedCard(MockSoundCard):
         return Timed()
 
     def time_of(self, sample: int) -> float:
+        """When the block holding ``sample`` was read; a sample not read yet (the
+        transcript came before it) is placed at real-time pace after the last."""
         for total, at in self.delivered:
             if total >= sample:
                 return at
-        raise LookupError(sample)
+        if not self.delivered:
+            raise LookupError(sample)
+        total, at = self.delivered[-1]
+        return at + (sample - total) / CAPTURE_RATE_HZ
 
 
 # ------------------------------------------------------------------ latency
@@ -195,7 +201,7 @@ async def bench_latency(hub: EngineHub, hey: FloatAudio, rounds: int, workdir: P
                     node_id="bench",
                     discovery=False,
                 ),
-                "audio_io": AudioIoConfig(enabled=True, wake_words=["hey_jarvis"]),
+                "audio_io": AudioIoConfig(enabled=True, wake_words=["hey_jarvis"], end_of_speech_s=float(os.environ.get("EOS", "0.2"))),
             }
         )
         bridge = MqttBridge(base_settings, hub)

@@ -98,7 +98,7 @@ class WyomingConfig(_Strict):
     """Advertise ``_wyoming._tcp.local.`` so Home Assistant discovers us (tcp only)."""
     zeroconf_name: str | None = None
     """Service name; default ``edgevoice-<node_id>``."""
-    end_of_speech_s: float = Field(default=0.2, gt=0, le=5)
+    end_of_speech_s: float = Field(default=0.1, gt=0, le=5)
     """Silence after speech (per the VAD) that starts speculative decoding."""
     endpointing: Literal["server", "client"] = "server"
     """``server``: the VAD ends the utterance (``finish_silence_s``) and the
@@ -297,7 +297,7 @@ class AudioIoConfig(_Strict):
     language: str | None = None
     """Language of commands (ISO 639-1); unset: detected."""
     speech_threshold: float = Field(default=0.5, gt=0, lt=1)
-    end_of_speech_s: float = Field(default=0.2, gt=0, le=5)
+    end_of_speech_s: float = Field(default=0.1, gt=0, le=5)
     """Silence after speech that starts the (speculative) decode."""
     finish_silence_s: float = Field(default=0.7, gt=0, le=10)
     """Silence after speech that ends the command."""
