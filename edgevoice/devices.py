@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 import platform
 import re
 from dataclasses import dataclass
@@ -129,3 +130,13 @@ def probe_machine(runtime: str | None) -> MachineFacts:
         apple_silicon=apple,
         mlx_installed=apple and importlib.util.find_spec("mlx") is not None,
     )
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on: its affinity (taskset, systemd's
+    ``CPUAffinity``, a container's cpuset), which onnxruntime and CTranslate2 do
+    not consult when they size their thread pools."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        return os.cpu_count() or 1

@@ -153,6 +153,35 @@ def test_whisper_request_checks_shared_by_the_whisper_engines() -> None:
 
 
 @pytest.mark.parametrize(
+    ("cpus", "max_concurrency", "options", "expected"),
+    [
+        (2, 1, {}, (1, 2)),
+        (1, 1, {}, (1, 1)),  # pinned to one core: one thread, not one per machine core
+        (4, 2, {}, (2, 2)),
+        (2, 4, {}, (4, 1)),
+        (8, 1, {"cpu_threads": 3}, (1, 3)),
+        (8, 1, {"num_workers": 2}, (2, 4)),
+    ],
+)
+def test_faster_whisper_sizes_its_threads_from_the_cpus_it_may_use(
+    monkeypatch: pytest.MonkeyPatch,
+    cpus: int,
+    max_concurrency: int,
+    options: dict[str, int],
+    expected: tuple[int, int],
+) -> None:
+    monkeypatch.setattr(faster_whisper, "available_cpus", lambda: cpus)
+    entry = ModelConfig(
+        name="t", engine="faster-whisper", model="tiny.en", max_concurrency=max_concurrency
+    )
+    engine = faster_whisper.FasterWhisperAsrEngine(
+        EngineContext(model=entry, device="cpu", cache_dir=Path("/nonexistent"), offline=True),
+        faster_whisper.FasterWhisperOptions.model_validate(options),
+    )
+    assert engine.parallelism() == expected
+
+
+@pytest.mark.parametrize(
     ("engine", "resolve"),
     [
         (faster_whisper.ENGINE_NAME, faster_whisper.resolve_model),

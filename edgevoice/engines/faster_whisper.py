@@ -7,7 +7,6 @@ libraries are imported in :meth:`FasterWhisperAsrEngine.load`.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections.abc import Iterator
@@ -16,6 +15,7 @@ from typing import Any
 
 from pydantic import Field
 
+from edgevoice.devices import available_cpus
 from edgevoice.engines import whisper_common
 from edgevoice.engines.base import (
     AsrCapabilities,
@@ -71,8 +71,8 @@ class FasterWhisperOptions(whisper_common.WhisperOptions):
     beam_size: int = Field(default=1, ge=1, le=20)
     """Default beam size (1 = greedy, fastest)."""
     cpu_threads: int = Field(default=0, ge=0)
-    """Intra-op threads per decode. 0: CTranslate2's default with one worker;
-    the CPU's cores split between the workers with more."""
+    """Intra-op threads per decode. 0: the CPUs this process may run on (its
+    affinity: taskset, systemd ``CPUAffinity``), split between the workers."""
     num_workers: int = Field(default=0, ge=0, le=16)
     """Decodes CTranslate2 runs at once (model replicas sharing the weights).
     0: the entry's ``max_concurrency`` (with fewer, extra requests queue inside
@@ -150,9 +150,7 @@ class FasterWhisperAsrEngine:
     def parallelism(self) -> tuple[int, int]:
         """``(num_workers, cpu_threads)`` for CTranslate2 (see the options)."""
         workers = self._options.num_workers or max(1, self._context.model.max_concurrency)
-        threads = self._options.cpu_threads
-        if not threads and workers > 1:
-            threads = max(1, (os.cpu_count() or 1) // workers)
+        threads = self._options.cpu_threads or max(1, available_cpus() // workers)
         return workers, threads
 
     def load(self) -> None:

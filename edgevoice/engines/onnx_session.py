@@ -15,6 +15,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from edgevoice.devices import available_cpus
+
 
 def onnx_providers(
     device: str, *, engine: str = "this engine", cuda_options: Mapping[str, Any] | None = None
@@ -48,13 +50,15 @@ def inference_session(
 ) -> Any:
     """An onnxruntime session that gives memory back after each run (blocking).
 
-    ``intra_op_threads`` 0 lets onnxruntime decide.
+    ``intra_op_threads`` 0: one per CPU this process may run on (onnxruntime's
+    own default counts the machine's cores, and its threads spin on one core
+    when the process is pinned to it).
     """
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
     options.enable_mem_pattern = False
-    options.intra_op_num_threads = intra_op_threads
+    options.intra_op_num_threads = intra_op_threads or available_cpus()
     session = onnxruntime.InferenceSession(
         str(path),
         sess_options=options,

@@ -22,7 +22,6 @@ support); ``device = "auto"`` then finds the GPU through ``torch.cuda``.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Hashable, Iterator, Sequence
@@ -32,6 +31,7 @@ from typing import Any, Generic, Literal, TypeVar
 
 from pydantic import Field
 
+from edgevoice.devices import available_cpus
 from edgevoice.engines import whisper_common
 from edgevoice.engines.base import (
     AsrCapabilities,
@@ -133,13 +133,6 @@ def choose_dtype(device: str, requested: str) -> str:
 def cpu_thread_count(requested: int, available: int) -> int:
     """torch's intra-op thread count: ``requested``, or every CPU this process may use."""
     return max(1, requested if requested > 0 else available)
-
-
-def _available_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))  # honours taskset/cgroup pinning
-    except AttributeError:  # macOS
-        return os.cpu_count() or 1
 
 
 # ------------------------------------------------------------------ words
@@ -481,7 +474,7 @@ class TransformersWhisperAsrEngine:
             device = torch.device("cuda", int(index or 0))
         else:
             device = torch.device("cpu")
-            threads = cpu_thread_count(self._options.cpu_threads, _available_cpus())
+            threads = cpu_thread_count(self._options.cpu_threads, available_cpus())
             if torch.get_num_threads() != threads:
                 _LOGGER.info("torch CPU threads: %d (process-wide)", threads)
                 torch.set_num_threads(threads)
