@@ -189,7 +189,7 @@ class KokoroOptions(EngineOptions):
     """Longest text synthesized in one run; longer sentences are cut at clause,
     then word boundaries."""
     intra_op_threads: int = Field(default=0, ge=0, le=256)
-    """onnxruntime threads per synthesis; 0 lets onnxruntime choose."""
+    """onnxruntime threads per synthesis; 0: one per CPU the process may run on."""
 
     @field_validator("language")
     @classmethod
