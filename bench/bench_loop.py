@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import contextlib
 import functools
 import json
@@ -201,7 +200,7 @@ async def bench_latency(hub: EngineHub, hey: FloatAudio, rounds: int, workdir: P
                     node_id="bench",
                     discovery=False,
                 ),
-                "audio_io": AudioIoConfig(enabled=True, wake_words=["hey_jarvis"], end_of_speech_s=float(os.environ.get("EOS", "0.2"))),
+                "audio_io": AudioIoConfig(enabled=True, wake_words=["hey_jarvis"]),
             }
         )
         bridge = MqttBridge(base_settings, hub)
