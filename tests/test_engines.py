@@ -211,7 +211,10 @@ def test_piper_voice_info_and_speed(piper: PiperTtsEngine) -> None:
     text = "The quick brown fox jumps over the lazy dog."
     normal = sum(len(c) for c in piper.synthesize(text, SynthesizeOptions()))
     fast = sum(len(c) for c in piper.synthesize(text, SynthesizeOptions(speed=2.0)))
-    assert 0.4 < fast / normal < 0.65
+    # Not 0.5: each phoneme's length is rounded up to whole frames and the edge
+    # silence does not scale, and Piper's duration noise differs on every run
+    # (0.58-0.66 over 24 runs here). A bound at 0.65 failed once in a suite run.
+    assert 0.4 < fast / normal < 0.75
 
 
 def test_piper_streams_a_long_first_sentence_in_clauses(piper: PiperTtsEngine) -> None:
