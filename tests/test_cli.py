@@ -20,7 +20,7 @@ from tests.conftest import (
     LIGHT_EN_WAV,
     TRANSLATION_KEYWORDS,
     assert_means,
-    words,
+    overlap,
 )
 
 
@@ -132,7 +132,9 @@ def test_speak_every_format_round_trips(home: Path, tmp_path: Path) -> None:
             continue
         assert decode(out).duration_s > 1.5
         back = edgevoice("transcribe", str(out), env_home=home)
-        assert words(back.stdout) == words(sentence), (ext, back.stdout)
+        # Piper's duration noise differs on every run, and tiny.en sometimes hears
+        # "and" as "in": a word's tolerance, never the exact text.
+        assert overlap(back.stdout, sentence) >= 0.8, (ext, back.stdout)
 
 
 def test_speak_speed_and_stdin(home: Path, tmp_path: Path) -> None:
