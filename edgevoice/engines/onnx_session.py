@@ -67,6 +67,9 @@ def inference_session(
     return ShrinkingSession(session, onnxruntime.RunOptions())
 
 
+_SHRINK_CPU_ARENA = ("memory.enable_memory_arena_shrinkage", "cpu:0")
+
+
 class ShrinkingSession:
     """An ``InferenceSession`` whose every ``run`` hands the CPU arena's unused
     chunks back when it ends (onnxruntime's ``memory.enable_memory_arena_shrinkage``
@@ -74,12 +77,12 @@ class ShrinkingSession:
 
     def __init__(self, session: Any, run_options: Any) -> None:
         self.session = session
-        run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+        run_options.add_run_config_entry(*_SHRINK_CPU_ARENA)
         self._run_options = run_options
 
     def run(self, output_names: Any, input_feed: Any, run_options: Any = None) -> Any:
         if run_options is not None:
-            run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+            run_options.add_run_config_entry(*_SHRINK_CPU_ARENA)
         return self.session.run(output_names, input_feed, run_options or self._run_options)
 
     def __getattr__(self, name: str) -> Any:
