@@ -31,7 +31,7 @@ source scripts/ensure-venv.sh
 # it installs without them (edgevoice[cosyvoice], part of .[test], lists what it needs).
 .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps 'cosyvoice2-eu==0.2.8'
 
-.venv/bin/ruff format --check edgevoice tests bench
-.venv/bin/ruff check edgevoice tests bench
+.venv/bin/ruff format --check edgevoice tests bench scripts
+.venv/bin/ruff check edgevoice tests bench scripts
 .venv/bin/mypy
 .venv/bin/pytest -q -p no:cacheprovider "$@"

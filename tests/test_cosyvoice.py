@@ -60,6 +60,7 @@ from edgevoice.engines.cosyvoice import (
     QWEN_SPECIAL_TOKENS,
     CosyVoiceEngine,
     CosyVoiceOptions,
+    avoid_cudnn_attention,
     check_fp16,
     import_runtime,
     kaldi_fbank,
@@ -474,6 +475,24 @@ def test_device_selection_without_a_gpu() -> None:
     assert "--no-deps" in PLUGIN.install_hint()
 
 
+def test_half_precision_on_cuda_turns_cudnn_attention_off() -> None:
+    """cuDNN attention plans per shape per thread: 62-75 ms a token on an H100 for
+    the LLM's decoding thread (scripts/cuda_check.py), 6 ms with it off. The flag
+    is only a switch, so this runs without a GPU."""
+    import torch
+
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+    try:
+        assert not avoid_cudnn_attention("cpu", False)
+        assert not avoid_cudnn_attention("cuda:0", False)  # float32 never uses it
+        assert torch.backends.cuda.cudnn_sdp_enabled()
+        assert avoid_cudnn_attention("cuda:0", True)
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+        assert not avoid_cudnn_attention("cuda:1", True)  # already off: nothing to do
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(True)
+
+
 def test_config_keeps_the_model_and_skips_training_sections() -> None:
     kept = model_sections(TINY_CONFIG)
     for key in ("sample_rate:", "llm:", "flow:", "hift:", "feat_extractor:", "allowed_special:"):
@@ -824,3 +843,37 @@ def test_edgevoice_engines_lists_cosyvoice() -> None:
     row = lines["cosyvoice"]
     assert "tts" in row and "installed" in row and "cpu,cuda" in row
     assert "edgevoice[cosyvoice]" in row and "--no-deps" in row
+
+
+@pytest.mark.slow
+def test_the_gpu_check_script_runs_on_cpu(tiny_model: Path, hf_tiny_en: Path) -> None:
+    """scripts/cuda_check.py is what runs the torch engines on a GPU (CI has none):
+    run here on CPU so it keeps working; its checks must pass and say so."""
+    import json
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "cuda_check.py"
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            "--device=cpu",
+            "--want=cpu",
+            "--repeat=1",
+            f"--whisper={hf_tiny_en}",
+            f"--cosyvoice={tiny_model}",
+            f"--wav={LIGHT_EN_WAV}",
+            f"--expect={LIGHT_EN_TEXT}",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    reports = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert [(r["check"], r["ok"], r["device"]) for r in reports] == [
+        ("transformers-whisper", True, "cpu"),
+        ("cosyvoice", True, "cpu"),
+    ]
+    assert reports[0]["largest_batch"] >= 2
+    assert reports[1]["chunks"] >= 1 and not reports[1]["fp16"]
