@@ -32,6 +32,7 @@ from edgevoice.engines.base import (
     TranscribeOptions,
     Word,
 )
+from edgevoice.engines.torch_common import avoid_cudnn_attention
 from edgevoice.engines.transformers_whisper import (
     PLUGIN,
     RequestBatcher,
@@ -78,6 +79,25 @@ RATE_HZ = 16000
 )
 def test_dtype_per_device(device: str, requested: str, expected: str) -> None:
     assert choose_dtype(device, requested) == expected
+
+
+def test_half_precision_on_cuda_turns_cudnn_attention_off() -> None:
+    """cuDNN attention plans per shape per thread: on an H100 (scripts/cuda_check.py)
+    Whisper's first request in a new thread took 0.8 s with it, 0.2 s without, and
+    CosyVoice 2's LLM 62-75 ms a token against 6. The flag is only a switch, so
+    this runs without a GPU."""
+    import torch
+
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+    try:
+        assert not avoid_cudnn_attention("cpu", True, "a test")  # bfloat16 on CPU
+        assert not avoid_cudnn_attention("cuda:0", False, "a test")  # float32 never uses it
+        assert torch.backends.cuda.cudnn_sdp_enabled()
+        assert avoid_cudnn_attention("cuda:0", True, "a test")
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+        assert not avoid_cudnn_attention("cuda:1", True, "a test")  # already off
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(True)
 
 
 def test_float16_on_cpu_is_refused() -> None:

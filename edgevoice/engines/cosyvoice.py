@@ -73,6 +73,7 @@ from edgevoice.engines.base import (
     VoiceReference,
 )
 from edgevoice.engines.cloning_common import ReferenceCache, check_reference
+from edgevoice.engines.torch_common import avoid_cudnn_attention
 from edgevoice.errors import ClientError, UnknownModelError
 from edgevoice.model_files import ModelNotFoundError, as_local_path
 from edgevoice.text import split_sentences
@@ -164,30 +165,6 @@ def check_fp16(device: str, fp16: bool) -> bool:
     if fp16 and not device.startswith("cuda"):
         raise ValueError("fp16 needs a CUDA device; set fp16 = false on cpu")
     return fp16
-
-
-def avoid_cudnn_attention(device: str, fp16: bool) -> bool:
-    """Turn PyTorch's cuDNN attention backend off for half-precision decoding on
-    CUDA; True when this call turned it off.
-
-    cuDNN attention (which PyTorch picks for fp16 on recent GPUs) builds an
-    execution plan for every new shape in every thread. The LLM decodes in a new
-    thread per request, one new key length per token, so every token paid for a
-    plan: 62-75 ms a token on an H100 against 6 ms with it off, from the first
-    request on. The flash and memory-efficient kernels serve decoding as well.
-    The switch is process-wide (PyTorch has no per-module one); float32 and CPU
-    never use cuDNN attention, so they leave it alone.
-    """
-    import torch
-
-    if not (fp16 and device.startswith("cuda") and torch.backends.cuda.cudnn_sdp_enabled()):
-        return False
-    torch.backends.cuda.enable_cudnn_sdp(False)
-    _LOGGER.info(
-        "PyTorch's cuDNN attention turned off (process-wide): it builds a plan per shape "
-        "per thread, which CosyVoice's token-by-token decoding pays on every token"
-    )
-    return True
 
 
 def onnx_providers(device: str, available: list[str]) -> list[Any]:
@@ -432,7 +409,7 @@ class CosyVoiceEngine:
         started = time.monotonic()
         device = torch_device(self._context.device)
         fp16 = check_fp16(device, self._options.fp16)
-        avoid_cudnn_attention(device, fp16)
+        avoid_cudnn_attention(device, fp16, "CosyVoice 2")
         root = locate_model(
             self._context.model.model, self._context.cache_dir, self._context.offline
         )

@@ -45,6 +45,7 @@ from edgevoice.engines.base import (
     TranscriptInfo,
     Word,
 )
+from edgevoice.engines.torch_common import avoid_cudnn_attention
 from edgevoice.model_files import ModelNotFoundError
 
 _LOGGER = logging.getLogger(__name__)
@@ -479,6 +480,7 @@ class TransformersWhisperAsrEngine:
                 _LOGGER.info("torch CPU threads: %d (process-wide)", threads)
                 torch.set_num_threads(threads)
         dtype = getattr(torch, dtype_name)
+        avoid_cudnn_attention(self._context.device, dtype_name != "float32", "transformers-whisper")
         started = time.monotonic()
         processor = WhisperProcessor.from_pretrained(str(path), local_files_only=True)
         model = WhisperForConditionalGeneration.from_pretrained(
