@@ -579,6 +579,14 @@ class EngineHub:
         )
         return summary
 
+    async def _drain(self, slots: list[EngineSlot]) -> None:
+        """Wait (bounded by ``shutdown_timeout_s``) until no call runs on ``slots``;
+        open sessions do not count (they move or end when their slot closes)."""
+        deadline = time.monotonic() + self.settings.shutdown_timeout_s
+        # Polling keeps the request hot path a plain counter (no Event per call).
+        while any(s.active > len(s.sessions) for s in slots) and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+
     async def _retire(self, slot: EngineSlot) -> None:
         """Close an engine a reload dropped once nothing uses it (bounded wait).
 
@@ -627,7 +635,12 @@ class EngineHub:
         await self.close()
 
     async def close(self) -> None:
-        """Release every engine (in its own thread) and stop the worker pools."""
+        """Release every engine (in its own thread) and stop the worker pools.
+
+        Calls already made (waiting for a worker or running) finish first, for at
+        most ``shutdown_timeout_s``; later ones end with :class:`ShuttingDownError`.
+        """
+        await self._drain(list(self._slots.values()))
         if self._reaper is not None:
             self._reaper.cancel()
             await asyncio.gather(self._reaper, return_exceptions=True)
@@ -953,6 +966,8 @@ class EngineHub:
         loop = asyncio.get_running_loop()
 
         def timed() -> T:
+            if slot.engine is None:  # closed after this call was queued (a bounded drain ended)
+                raise _gone(model)
             started = time.monotonic()
             try:
                 return fn(*args)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -13,13 +14,14 @@ import pytest
 from edgevoice.audio import Audio, decode
 from edgevoice.config import ModelConfig, Settings
 from edgevoice.engines.base import (
+    AsrEngine,
     EngineKind,
     EngineRequestError,
     SynthesizeOptions,
     TranscribeOptions,
 )
 from edgevoice.errors import LimitExceededError, ShuttingDownError, UnknownModelError
-from edgevoice.hub import EngineHub, HubStartError, WakeSession
+from edgevoice.hub import EngineHub, HubStartError, LoadedModel, WakeSession
 from tests.conftest import (
     GERMAN_KEYWORDS,
     HOTWORDS_MP3,
@@ -294,6 +296,57 @@ async def test_a_closed_hub_answers_shutting_down(make_settings: Callable[..., S
         await hub.run(model, time.sleep, 0)
     with pytest.raises(ShuttingDownError):
         hub.asr_session(model)
+
+
+async def _busy_one_worker_hub(
+    make_settings: Callable[..., Settings], shutdown_timeout_s: float
+) -> tuple[
+    EngineHub, LoadedModel[AsrEngine], threading.Event, asyncio.Task[bool], asyncio.Task[Any]
+]:
+    """A hub whose one worker runs a call held by the returned gate, while a second
+    call waits for the worker."""
+    one_worker = ModelConfig(name="fake", engine="test-asr", model="-", max_concurrency=1)
+    hub = EngineHub(make_settings(asr=[one_worker], tts=[], shutdown_timeout_s=shutdown_timeout_s))
+    await hub.start()
+    model = hub.asr("fake")
+    gate = threading.Event()
+    running = asyncio.create_task(hub.run(model, gate.wait, 600))
+    waiting = asyncio.create_task(hub.run(model, lambda: model.engine.capabilities.languages))
+    while model.slot.active < 2:  # noqa: ASYNC110 (both calls made)
+        await asyncio.sleep(0.01)
+    return hub, model, gate, running, waiting
+
+
+async def test_close_lets_calls_already_made_finish(
+    make_settings: Callable[..., Settings],
+) -> None:
+    """A call made before close() runs on the engine, not on a closed one: found
+    by a one-core run, where a request queued for the worker thread ran after
+    close() had dropped the engine (AttributeError instead of a transcript)."""
+    hub, model, gate, running, waiting = await _busy_one_worker_hub(make_settings, 600.0)
+    closing = asyncio.create_task(hub.close())
+    await asyncio.sleep(0.2)
+    assert not closing.done()  # close() waits for the calls, not for a timeout
+    gate.set()
+    assert await running is True
+    assert await waiting == ("en",)
+    await closing
+    with pytest.raises(ShuttingDownError):
+        await hub.run(model, time.sleep, 0)
+
+
+async def test_close_ends_calls_still_waiting_after_its_timeout(
+    make_settings: Callable[..., Settings],
+) -> None:
+    hub, model, gate, running, waiting = await _busy_one_worker_hub(make_settings, 0.2)
+    closing = asyncio.create_task(hub.close())
+    while model.slot.engine is not None:  # noqa: ASYNC110 (the drain gave up: engine dropped)
+        await asyncio.sleep(0.01)
+    gate.set()
+    assert await running is True  # the call already running finishes
+    with pytest.raises(ShuttingDownError):  # the one still waiting ends cleanly
+        await waiting
+    await closing
 
 
 async def test_asr_session_buffer_is_bounded(make_settings: Callable[..., Settings]) -> None:
