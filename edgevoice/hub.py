@@ -1001,7 +1001,15 @@ class EngineHub:
                 raise
             submitted = True
             future.add_done_callback(release)
-            return await asyncio.wrap_future(future)
+            try:
+                return await asyncio.wrap_future(future)
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if future.cancelled() and not (task is not None and task.cancelling()):
+                    # Not this caller's cancellation: the pool dropped the queued call
+                    # because the slot closed.
+                    raise _gone(model) from None
+                raise
         finally:
             if not submitted:
                 slot.active -= 1
