@@ -579,12 +579,17 @@ class EngineHub:
         )
         return summary
 
-    async def _drain(self, slots: list[EngineSlot]) -> None:
-        """Wait (bounded by ``shutdown_timeout_s``) until no call runs on ``slots``;
-        open sessions do not count (they move or end when their slot closes)."""
+    async def _drain(self, slots: list[EngineSlot], *, sessions: bool = False) -> None:
+        """Wait (bounded by ``shutdown_timeout_s``) until no call runs on ``slots``,
+        nor, with ``sessions``, any session is open on them (otherwise open sessions
+        do not count: they move or end when their slot closes)."""
+
+        def busy(slot: EngineSlot) -> bool:
+            return slot.active > (0 if sessions else len(slot.sessions))
+
         deadline = time.monotonic() + self.settings.shutdown_timeout_s
         # Polling keeps the request hot path a plain counter (no Event per call).
-        while any(s.active > len(s.sessions) for s in slots) and time.monotonic() < deadline:  # noqa: ASYNC110
+        while any(busy(s) for s in slots) and time.monotonic() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.05)
 
     async def _retire(self, slot: EngineSlot) -> None:
@@ -594,10 +599,7 @@ class EngineHub:
         after ``shutdown_timeout_s`` move to the model now serving their name
         (or end with :class:`ShuttingDownError` when there is none).
         """
-        deadline = time.monotonic() + self.settings.shutdown_timeout_s
-        # Polling keeps the request hot path a plain counter (no Event per call).
-        while slot.active > 0 and time.monotonic() < deadline:  # noqa: ASYNC110
-            await asyncio.sleep(0.05)
+        await self._drain([slot], sessions=True)
         calls = slot.active - len(slot.sessions)
         if calls > 0:
             _LOGGER.warning("Closing %s with %d calls still running", slot.plugin.name, calls)
