@@ -416,6 +416,10 @@ class Settings(BaseSettings):
     """Persistent state (voice library)."""
     shutdown_timeout_s: float = Field(default=10.0, ge=0)
     """How long in-flight requests may finish after SIGTERM."""
+    release_memory_after_s: float = Field(default=5.0, ge=0, le=3600)
+    """An engine that keeps memory while busy (Piper's onnxruntime arena, about
+    1 MB a phoneme of its longest recent sentence) hands it back once it has
+    had no request for this long."""
 
     asr: list[ModelConfig] = Field(default_factory=_default_asr)
     tts: list[ModelConfig] = Field(default_factory=_default_tts)

@@ -201,6 +201,8 @@ class EngineSlot:
     load_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     """Held while the engine loads or unloads."""
     load_task: asyncio.Task[None] | None = None
+    released_s: float = 0.0
+    """When the engine last handed back the memory it keeps while busy."""
 
 
 @dataclass
@@ -764,14 +766,36 @@ class EngineHub:
     def _idle_s(slot: EngineSlot) -> float:
         return time.monotonic() - slot.last_used_s
 
+    async def _release_memory(self, slot: EngineSlot) -> None:
+        """Let an idle engine hand back the memory it keeps while busy (in its pool)."""
+        release = getattr(slot.engine, "release_memory", None)
+        if release is None:
+            return
+        slot.released_s = time.monotonic()
+        slot.active += 1  # close() and a reload's retirement wait for it
+        try:
+            await asyncio.get_running_loop().run_in_executor(slot.executor, release)
+        except RuntimeError:
+            pass  # the pool shut down meanwhile: the engine is closing anyway
+        except Exception:
+            _LOGGER.exception("Releasing %s memory failed", slot.plugin.name)
+        finally:
+            slot.active -= 1
+
     async def _reap_idle(self) -> None:
-        """Background: unload engines unused for their ``ttl_s``."""
+        """Background: idle engines hand back the memory they keep while busy
+        (after ``release_memory_after_s``); engines unused for their ``ttl_s`` unload."""
         while True:
+            release_after = self.settings.release_memory_after_s
             ttls = [s.ttl_s for s in self._slots.values() if s.ttl_s > 0]
-            pause = min([IDLE_CHECK_MAX_S, *(t / 4 for t in ttls)])
+            pause = min([IDLE_CHECK_MAX_S, max(release_after / 2, 0.05), *(t / 4 for t in ttls)])
             await asyncio.sleep(max(pause, 0.02))
             for slot in list(self._slots.values()):
                 idle = slot.engine is not None and slot.active == 0
+                used_since = slot.last_used_s > slot.released_s
+                if idle and used_since and self._idle_s(slot) >= release_after:
+                    await self._release_memory(slot)
+                    idle = slot.engine is not None and slot.active == 0
                 if idle and 0 < slot.ttl_s <= self._idle_s(slot):
                     try:
                         await self._unload_slot(slot, idle_only=True)

@@ -17,11 +17,13 @@ from edgevoice.engines.base import (
     AsrEngine,
     EngineKind,
     EngineRequestError,
+    ReleasesMemory,
     SynthesizeOptions,
     TranscribeOptions,
 )
 from edgevoice.errors import LimitExceededError, ShuttingDownError, UnknownModelError
 from edgevoice.hub import EngineHub, HubStartError, LoadedModel, WakeSession
+from edgevoice.pipeline.speak import speak
 from tests.conftest import (
     GERMAN_KEYWORDS,
     HOTWORDS_MP3,
@@ -347,6 +349,48 @@ async def test_close_ends_calls_still_waiting_after_its_timeout(
     with pytest.raises(ShuttingDownError):  # the one still waiting ends cleanly
         await waiting
     await closing
+
+
+async def _until(condition: Callable[[], bool], timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.02)
+
+
+async def test_an_idle_engine_hands_back_the_memory_it_kept(
+    make_settings: Callable[..., Settings],
+) -> None:
+    """Piper keeps onnxruntime's arena while busy; the hub has it released once the
+    voice had no request for ``release_memory_after_s`` — never during a stream,
+    and not again until the voice is used."""
+    hub = EngineHub(make_settings(asr=[], tts=[JOE], release_memory_after_s=0.2))
+    async with hub:
+        model, _voice = hub.voice(None)
+        slot = model.slot
+        await _until(lambda: slot.released_s > slot.last_used_s)  # the load's leftovers
+        calls = 0
+        engine = model.engine
+        assert isinstance(engine, ReleasesMemory)
+        release = engine.release_memory
+
+        def counted() -> None:
+            nonlocal calls
+            calls += 1
+            release()
+
+        engine.release_memory = counted  # type: ignore[method-assign]
+        await asyncio.sleep(0.6)
+        assert calls == 0  # nothing used since: nothing to hand back
+        async with speak(hub, "One sentence. Then another one.") as speech:
+            await anext(speech)
+            await asyncio.sleep(0.6)  # the stream is open: the voice is in use
+            assert calls == 0
+            async for _chunk in speech:
+                pass
+        await _until(lambda: calls == 1)
+        await asyncio.sleep(0.6)
+        assert calls == 1
 
 
 async def test_asr_session_buffer_is_bounded(make_settings: Callable[..., Settings]) -> None:

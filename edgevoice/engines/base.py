@@ -245,6 +245,17 @@ class TtsEngine(Protocol):
     def close(self) -> None: ...
 
 
+@runtime_checkable
+class ReleasesMemory(Protocol):
+    """Optional, any engine kind: memory an engine keeps while busy, for speed
+    (an allocator arena the next request would otherwise fault in again), and
+    hands back when idle. The hub calls :meth:`release_memory` in a worker
+    thread once the engine has had no call for ``release_memory_after_s``
+    (``[settings]``); a request may start while it runs."""
+
+    def release_memory(self) -> None: ...
+
+
 # -------------------------------------------------------------- wake word
 
 

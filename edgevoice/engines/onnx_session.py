@@ -4,7 +4,12 @@ onnxruntime's defaults keep memory: a CPU arena that grows to the largest
 request and keeps it (gigabytes after one long unpunctuated text), and
 memory-pattern planning that caches per input shape. Sessions made here keep
 the arena (without it Piper runs 14 % slower, twice as slow on a long
-sentence) but shrink it back after every run, and plan no memory patterns.
+sentence) but shrink it back, and plan no memory patterns. When: after every
+run (``shrink="every_run"``), or only when the engine asks
+(:meth:`ShrinkingSession.shrink_after_next_run`, ``shrink="on_release"``):
+an engine whose runs come in bursts (Piper, sentence after sentence) keeps
+its arena while busy, since every page handed back is faulted in again by the
+next run, and gives it back from ``release_memory`` when the hub sees it idle.
 onnxruntime itself is imported only when a session is made, so importing
 this module (and the engines that use it) stays cheap.
 """
@@ -13,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from edgevoice.devices import available_cpus
 
@@ -47,8 +52,11 @@ def inference_session(
     engine: str = "this engine",
     intra_op_threads: int = 0,
     cuda_options: Mapping[str, Any] | None = None,
-) -> Any:
-    """An onnxruntime session that gives memory back after each run (blocking).
+    shrink: Literal["every_run", "on_release"] = "every_run",
+) -> ShrinkingSession:
+    """An onnxruntime session that gives its arena back (blocking): after each
+    run, or (``on_release``) after the run that follows
+    :meth:`ShrinkingSession.shrink_after_next_run`.
 
     ``intra_op_threads`` 0: one per CPU this process may run on (onnxruntime's
     own default counts the machine's cores, and its threads spin on one core
@@ -64,26 +72,42 @@ def inference_session(
         sess_options=options,
         providers=onnx_providers(device, engine=engine, cuda_options=cuda_options),
     )
-    return ShrinkingSession(session, onnxruntime.RunOptions())
+    return ShrinkingSession(session, onnxruntime.RunOptions(), every_run=shrink == "every_run")
 
 
-_SHRINK_CPU_ARENA = ("memory.enable_memory_arena_shrinkage", "cpu:0")
+SHRINK_CPU_ARENA = ("memory.enable_memory_arena_shrinkage", "cpu:0")
+"""The run option (key, value) that ends a run by shrinking the CPU arena."""
 
 
 class ShrinkingSession:
-    """An ``InferenceSession`` whose every ``run`` hands the CPU arena's unused
-    chunks back when it ends (onnxruntime's ``memory.enable_memory_arena_shrinkage``
-    run option); anything else is the session's own."""
+    """An ``InferenceSession`` whose runs hand the CPU arena's unused chunks back
+    when they end (onnxruntime's ``memory.enable_memory_arena_shrinkage`` run
+    option): every run, or (``every_run=False``) only the run after
+    :meth:`shrink_after_next_run`. Anything else is the session's own."""
 
-    def __init__(self, session: Any, run_options: Any) -> None:
+    def __init__(self, session: Any, run_options: Any, *, every_run: bool = True) -> None:
+        import onnxruntime
+
         self.session = session
-        run_options.add_run_config_entry(*_SHRINK_CPU_ARENA)
-        self._run_options = run_options
+        self.every_run = every_run
+        self._keep_options = run_options
+        self._shrink_options = onnxruntime.RunOptions()
+        self._shrink_options.add_run_config_entry(*SHRINK_CPU_ARENA)
+        self._shrink_next = False
+
+    def shrink_after_next_run(self) -> None:
+        """Make the next run (in any thread) end by shrinking the arena."""
+        self._shrink_next = True
 
     def run(self, output_names: Any, input_feed: Any, run_options: Any = None) -> Any:
+        shrink = self.every_run or self._shrink_next
+        self._shrink_next = False
         if run_options is not None:
-            run_options.add_run_config_entry(*_SHRINK_CPU_ARENA)
-        return self.session.run(output_names, input_feed, run_options or self._run_options)
+            if shrink:
+                run_options.add_run_config_entry(*SHRINK_CPU_ARENA)
+        else:
+            run_options = self._shrink_options if shrink else self._keep_options
+        return self.session.run(output_names, input_feed, run_options)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.session, name)

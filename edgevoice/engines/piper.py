@@ -7,11 +7,14 @@ first clause so the first chunk is ready sooner.
 
 Memory is bounded whatever the text: the model never receives more than
 ``max_chunk_chars`` characters at once (longer sentences are cut at clause,
-then word boundaries; VITS memory grows with the input length), and
-onnxruntime runs without its CPU memory arena and memory-pattern planning, so
-the buffers of one large request are returned instead of being kept for the
-life of the process. Phonemization (espeak-ng, holding the GIL) happens only
-inside :meth:`PiperTtsEngine.synthesize`, which the hub runs in a worker thread.
+then word boundaries; VITS memory grows with the input length, about 1 MB
+a phoneme), and onnxruntime plans no memory patterns. Its CPU arena is kept
+while the voice is busy (handing it back after every sentence cost 17 % of
+the synthesis time: the next sentence faulted every page in again) and
+handed back, with the heap's free pages, by :meth:`PiperTtsEngine.release_memory`,
+which the hub calls once the voice is idle (``release_memory_after_s``).
+Phonemization (espeak-ng, holding the GIL) happens only inside
+:meth:`PiperTtsEngine.synthesize`, which the hub runs in a worker thread.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from edgevoice.engines.base import (
     TtsCapabilities,
     VoiceInfo,
 )
-from edgevoice.engines.onnx_session import inference_session
+from edgevoice.engines.onnx_session import ShrinkingSession, inference_session
 from edgevoice.memory import return_freed_memory
 from edgevoice.model_files import ModelNotFoundError, as_local_path, hf_snapshot, packaged_model
 from edgevoice.text import split_for_streaming, split_sentences
@@ -120,6 +123,7 @@ class PiperTtsEngine:
         self._context = context
         self._options = options
         self._voice: Any = None
+        self._session: ShrinkingSession | None = None
         self._speakers: dict[str, int] = {}
         self._capabilities = TtsCapabilities(
             voices=(VoiceInfo(context.model.name, ("en",)),), sample_rate_hz=22050
@@ -141,12 +145,14 @@ class PiperTtsEngine:
             raise ModelNotFoundError(f"Piper voice config {config_path} is missing")
         started = time.monotonic()
         raw = json.loads(config_path.read_text(encoding="utf-8"))
-        self._voice = PiperVoice(
-            session=inference_session(
-                path, self._context.device, engine="Piper", cuda_options=_PIPER_CUDA_OPTIONS
-            ),
-            config=PiperConfig.from_dict(raw),
+        self._session = inference_session(
+            path,
+            self._context.device,
+            engine="Piper",
+            cuda_options=_PIPER_CUDA_OPTIONS,
+            shrink="on_release",
         )
+        self._voice = PiperVoice(session=self._session, config=PiperConfig.from_dict(raw))
         language = raw.get("language", {}).get("code") or raw.get("espeak", {}).get("voice", "en")
         self._speakers = dict(self._voice.config.speaker_id_map)
         self._capabilities = TtsCapabilities(
@@ -165,8 +171,7 @@ class PiperTtsEngine:
             self._speaker_id(self._options.speaker)  # fail at startup, not per request
         # One tiny synthesis so the first real request is as fast as later ones
         # (onnxruntime initializes its kernels on the first run).
-        for _ in self._voice.synthesize("Ready."):
-            pass
+        self.release_memory()
         _LOGGER.info(
             "Piper voice %s loaded from %s on %s in %.2f s",
             self._context.model.name,
@@ -221,21 +226,30 @@ class PiperTtsEngine:
                 max_chars=self._options.max_chunk_chars,
             )
         )
-        try:
-            for piece in pieces:
-                for chunk in self._voice.synthesize(piece, syn_config=config):
-                    audio: FloatAudio = chunk.audio_float_array
-                    if len(audio) == 0:
-                        continue
-                    produced = True
-                    yield np.concatenate([audio, pause]) if len(pause) else audio
-        finally:
-            return_freed_memory()
+        for piece in pieces:
+            for chunk in self._voice.synthesize(piece, syn_config=config):
+                audio: FloatAudio = chunk.audio_float_array
+                if len(audio) == 0:
+                    continue
+                produced = True
+                yield np.concatenate([audio, pause]) if len(pause) else audio
         if not produced:
             raise EngineRequestError("text produced no speech")
 
+    def release_memory(self) -> None:
+        """Hand back what the last requests left: one tiny synthesis that ends by
+        shrinking onnxruntime's arena, then the heap's free pages."""
+        voice, session = self._voice, self._session
+        if voice is None or session is None:
+            return
+        session.shrink_after_next_run()
+        for _ in voice.synthesize("Ready."):
+            pass
+        return_freed_memory()
+
     def close(self) -> None:
         self._voice = None
+        self._session = None
 
 
 PLUGIN = EnginePlugin(
