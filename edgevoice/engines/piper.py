@@ -2,8 +2,12 @@
 
 ``model`` is a Piper voice name (``en_US-joe-medium``), a path to a voice's
 ``.onnx`` file (its ``.onnx.json`` beside it) or a voice a package provides.
-Audio streams sentence by sentence; a long first sentence is split at its
-first clause so the first chunk is ready sooner.
+Audio streams sentence by sentence. A stream's first sentence starts sooner:
+the voice's graph is cut where its decoder begins (:mod:`.vits_decoder`), and
+the first ``first_chunk_s`` of the sentence's audio is decoded alone while the
+rest follows — the whole sentence's text goes through the model, so its
+intonation is kept. A voice that cannot be cut speaks its first
+``first_chunk_words`` words as their own piece instead.
 
 Memory is bounded whatever the text: the model never receives more than
 ``max_chunk_chars`` characters at once (longer sentences are cut at clause,
@@ -42,6 +46,7 @@ from edgevoice.engines.base import (
     VoiceInfo,
 )
 from edgevoice.engines.onnx_session import ShrinkingSession, inference_session
+from edgevoice.engines.vits_decoder import MAX_DIFFERENCE, ChunkedDecoder, split_voice
 from edgevoice.memory import return_freed_memory
 from edgevoice.model_files import ModelNotFoundError, as_local_path, hf_snapshot, packaged_model
 from edgevoice.text import split_for_streaming, split_sentences
@@ -65,11 +70,15 @@ class PiperOptions(EngineOptions):
     normalize_audio: bool = True
     sentence_silence_s: float = Field(default=0.0, ge=0, le=5)
     """Silence appended after each sentence."""
+    first_chunk_s: float = Field(default=0.3, ge=0, le=5)
+    """Seconds of a stream's first sentence decoded on their own, so audio starts
+    about twice as soon (the sentence is not cut: its text goes through the
+    model whole); 0 decodes whole sentences. Needs the voice's decoder to be cut
+    out of its graph (Piper's exports, with the ``onnx`` package)."""
     first_chunk_words: int = Field(default=3, ge=0, le=20)
-    """Speak the first N words of a long first sentence as their own chunk, so
-    audio starts about twice as soon; 0 keeps whole sentences (best prosody).
-    Only a stream's first sentence is cut (the others are synthesized while the
-    first plays)."""
+    """For a voice whose decoder cannot be cut out: speak the first N words of a
+    long first sentence as their own piece (0: whole sentences). Only a stream's
+    first sentence is cut (the others are synthesized while the first plays)."""
     max_chunk_chars: int = Field(default=300, ge=20, le=2000)
     """Most characters the model synthesizes at once; a longer sentence is cut at
     clause, then word boundaries (the model's memory grows with its input)."""
@@ -123,7 +132,10 @@ class PiperTtsEngine:
         self._context = context
         self._options = options
         self._voice: Any = None
-        self._session: ShrinkingSession | None = None
+        self._sessions: tuple[ShrinkingSession, ...] = ()
+        self._encoder: ShrinkingSession | None = None
+        """The graph up to its decoder, when it could be cut (else None)."""
+        self._decoder: ChunkedDecoder | None = None
         self._speakers: dict[str, int] = {}
         self._capabilities = TtsCapabilities(
             voices=(VoiceInfo(context.model.name, ("en",)),), sample_rate_hz=22050
@@ -145,14 +157,29 @@ class PiperTtsEngine:
             raise ModelNotFoundError(f"Piper voice config {config_path} is missing")
         started = time.monotonic()
         raw = json.loads(config_path.read_text(encoding="utf-8"))
-        self._session = inference_session(
-            path,
-            self._context.device,
-            engine="Piper",
-            cuda_options=_PIPER_CUDA_OPTIONS,
-            shrink="on_release",
-        )
-        self._voice = PiperVoice(session=self._session, config=PiperConfig.from_dict(raw))
+        config = PiperConfig.from_dict(raw)
+        split = split_voice(path) if self._options.first_chunk_s > 0 else None
+        if split is not None:
+            self._encoder, decoder = (
+                self._session_for(part, stop_spinning=True)
+                for part in (split.encoder, split.decoder)
+            )
+            self._sessions = (self._encoder, decoder)
+            self._decoder = ChunkedDecoder(decoder, split, hop=config.hop_length)
+            # Phonemes and ids only: runs go through the two halves.
+            self._voice = PiperVoice(session=self._encoder, config=config)
+            difference = self._decoder.check(self._encode([config.phoneme_id_map["_"][0]] * 8))
+            if difference > MAX_DIFFERENCE:
+                _LOGGER.warning(
+                    "Piper voice %s: a decode in pieces differs by %.2g; decoding whole sentences",
+                    path,
+                    difference,
+                )
+                self._decoder.pad = -1
+        else:
+            session = self._session_for(path, stop_spinning=False)
+            self._sessions = (session,)
+            self._voice = PiperVoice(session=session, config=config)
         language = raw.get("language", {}).get("code") or raw.get("espeak", {}).get("voice", "en")
         self._speakers = dict(self._voice.config.speaker_id_map)
         self._capabilities = TtsCapabilities(
@@ -179,6 +206,62 @@ class PiperTtsEngine:
             self._context.device,
             time.monotonic() - started,
         )
+
+    def _session_for(self, model: Path | bytes, *, stop_spinning: bool) -> ShrinkingSession:
+        return inference_session(
+            model,
+            self._context.device,
+            engine="Piper",
+            cuda_options=_PIPER_CUDA_OPTIONS,
+            shrink="on_release",
+            stop_spinning=stop_spinning,
+        )
+
+    def _encode(self, ids: list[int], config: Any = None) -> dict[str, np.ndarray]:
+        """Phoneme ids -> what the decoder needs (the latent first), as Piper's
+        ``phoneme_ids_to_audio`` feeds its whole graph."""
+        assert self._encoder is not None and self._decoder is not None
+        voice_config = self._voice.config
+        scales = np.array(
+            [
+                _setting(config, "noise_scale", voice_config.noise_scale),
+                _setting(config, "length_scale", voice_config.length_scale),
+                _setting(config, "noise_w_scale", voice_config.noise_w_scale),
+            ],
+            dtype=np.float32,
+        )
+        feed = {
+            "input": np.array([ids], dtype=np.int64),
+            "input_lengths": np.array([len(ids)], dtype=np.int64),
+            "scales": scales,
+        }
+        if voice_config.num_speakers > 1:
+            speaker = _setting(config, "speaker_id", voice_config.default_speaker_id)
+            feed["sid"] = np.array([speaker], dtype=np.int64)
+        names = [value.name for value in self._encoder.get_outputs()]
+        return dict(zip(names, self._encoder.run(None, feed), strict=True))
+
+    def _speak_split(self, piece: str, config: Any, quick_start: bool) -> Iterator[FloatAudio]:
+        """One piece through the cut graph: each sentence encoded whole, its audio
+        decoded in spans (the first ``first_chunk_s`` alone when ``quick_start``),
+        normalized as Piper does (by the sentence's peak) without waiting for it."""
+        decoder = self._decoder
+        assert decoder is not None
+        rate = self._capabilities.sample_rate_hz
+        first_frames = round(self._options.first_chunk_s * rate / decoder.hop)
+        for phonemes in self._voice.phonemize(piece):
+            if not phonemes:
+                continue
+            handoff = self._encode(self._voice.phonemes_to_ids(phonemes), config)
+            frames = int(handoff[decoder.latent].shape[-1])
+            spans = [(0, frames)]
+            if quick_start and decoder.pad >= 0 and frames > first_frames + 2 * decoder.pad:
+                spans = [(0, first_frames), (first_frames, frames)]
+            quick_start = False
+            gain: float | None = None
+            for raw in decoder.decode(handoff, spans):
+                audio, gain = _level(raw, gain, self._options.normalize_audio)
+                yield np.clip(audio * self._options.volume, -1.0, 1.0).astype(np.float32)
 
     def _speaker_id(self, speaker: str | None) -> int | None:
         if speaker is None or speaker == "":
@@ -217,18 +300,24 @@ class PiperTtsEngine:
             dtype=np.float32,
         )
         produced = False
+        split = self._decoder is not None
         pieces = (
             split_sentences(text, self._options.max_chunk_chars)
-            if options.continuation
+            if options.continuation or split
             else split_for_streaming(
                 text,
                 lead_words=self._options.first_chunk_words,
                 max_chars=self._options.max_chunk_chars,
             )
         )
+        quick_start = not options.continuation
         for piece in pieces:
-            for chunk in self._voice.synthesize(piece, syn_config=config):
-                audio: FloatAudio = chunk.audio_float_array
+            if split:
+                chunks: Iterator[FloatAudio] = self._speak_split(piece, config, quick_start)
+            else:
+                chunks = (c.audio_float_array for c in self._voice.synthesize(piece, config))
+            quick_start = False
+            for audio in chunks:
                 if len(audio) == 0:
                     continue
                 produced = True
@@ -239,17 +328,56 @@ class PiperTtsEngine:
     def release_memory(self) -> None:
         """Hand back what the last requests left: one tiny synthesis that ends by
         shrinking onnxruntime's arena, then the heap's free pages."""
-        voice, session = self._voice, self._session
-        if voice is None or session is None:
+        voice, sessions = self._voice, self._sessions
+        if voice is None:
             return
-        session.shrink_after_next_run()
-        for _ in voice.synthesize("Ready."):
-            pass
+        for session in sessions:
+            session.shrink_after_next_run()
+        if self._decoder is not None:
+            for _ in self._speak_split("Ready.", None, quick_start=False):
+                pass
+        else:
+            for _ in voice.synthesize("Ready."):
+                pass
         return_freed_memory()
 
     def close(self) -> None:
         self._voice = None
-        self._session = None
+        self._sessions = ()
+        self._encoder = self._decoder = None
+
+
+def _setting(config: Any, name: str, default: Any) -> Any:
+    """A ``SynthesisConfig`` field, or the voice's own where it is None (as Piper does)."""
+    value = getattr(config, name, None) if config is not None else None
+    return default if value is None else value
+
+
+_GAIN_RAMP = 256
+"""Samples over which a lowered gain fades in (no click inside a sentence)."""
+
+
+def _level(
+    audio: FloatAudio, gain: float | None, normalize: bool
+) -> tuple[FloatAudio, float | None]:
+    """Piper's normalization (peak to 1.0) for one span of a sentence: the first
+    span sets the gain; a later span louder than that gain allows lowers it,
+    fading over a few milliseconds (each sample within full scale), so nothing
+    clips and the gain does not jump."""
+    if not normalize:
+        return audio, gain
+    peak = float(np.max(np.abs(audio))) if len(audio) else 0.0
+    if peak < 1e-8:
+        return np.zeros_like(audio), gain
+    wanted = 1.0 / peak
+    if gain is None or wanted >= gain:
+        return audio * (gain or wanted), gain or wanted
+    ramp = np.ones(len(audio), dtype=np.float32) * wanted
+    fade = min(_GAIN_RAMP, len(audio))
+    # Fade from the gain so far, each sample kept within full scale.
+    ceiling = 1.0 / np.maximum(np.abs(audio[:fade]), 1e-8)
+    ramp[:fade] = np.minimum(np.linspace(gain, wanted, fade, dtype=np.float32), ceiling)
+    return audio * ramp, wanted
 
 
 PLUGIN = EnginePlugin(

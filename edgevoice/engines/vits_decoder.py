@@ -1,0 +1,168 @@
+"""A Piper (VITS) voice cut in two where its HiFi-GAN decoder begins, so that a
+sentence's audio can be decoded in pieces.
+
+Piper exports one ONNX graph: text encoder, duration predictor and flow turn
+phoneme ids into a latent sequence (``[1, channels, frames]``, one frame per
+``hop_length`` samples), and the decoder turns that into audio. The decoder is
+convolutional: each sample depends only on the latent frames within its
+receptive field. So a span of frames decoded with ``pad`` frames of context on
+each side gives the same samples as decoding the whole sentence (checked when
+the voice loads, to float rounding), and the first fraction of a second can be
+played while the rest is decoded, without cutting the sentence's text (and its
+intonation) in two.
+
+The cut is found by node names (``/dec/…``, what Piper's exporter writes) and
+accepted only if the decoder holds local operators alone; anything else is
+``None`` and the voice runs whole. Blocking (model parsing); call from a
+worker thread. Needs the ``onnx`` package, imported only here.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgevoice.engines.base import FloatAudio
+
+_LOGGER = logging.getLogger(__name__)
+
+DECODER_PREFIX = "/dec/"
+_LOCAL_OPS = frozenset(
+    {"Conv", "ConvTranspose", "LeakyRelu", "Relu", "Add", "Sub", "Mul", "Div", "Tanh"}
+)
+"""Operators whose output at a time step depends on a bounded window of input."""
+_SHAPE_OPS = frozenset({"Constant", "Identity", "Unsqueeze", "Squeeze"})
+"""Operators allowed around the decoder (on its output, or giving constants)."""
+MAX_DIFFERENCE = 1e-4
+"""How far a chunked decode may differ from the whole one (float rounding is ~1e-6)."""
+
+
+@dataclass(frozen=True)
+class SplitVoice:
+    """The two halves of a Piper graph, serialized for onnxruntime."""
+
+    encoder: bytes
+    decoder: bytes
+    latent: str
+    """The decoder input with a time axis (the flow's output)."""
+    handoff: tuple[str, ...]
+    """Everything the encoder hands the decoder (``latent`` first; a
+    multi-speaker voice adds its speaker embedding)."""
+    pad_frames: int
+    """Frames of context decoded on each side of a span (the receptive field)."""
+
+
+def split_voice(path: Path) -> SplitVoice | None:
+    """Cut the voice at ``path`` before its decoder; None where it has no such cut."""
+    try:
+        import onnx
+        from onnx import utils
+    except ImportError:
+        _LOGGER.info("onnx is not installed: Piper voices decode whole sentences")
+        return None
+    model = onnx.load(str(path))
+    graph = model.graph
+    decoder_nodes = [node for node in graph.node if node.name.startswith(DECODER_PREFIX)]
+    if not decoder_nodes or any(
+        node.op_type not in _LOCAL_OPS | {"Constant"} for node in decoder_nodes
+    ):
+        return None
+    made = {name for node in decoder_nodes for name in node.output}
+    weights = {init.name for init in graph.initializer}
+    handoff = list(
+        dict.fromkeys(
+            name
+            for node in decoder_nodes
+            for name in node.input
+            if name and name not in made and name not in weights
+        )
+    )
+    first = [node for node in decoder_nodes if node.op_type == "Conv"]
+    if not first or first[0].input[0] not in handoff:
+        return None
+    latent = first[0].input[0]
+    handoff.remove(latent)
+    handoff.insert(0, latent)
+    extractor = utils.Extractor(model)
+    inputs = [value.name for value in graph.input]
+    encoder = extractor.extract_model(inputs, handoff)
+    decoder = extractor.extract_model(handoff, [graph.output[0].name])
+    if any(node.op_type not in _LOCAL_OPS | _SHAPE_OPS for node in decoder.graph.node):
+        return None
+    return SplitVoice(
+        encoder=encoder.SerializeToString(),
+        decoder=decoder.SerializeToString(),
+        latent=latent,
+        handoff=tuple(handoff),
+        pad_frames=receptive_field_frames(decoder_nodes),
+    )
+
+
+def receptive_field_frames(nodes: Sequence[Any]) -> int:
+    """Frames of latent context that bound every output sample's receptive field
+    (an upper bound: parallel branches are summed, not maxed)."""
+    from onnx import helper
+
+    frames = 0.0
+    upsampled = 1  # samples per latent frame at this point of the graph
+    for node in nodes:
+        if node.op_type not in ("Conv", "ConvTranspose"):
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        kernel = int(attrs.get("kernel_shape", [1])[-1])
+        dilation = int(attrs.get("dilations", [1])[-1])
+        stride = int(attrs.get("strides", [1])[-1])
+        if node.op_type == "ConvTranspose":
+            frames += kernel / (stride * upsampled)
+            upsampled *= stride
+        else:
+            frames += (kernel - 1) * dilation / 2 / upsampled
+    return int(np.ceil(frames)) + 1
+
+
+class ChunkedDecoder:
+    """Decodes spans of a latent sequence with ``pad_frames`` of context."""
+
+    def __init__(self, session: Any, split: SplitVoice, hop: int) -> None:
+        self.session = session
+        self.latent = split.latent
+        self.pad = split.pad_frames
+        self.hop = hop
+
+    def decode(
+        self, handoff: Mapping[str, np.ndarray], spans: Sequence[tuple[int, int]]
+    ) -> Iterator[FloatAudio]:
+        """The audio of each ``(start, end)`` frame span, in order."""
+        latent = handoff[self.latent]
+        frames = latent.shape[-1]
+        for start, end in spans:
+            lo, hi = max(0, start - self.pad), min(frames, end + self.pad)
+            feed = dict(handoff)
+            if (lo, hi) != (0, frames):
+                feed[self.latent] = np.ascontiguousarray(latent[..., lo:hi])
+            audio = np.asarray(self.session.run(None, feed)[0], dtype=np.float32).reshape(-1)
+            if len(audio) != (hi - lo) * self.hop:
+                raise RuntimeError(
+                    f"decoder gave {len(audio)} samples for {hi - lo} frames, not "
+                    f"{self.hop} a frame"
+                )
+            offset = (start - lo) * self.hop
+            yield audio[offset : offset + (end - start) * self.hop]
+
+    def check(self, handoff: Mapping[str, np.ndarray]) -> float:
+        """Largest difference between a whole and a two-span decode of a random
+        latent shaped like ``handoff``'s (an encoder output; blocking, for load time)."""
+        frames = 4 * self.pad + 8
+        rng = np.random.default_rng(0)
+        channels = handoff[self.latent].shape[1]
+        latent = rng.standard_normal((1, channels, frames)).astype(np.float32)
+        feed = {**handoff, self.latent: latent}
+        whole = np.concatenate(list(self.decode(feed, [(0, frames)])))
+        cut = frames // 3
+        parts = np.concatenate(list(self.decode(feed, [(0, cut), (cut, frames)])))
+        return float(np.max(np.abs(whole - parts)))
