@@ -46,7 +46,7 @@ from edgevoice.engines.base import (
     VoiceInfo,
 )
 from edgevoice.engines.onnx_session import ShrinkingSession, inference_session
-from edgevoice.engines.vits_decoder import MAX_DIFFERENCE, ChunkedDecoder, split_voice
+from edgevoice.engines.vits_decoder import MAX_DIFFERENCE, ChunkedDecoder, cut_voice
 from edgevoice.memory import return_freed_memory
 from edgevoice.model_files import ModelNotFoundError, as_local_path, hf_snapshot, packaged_model
 from edgevoice.text import split_for_streaming, split_sentences
@@ -71,10 +71,12 @@ class PiperOptions(EngineOptions):
     sentence_silence_s: float = Field(default=0.0, ge=0, le=5)
     """Silence appended after each sentence."""
     first_chunk_s: float = Field(default=0.3, ge=0, le=5)
-    """Seconds of a stream's first sentence decoded on their own, so audio starts
-    about twice as soon (the sentence is not cut: its text goes through the
-    model whole); 0 decodes whole sentences. Needs the voice's decoder to be cut
-    out of its graph (Piper's exports, with the ``onnx`` package)."""
+    """Seconds of a stream's first sentence decoded on their own when the
+    sentence is at least three times as long, so audio starts about twice as
+    soon (the sentence is not cut: its text goes through the model whole); 0
+    decodes whole sentences. Needs the voice's decoder to be cut out of its
+    graph (Piper's exports, with the ``onnx`` package; the halves are kept in
+    ``cache_dir/piper-cut``)."""
     first_chunk_words: int = Field(default=3, ge=0, le=20)
     """For a voice whose decoder cannot be cut out: speak the first N words of a
     long first sentence as their own piece (0: whole sentences). Only a stream's
@@ -158,17 +160,22 @@ class PiperTtsEngine:
         started = time.monotonic()
         raw = json.loads(config_path.read_text(encoding="utf-8"))
         config = PiperConfig.from_dict(raw)
-        split = split_voice(path) if self._options.first_chunk_s > 0 else None
-        if split is not None:
+        cut = None
+        if self._options.first_chunk_s > 0:
+            try:
+                cut = cut_voice(path, self._context.cache_dir)
+            except Exception:  # a graph onnx cannot cut, a cache it cannot write
+                _LOGGER.warning("Piper voice %s: not cut before its decoder", path, exc_info=True)
+        if cut is not None:
             self._encoder, decoder = (
-                self._session_for(part, stop_spinning=True)
-                for part in (split.encoder, split.decoder)
+                self._session_for(part, stop_spinning=True) for part in (cut.encoder, cut.decoder)
             )
             self._sessions = (self._encoder, decoder)
-            self._decoder = ChunkedDecoder(decoder, split, hop=config.hop_length)
+            self._decoder = ChunkedDecoder(decoder, cut, hop=config.hop_length)
             # Phonemes and ids only: runs go through the two halves.
             self._voice = PiperVoice(session=self._encoder, config=config)
-            difference = self._decoder.check(self._encode([config.phoneme_id_map["_"][0]] * 8))
+            pad_id = config.phoneme_id_map.get("_", [0])[0]
+            difference = self._decoder.check(self._encode([pad_id] * 8))
             if difference > MAX_DIFFERENCE:
                 _LOGGER.warning(
                     "Piper voice %s: a decode in pieces differs by %.2g; decoding whole sentences",
@@ -255,7 +262,9 @@ class PiperTtsEngine:
             handoff = self._encode(self._voice.phonemes_to_ids(phonemes), config)
             frames = int(handoff[decoder.latent].shape[-1])
             spans = [(0, frames)]
-            if quick_start and decoder.pad >= 0 and frames > first_frames + 2 * decoder.pad:
+            # Worth it when the rest is long (a short sentence is quick whole, and
+            # each cut decodes 2 * pad frames more).
+            if quick_start and decoder.pad >= 0 and frames >= 3 * first_frames + 2 * decoder.pad:
                 spans = [(0, first_frames), (first_frames, frames)]
             quick_start = False
             gain: float | None = None

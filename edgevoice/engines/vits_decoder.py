@@ -13,13 +13,22 @@ intonation) in two.
 
 The cut is found by node names (``/dec/…``, what Piper's exporter writes) and
 accepted only if the decoder holds local operators alone; anything else is
-``None`` and the voice runs whole. Blocking (model parsing); call from a
-worker thread. Needs the ``onnx`` package, imported only here.
+``None`` and the voice runs whole. The two halves are written once to the
+cache directory (:func:`cut_voice`), so later starts need neither the ``onnx``
+package (imported only to cut) nor its time, and onnxruntime loads them from
+files (a session made from bytes keeps the bytes). Blocking; call from a
+worker thread.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import logging
+import os
+import shutil
+import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,14 +66,66 @@ class SplitVoice:
     """Frames of context decoded on each side of a span (the receptive field)."""
 
 
-def split_voice(path: Path) -> SplitVoice | None:
-    """Cut the voice at ``path`` before its decoder; None where it has no such cut."""
-    try:
-        import onnx
-        from onnx import utils
-    except ImportError:
-        _LOGGER.info("onnx is not installed: Piper voices decode whole sentences")
+@dataclass(frozen=True)
+class CutVoice:
+    """A voice's two halves, as files, and how to join them."""
+
+    encoder: Path
+    decoder: Path
+    latent: str
+    handoff: tuple[str, ...]
+    pad_frames: int
+
+
+def cut_voice(path: Path, cache_dir: Path) -> CutVoice | None:
+    """The voice at ``path`` cut before its decoder, from ``cache_dir`` or cut
+    now (and kept there); None where it has no such cut or ``onnx`` is missing."""
+    stat = path.stat()
+    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    where = cache_dir / "piper-cut" / f"{path.stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+    if not (where / "cut.json").is_file():
+        try:
+            split = split_voice(path)
+        except ImportError:
+            _LOGGER.info("onnx is not installed: Piper voices are not cut before their decoder")
+            return None
+        _store(where, split)
+    meta = json.loads((where / "cut.json").read_text(encoding="utf-8"))
+    if not meta.get("cut"):
         return None
+    return CutVoice(
+        encoder=where / "encoder.onnx",
+        decoder=where / "decoder.onnx",
+        latent=str(meta["latent"]),
+        handoff=tuple(str(name) for name in meta["handoff"]),
+        pad_frames=int(meta["pad_frames"]),
+    )
+
+
+def _store(where: Path, split: SplitVoice | None) -> None:
+    """Write the halves (or that there are none) to ``where`` atomically: a
+    concurrent writer's copy wins, a reader never sees half a cut."""
+    where.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".cut-", dir=where.parent))
+    try:
+        meta: dict[str, object] = {"cut": split is not None}
+        if split is not None:
+            (staging / "encoder.onnx").write_bytes(split.encoder)
+            (staging / "decoder.onnx").write_bytes(split.decoder)
+            meta.update(latent=split.latent, handoff=split.handoff, pad_frames=split.pad_frames)
+        (staging / "cut.json").write_text(json.dumps(meta), encoding="utf-8")
+        with contextlib.suppress(OSError):  # another process stored it first
+            os.replace(staging, where)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def split_voice(path: Path) -> SplitVoice | None:
+    """Cut the voice at ``path`` before its decoder; None where it has no such
+    cut. Raises ImportError without the ``onnx`` package."""
+    import onnx
+    from onnx import utils
+
     model = onnx.load(str(path))
     graph = model.graph
     decoder_nodes = [node for node in graph.node if node.name.startswith(DECODER_PREFIX)]
@@ -128,7 +189,7 @@ def receptive_field_frames(nodes: Sequence[Any]) -> int:
 class ChunkedDecoder:
     """Decodes spans of a latent sequence with ``pad_frames`` of context."""
 
-    def __init__(self, session: Any, split: SplitVoice, hop: int) -> None:
+    def __init__(self, session: Any, split: CutVoice, hop: int) -> None:
         self.session = session
         self.latent = split.latent
         self.pad = split.pad_frames
