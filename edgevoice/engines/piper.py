@@ -160,30 +160,7 @@ class PiperTtsEngine:
         started = time.monotonic()
         raw = json.loads(config_path.read_text(encoding="utf-8"))
         config = PiperConfig.from_dict(raw)
-        cut = None
-        if self._options.first_chunk_s > 0:
-            try:
-                cut = cut_voice(path, self._context.cache_dir)
-            except Exception:  # a graph onnx cannot cut, a cache it cannot write
-                _LOGGER.warning("Piper voice %s: not cut before its decoder", path, exc_info=True)
-        if cut is not None:
-            self._encoder, decoder = (
-                self._session_for(part, stop_spinning=True) for part in (cut.encoder, cut.decoder)
-            )
-            self._sessions = (self._encoder, decoder)
-            self._decoder = ChunkedDecoder(decoder, cut, hop=config.hop_length)
-            # Phonemes and ids only: runs go through the two halves.
-            self._voice = PiperVoice(session=self._encoder, config=config)
-            pad_id = config.phoneme_id_map.get("_", [0])[0]
-            difference = self._decoder.check(self._encode([pad_id] * 8))
-            if difference > MAX_DIFFERENCE:
-                _LOGGER.warning(
-                    "Piper voice %s: a decode in pieces differs by %.2g; decoding whole sentences",
-                    path,
-                    difference,
-                )
-                self._decoder.pad = -1
-        else:
+        if not (self._options.first_chunk_s > 0 and self._load_cut(path, config)):
             session = self._session_for(path, stop_spinning=False)
             self._sessions = (session,)
             self._voice = PiperVoice(session=session, config=config)
@@ -213,6 +190,34 @@ class PiperTtsEngine:
             self._context.device,
             time.monotonic() - started,
         )
+
+    def _load_cut(self, path: Path, config: Any) -> bool:
+        """Load the voice cut before its decoder (from the cache, or cut now) and
+        check that a decode in spans equals the whole; False, with the engine as
+        before, where anything fails (no cut, no ``onnx``, a cache it cannot
+        write or read, a decoder that is not local after all)."""
+        from piper import PiperVoice
+
+        try:
+            cut = cut_voice(path, self._context.cache_dir)
+            if cut is None:
+                return False
+            encoder, decoder = (
+                self._session_for(part, stop_spinning=True) for part in (cut.encoder, cut.decoder)
+            )
+            self._encoder, self._decoder = encoder, ChunkedDecoder(decoder, cut, config.hop_length)
+            # Phonemes and ids only: runs go through the two halves.
+            self._voice = PiperVoice(session=encoder, config=config)
+            pad_id = config.phoneme_id_map.get("_", [0])[0]
+            difference = self._decoder.check(self._encode([pad_id] * 8))
+            if difference > MAX_DIFFERENCE:
+                raise ValueError(f"a decode in spans differs from the whole by {difference:.2g}")
+        except Exception:
+            _LOGGER.warning("Piper voice %s: not cut before its decoder", path, exc_info=True)
+            self._voice = self._encoder = self._decoder = None
+            return False
+        self._sessions = (encoder, decoder)
+        return True
 
     def _session_for(self, model: Path | bytes, *, stop_spinning: bool) -> ShrinkingSession:
         return inference_session(
@@ -264,7 +269,7 @@ class PiperTtsEngine:
             spans = [(0, frames)]
             # Worth it when the rest is long (a short sentence is quick whole, and
             # each cut decodes 2 * pad frames more).
-            if quick_start and decoder.pad >= 0 and frames >= 3 * first_frames + 2 * decoder.pad:
+            if quick_start and frames >= 3 * first_frames + 2 * decoder.pad:
                 spans = [(0, first_frames), (first_frames, frames)]
             quick_start = False
             gain: float | None = None
