@@ -772,11 +772,13 @@ class EngineHub:
         if release is None:
             return
         slot.released_s = time.monotonic()
+        try:
+            done = asyncio.get_running_loop().run_in_executor(slot.executor, release)
+        except RuntimeError:
+            return  # the pool shut down meanwhile: the engine is closing anyway
         slot.active += 1  # close() and a reload's retirement wait for it
         try:
-            await asyncio.get_running_loop().run_in_executor(slot.executor, release)
-        except RuntimeError:
-            pass  # the pool shut down meanwhile: the engine is closing anyway
+            await done
         except Exception:
             _LOGGER.exception("Releasing %s memory failed", slot.plugin.name)
         finally:

