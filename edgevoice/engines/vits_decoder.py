@@ -32,7 +32,7 @@ import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 
@@ -53,12 +53,15 @@ MAX_DIFFERENCE = 1e-4
 """How far a chunked decode may differ from the whole one (float rounding is ~1e-6)."""
 
 
-@dataclass(frozen=True)
-class SplitVoice:
-    """The two halves of a Piper graph, serialized for onnxruntime."""
+H = TypeVar("H", bytes, Path)
 
-    encoder: bytes
-    decoder: bytes
+
+@dataclass(frozen=True)
+class Halves(Generic[H]):
+    """A voice's two halves (serialized, or as files) and how they join."""
+
+    encoder: H
+    decoder: H
     latent: str
     """The decoder input with a time axis (the flow's output)."""
     handoff: tuple[str, ...]
@@ -68,15 +71,10 @@ class SplitVoice:
     """Frames of context decoded on each side of a span (the receptive field)."""
 
 
-@dataclass(frozen=True)
-class CutVoice:
-    """A voice's two halves, as files, and how to join them."""
-
-    encoder: Path
-    decoder: Path
-    latent: str
-    handoff: tuple[str, ...]
-    pad_frames: int
+SplitVoice = Halves[bytes]
+"""Just cut, for onnxruntime or the cache."""
+CutVoice = Halves[Path]
+"""Stored in the cache, what the engine loads."""
 
 
 def cut_voice(path: Path, cache_dir: Path) -> CutVoice | None:
@@ -95,7 +93,7 @@ def cut_voice(path: Path, cache_dir: Path) -> CutVoice | None:
     meta = json.loads((where / "cut.json").read_text(encoding="utf-8"))
     if not meta.get("cut"):
         return None
-    return CutVoice(
+    return Halves(
         encoder=where / "encoder.onnx",
         decoder=where / "decoder.onnx",
         latent=str(meta["latent"]),
@@ -166,7 +164,7 @@ def split_voice(path: Path) -> SplitVoice | None:
     decoder = extractor.extract_model(handoff, [graph.output[0].name])
     if any(node.op_type not in _LOCAL_OPS | _SHAPE_OPS for node in decoder.graph.node):
         return None
-    return SplitVoice(
+    return Halves(
         encoder=encoder.SerializeToString(),
         decoder=decoder.SerializeToString(),
         latent=latent,
