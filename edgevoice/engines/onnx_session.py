@@ -78,7 +78,7 @@ def inference_session(
         sess_options=options,
         providers=onnx_providers(device, engine=engine, cuda_options=cuda_options),
     )
-    return ShrinkingSession(session, onnxruntime.RunOptions(), every_run=shrink == "every_run")
+    return ShrinkingSession(session, every_run=shrink == "every_run")
 
 
 SHRINK_CPU_ARENA = ("memory.enable_memory_arena_shrinkage", "cpu:0")
@@ -91,12 +91,12 @@ class ShrinkingSession:
     option): every run, or (``every_run=False``) only the run after
     :meth:`shrink_after_next_run`. Anything else is the session's own."""
 
-    def __init__(self, session: Any, run_options: Any, *, every_run: bool = True) -> None:
+    def __init__(self, session: Any, *, every_run: bool = True) -> None:
         import onnxruntime
 
         self.session = session
         self.every_run = every_run
-        self._keep_options = run_options
+        self._keep_options = onnxruntime.RunOptions()
         self._shrink_options = onnxruntime.RunOptions()
         self._shrink_options.add_run_config_entry(*SHRINK_CPU_ARENA)
         self._shrink_next = False

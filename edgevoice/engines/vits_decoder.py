@@ -198,10 +198,10 @@ def receptive_field_frames(nodes: Sequence[Any]) -> int:
 class ChunkedDecoder:
     """Decodes spans of a latent sequence with ``pad_frames`` of context."""
 
-    def __init__(self, session: Any, split: CutVoice, hop: int) -> None:
+    def __init__(self, session: Any, cut: CutVoice, hop: int) -> None:
         self.session = session
-        self.latent = split.latent
-        self.pad = split.pad_frames
+        self.latent = cut.latent
+        self.pad = cut.pad_frames
         self.hop = hop
 
     def decode(
