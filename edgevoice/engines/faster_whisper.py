@@ -208,9 +208,23 @@ class FasterWhisperAsrEngine:
         )
         # Prompting was tuned on (and holds best in) Whisper's 30 s windows.
         frames = _STOCK_FRAMES if prompted else self._window_frames
+        short = frames < _STOCK_FRAMES and len(audio) < _STOCK_FRAMES * _SAMPLES_PER_FRAME
+        temperatures = [temperature] if isinstance(temperature, float | int) else list(temperature)
         _WINDOW.frames = frames
         try:
-            segments, info = self._transcribe(audio, language, temperature, options)
+            if short:
+                # The short window is a shortcut, taken only where it holds: one
+                # temperature and a bounded number of tokens, then Whisper's own
+                # checks (see _checked).
+                segments, info = self._transcribe(
+                    audio,
+                    language,
+                    temperatures[0],
+                    options,
+                    max_new_tokens=_token_budget(len(audio)),
+                )
+            else:
+                segments, info = self._transcribe(audio, language, temperature, options)
         finally:
             _WINDOW.frames = None
         transcript_info = TranscriptInfo(
@@ -218,7 +232,35 @@ class FasterWhisperAsrEngine:
             language_probability=float(info.language_probability),
             duration_s=float(info.duration),
         )
-        return transcript_info, self._convert(_windowed(segments, frames))
+        windowed = _windowed(segments, frames)
+        if short:
+            windowed = self._checked(windowed, audio, language, temperature, options)
+        return transcript_info, self._convert(windowed)
+
+    def _checked(
+        self,
+        fast: Iterator[Any],
+        audio: FloatAudio,
+        language: str | None,
+        temperature: float | list[float],
+        options: TranscribeOptions,
+    ) -> Iterator[Any]:
+        """The short window's segments where they are plausible (see
+        :func:`_implausible`); else the audio decoded again as stock Whisper
+        does (30 s window, the temperature fallbacks). A short window can lose
+        its footing near its end: a tail decoded after a timestamp repeats the
+        text before it, and with the fallbacks on top a 4.35 s command took
+        5 to 10 s and lost its last word."""
+        segments = list(fast)
+        problem = _implausible(segments, len(audio) / (_SAMPLES_PER_FRAME * _FRAMES_PER_S))
+        if problem is None:
+            yield from segments
+            return
+        _LOGGER.debug(
+            "faster-whisper: the short window's decode %s: decoding in 30 s windows", problem
+        )
+        again, _info = self._transcribe(audio, language, temperature, options)
+        yield from _windowed(again, _STOCK_FRAMES)
 
     def _transcribe(
         self,
@@ -226,10 +268,12 @@ class FasterWhisperAsrEngine:
         language: str | None,
         temperature: float | list[float],
         options: TranscribeOptions,
+        max_new_tokens: int | None = None,
     ) -> tuple[Iterator[Any], Any]:
         assert self._model is not None
         return self._model.transcribe(  # type: ignore[no-any-return]
             audio,
+            max_new_tokens=max_new_tokens,
             language=language,
             task=options.task,
             beam_size=options.beam_size or self._options.beam_size,
@@ -285,6 +329,58 @@ class FasterWhisperAsrEngine:
 
 _FRAMES_PER_S = 100
 _STOCK_FRAMES = 3000
+_SAMPLES_PER_FRAME = 160
+_COMPRESSION_RATIO_THRESHOLD = 2.4
+_LOG_PROB_THRESHOLD = -1.0
+_NO_SPEECH_THRESHOLD = 0.6
+"""faster-whisper's defaults for the fallback checks (the engine keeps them)."""
+_TOKENS_PER_S = 12
+_TOKENS_BASE = 16
+_MAX_TOKENS = 224
+"""Whisper's own limit (half its 448-token context)."""
+
+
+def _token_budget(samples: int) -> int:
+    """Most tokens a window of ``samples`` (16 kHz) may need: 12 a second (fast
+    speech, with timestamps, is under 8) plus 16, so a decode that loops on
+    itself stops early."""
+    seconds = samples / (_SAMPLES_PER_FRAME * _FRAMES_PER_S)
+    return min(_MAX_TOKENS, _TOKENS_BASE + int(_TOKENS_PER_S * seconds + 0.999))
+
+
+_TIMESTAMP_SLACK_S = 2.0
+_MAX_CHARS_PER_S = 40
+_CHARS_SLACK = 10
+
+
+def _implausible(segments: list[Any], duration_s: float) -> str | None:
+    """Why a decode cannot be trusted, or None: a window that Whisper's own
+    checks would have decoded again at a higher temperature, a timestamp past
+    the audio's end, or more text than speech can hold (fast speech is about
+    20 characters a second; a repeated sentence is twice that)."""
+    for segment in segments:
+        if _would_fall_back(segment):
+            return (
+                f"failed Whisper's checks (compression ratio {segment.compression_ratio:.1f}, "
+                f"log probability {segment.avg_logprob:.2f})"
+            )
+        if segment.end > duration_s + _TIMESTAMP_SLACK_S:
+            return f"ended a segment at {segment.end:.1f} s, after the audio's {duration_s:.1f} s"
+    chars = sum(len(segment.text.strip()) for segment in segments)
+    if chars > _MAX_CHARS_PER_S * duration_s + _CHARS_SLACK:
+        return f"made {chars} characters of {duration_s:.1f} s of audio"
+    return None
+
+
+def _would_fall_back(segment: Any) -> bool:
+    """Whether faster-whisper would have tried the next temperature for this
+    segment's window (its ``needs_fallback``; silence is not a failure)."""
+    unsure = segment.avg_logprob < _LOG_PROB_THRESHOLD
+    if unsure and segment.no_speech_prob > _NO_SPEECH_THRESHOLD:
+        return False
+    return bool(unsure or segment.compression_ratio > _COMPRESSION_RATIO_THRESHOLD)
+
+
 _WINDOW = threading.local()
 _installed = threading.Lock()
 

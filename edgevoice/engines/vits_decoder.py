@@ -23,6 +23,7 @@ worker thread.
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import logging
@@ -89,7 +90,8 @@ def cut_voice(path: Path, cache_dir: Path) -> CutVoice | None:
         except ImportError:
             _LOGGER.info("onnx is not installed: Piper voices are not cut before their decoder")
             return None
-        _store(where, split)
+        _store(where, split, source=path.resolve())
+        _forget_older_cuts(where, path.resolve())
     meta = json.loads((where / "cut.json").read_text(encoding="utf-8"))
     if not meta.get("cut"):
         return None
@@ -102,13 +104,13 @@ def cut_voice(path: Path, cache_dir: Path) -> CutVoice | None:
     )
 
 
-def _store(where: Path, split: SplitVoice | None) -> None:
+def _store(where: Path, split: SplitVoice | None, *, source: Path) -> None:
     """Write the halves (or that there are none) to ``where`` atomically: a
     concurrent writer's copy wins, a reader never sees half a cut."""
     where.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".cut-", dir=where.parent))
     try:
-        meta: dict[str, object] = {"cut": split is not None}
+        meta: dict[str, object] = {"cut": split is not None, "source": str(source)}
         if split is not None:
             (staging / "encoder.onnx").write_bytes(split.encoder)
             (staging / "decoder.onnx").write_bytes(split.decoder)
@@ -120,6 +122,23 @@ def _store(where: Path, split: SplitVoice | None) -> None:
             os.replace(staging, where)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _forget_older_cuts(where: Path, source: Path) -> None:
+    """Remove the cuts of earlier versions of the voice file at ``source`` (the
+    file changed: each cut is as large as the voice, and none would be used
+    again). Cuts of other files, even with the same name, are kept."""
+    stem = where.name.rsplit("-", 1)[0]
+    for other in where.parent.glob(f"{glob.escape(stem)}-*"):
+        if other == where or other.name.rsplit("-", 1)[0] != stem:
+            continue
+        try:
+            meta = json.loads((other / "cut.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue  # being written now, or not a cut: not ours to judge
+        if isinstance(meta, dict) and meta.get("source") == str(source):
+            _LOGGER.info("Piper voice %s changed: removing its earlier cut %s", source, other)
+            forget_cut(other)
 
 
 def forget_cut(where: Path) -> None:
