@@ -218,15 +218,8 @@ class FasterWhisperAsrEngine:
         try:
             if short:
                 # The short window is a shortcut, taken only where it holds: one
-                # temperature and a bounded number of tokens, then Whisper's own
-                # checks (see _checked).
-                segments, info = self._transcribe(
-                    audio,
-                    language,
-                    temperatures[0],
-                    options,
-                    max_new_tokens=_token_budget(len(audio)),
-                )
+                # temperature, then Whisper's own checks (see _checked).
+                segments, info = self._transcribe(audio, language, temperatures[0], options)
             else:
                 segments, info = self._transcribe(audio, language, temperature, options)
         finally:
@@ -238,7 +231,9 @@ class FasterWhisperAsrEngine:
         )
         windowed = _windowed(segments, frames)
         if short:
-            windowed = self._checked(windowed, audio, language, temperature, options)
+            windowed = self._checked(
+                windowed, audio, language, temperatures, options, frames=frames
+            )
         return transcript_info, self._convert(windowed)
 
     def _checked(
@@ -246,24 +241,40 @@ class FasterWhisperAsrEngine:
         fast: Iterator[Any],
         audio: FloatAudio,
         language: str | None,
-        temperature: float | list[float],
+        temperatures: list[float],
         options: TranscribeOptions,
+        *,
+        frames: int,
     ) -> Iterator[Any]:
         """The short window's segments where they are plausible (see
-        :func:`_implausible`); else the audio decoded again as stock Whisper
-        does (30 s window, the temperature fallbacks). A short window can lose
-        its footing near its end: a tail decoded after a timestamp repeats the
-        text before it, and with the fallbacks on top a 4.35 s command took
-        5 to 10 s and lost its last word."""
+        :func:`_implausible`). A short window can lose its footing near its
+        end: a tail decoded after a timestamp repeats the text before it (with
+        the fallbacks on top, a 4.35 s command took 5 to 10 s and lost its last
+        word). Else the audio is decoded again in one piece, without timestamps
+        (no tail; unless word timestamps were asked for), and where that fails
+        too, as stock Whisper does (30 s window, every temperature)."""
+        duration_s = len(audio) / (_SAMPLES_PER_FRAME * _FRAMES_PER_S)
         segments = list(fast)
-        problem = _implausible(segments, len(audio) / (_SAMPLES_PER_FRAME * _FRAMES_PER_S))
+        problem = _implausible(segments, duration_s)
         if problem is None:
             yield from segments
             return
-        _LOGGER.debug(
-            "faster-whisper: the short window's decode %s: decoding in 30 s windows", problem
-        )
-        again, _info = self._transcribe(audio, language, temperature, options)
+        if not options.word_timestamps:
+            _LOGGER.debug("faster-whisper: the short window's decode %s: once more, whole", problem)
+            _WINDOW.frames = frames
+            try:
+                whole, _info = self._transcribe(
+                    audio, language, temperatures[0], options, without_timestamps=True
+                )
+            finally:
+                _WINDOW.frames = None
+            segments = list(_windowed(whole, frames))
+            problem = _implausible(segments, duration_s)
+            if problem is None:
+                yield from segments
+                return
+        _LOGGER.debug("faster-whisper: the short window's decode %s: in 30 s windows", problem)
+        again, _info = self._transcribe(audio, language, temperatures, options)
         yield from _windowed(again, _STOCK_FRAMES)
 
     def _transcribe(
@@ -272,12 +283,16 @@ class FasterWhisperAsrEngine:
         language: str | None,
         temperature: float | list[float],
         options: TranscribeOptions,
-        max_new_tokens: int | None = None,
+        without_timestamps: bool = False,
     ) -> tuple[Iterator[Any], Any]:
         assert self._model is not None
         return self._model.transcribe(  # type: ignore[no-any-return]
             audio,
-            max_new_tokens=max_new_tokens,
+            # Every window, whatever its temperature: a decode that loops on
+            # itself stops where speech could not go on (a 4 s tone took 7.6 s
+            # in 30 s windows without this).
+            max_new_tokens=_token_budget(len(audio)),
+            without_timestamps=without_timestamps,
             language=language,
             task=options.task,
             beam_size=options.beam_size or self._options.beam_size,
@@ -340,15 +355,18 @@ _NO_SPEECH_THRESHOLD = 0.6
 """faster-whisper's defaults for the fallback checks (the engine keeps them)."""
 _TOKENS_PER_S = 12
 _TOKENS_BASE = 16
-_MAX_TOKENS = 224
-"""Whisper's own limit (half its 448-token context)."""
+_MAX_TOKENS = 220
+"""Whisper's context is 448 tokens, and faster-whisper refuses a window whose
+prompt (at most 223 earlier tokens and 5 of its own) and budget exceed it."""
 
 
 def _token_budget(samples: int) -> int:
-    """Most tokens a window of ``samples`` (16 kHz) may need: 12 a second (fast
-    speech, with timestamps, is under 8) plus 16, so a decode that loops on
-    itself stops early."""
-    seconds = samples / (_SAMPLES_PER_FRAME * _FRAMES_PER_S)
+    """Most tokens a window of audio ``samples`` long (16 kHz; a window holds 30 s
+    at most) may need: 12 a second (fast speech, with timestamps, is under 8)
+    plus 16, so a decode that loops on itself stops early."""
+    seconds = min(samples, _STOCK_FRAMES * _SAMPLES_PER_FRAME) / (
+        _SAMPLES_PER_FRAME * _FRAMES_PER_S
+    )
     return min(_MAX_TOKENS, _TOKENS_BASE + int(_TOKENS_PER_S * seconds + 0.999))
 
 
