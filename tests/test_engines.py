@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 import shutil
@@ -143,7 +144,7 @@ def test_a_short_window_decode_is_checked_like_whisper_checks_its_own() -> None:
     """What makes the short window's decode untrustworthy: what would make
     faster-whisper try the next temperature (not silence), a timestamp past
     the audio, more text than speech holds."""
-    from edgevoice.engines.faster_whisper import _implausible, _token_budget
+    from edgevoice.engines.faster_whisper import _implausible
 
     ok = [_fw_segment(" Turn on the living room light.", 2.0)]
     assert _implausible(ok, 1.4) is None
@@ -154,11 +155,41 @@ def test_a_short_window_decode_is_checked_like_whisper_checks_its_own() -> None:
     assert "after the audio" in str(_implausible([_fw_segment(" Turn on.", 28.3)], 1.6))
     twice = " Turn on the living room light. Turn on the living room light. Turn on"
     assert "characters" in str(_implausible([_fw_segment(twice, 1.36)], 1.36))  # tiny.en did
-    assert _token_budget(16000 * 4) == 16 + 48
+    # ... and a 0.49 s tail with a sentence and a half in it (the whole is under the limit).
+    head = _fw_segment(" Turn on the living room, Liam. Turn on the living room light.", 3.86)
+    tail = dataclasses.replace(
+        _fw_segment(" lamp. Turn on the living room light. Turn on the living room.", 4.35),
+        start=3.86,
+    )
+    assert "characters of 0.49 s" in str(_implausible([head, tail], 4.35))
+
+
+def test_each_whisper_window_gets_the_token_budget_of_its_audio() -> None:
+    """A window's budget is its own audio's (a 0.49 s tail: 22 tokens, not the
+    whole command's), only inside this engine's decodes, never raised."""
+    from faster_whisper.transcribe import TranscriptionOptions
+
+    from edgevoice.engines import faster_whisper as engine_module
+
+    fields = {f.name: None for f in dataclasses.fields(TranscriptionOptions)}
+    options = TranscriptionOptions(**{**fields, "max_new_tokens": 69})
+    window = engine_module._WINDOW
+    try:
+        window.frames, window.content = 1000, 49
+        assert engine_module._window_options(options).max_new_tokens == 16 + 6
+        window.content = 3000
+        assert engine_module._window_options(options) is options  # never raised
+        window.frames, window.content = None, 49  # someone else's decode
+        assert engine_module._window_options(options) is options
+    finally:
+        window.frames = window.content = None
+    assert engine_module._token_budget(16000 * 4) == 16 + 48
     # faster-whisper refuses a budget that with the longest prompt (223 earlier
     # tokens, 5 of its own) exceeds Whisper's 448-token context.
-    assert _token_budget(16000 * 30) + 223 + 5 <= 448
-    assert _token_budget(16000 * 3600) == _token_budget(16000 * 30)  # per window
+    assert engine_module._token_budget(16000 * 30) + 223 + 5 <= 448
+    assert engine_module._token_budget(16000 * 3600) == engine_module._token_budget(
+        16000 * 30
+    )  # per window
 
 
 def test_faster_whisper_short_window_falls_back_to_whisper_s_own_decode(

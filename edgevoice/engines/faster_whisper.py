@@ -6,6 +6,7 @@ libraries are imported in :meth:`FasterWhisperAsrEngine.load`.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -181,6 +182,7 @@ class FasterWhisperAsrEngine:
             num_workers=workers,
             local_files_only=True,
         )
+        _budget_each_window(self._model)
         self._capabilities = self._make_capabilities(
             multilingual=bool(self._model.model.is_multilingual)
         )
@@ -378,8 +380,9 @@ _CHARS_SLACK = 10
 def _implausible(segments: list[Any], duration_s: float) -> str | None:
     """Why a decode cannot be trusted, or None: a window that Whisper's own
     checks would have decoded again at a higher temperature, a timestamp past
-    the audio's end, or more text than speech can hold (fast speech is about
-    20 characters a second; a repeated sentence is twice that)."""
+    the audio's end, or more text than speech can hold, in a segment's span or
+    in the whole audio (fast speech is about 20 characters a second; a
+    repeated sentence is twice that)."""
     for segment in segments:
         if _would_fall_back(segment):
             return (
@@ -388,10 +391,17 @@ def _implausible(segments: list[Any], duration_s: float) -> str | None:
             )
         if segment.end > duration_s + _TIMESTAMP_SLACK_S:
             return f"ended a segment at {segment.end:.1f} s, after the audio's {duration_s:.1f} s"
-    chars = sum(len(segment.text.strip()) for segment in segments)
-    if chars > _MAX_CHARS_PER_S * duration_s + _CHARS_SLACK:
-        return f"made {chars} characters of {duration_s:.1f} s of audio"
+        span_s = max(0.0, min(segment.end, duration_s) - segment.start)
+        if _too_much_text(segment.text, span_s):
+            return f"made {len(segment.text.strip())} characters of {span_s:.2f} s of audio"
+    text = "".join(segment.text for segment in segments)
+    if _too_much_text(text, duration_s):
+        return f"made {len(text.strip())} characters of {duration_s:.1f} s of audio"
     return None
+
+
+def _too_much_text(text: str, seconds: float) -> bool:
+    return len(text.strip()) > _MAX_CHARS_PER_S * seconds + _CHARS_SLACK
 
 
 def _would_fall_back(segment: Any) -> bool:
@@ -417,6 +427,8 @@ def _install_window() -> None:
 
         def pad_or_trim(array: Any, length: int = 3000, *, axis: int = -1) -> Any:
             frames = getattr(_WINDOW, "frames", None)
+            if frames:
+                _WINDOW.content = array.shape[axis]  # for _budget_each_window
             if frames and length == 3000:
                 content = -(-array.shape[axis] // _FRAMES_PER_S) * _FRAMES_PER_S
                 length = min(3000, max(frames, content))
@@ -435,8 +447,37 @@ def _windowed(segments: Iterator[Any], frames: int) -> Iterator[Any]:
         except StopIteration:
             return
         finally:
-            _WINDOW.frames = None
+            _WINDOW.frames = _WINDOW.content = None
         yield segment
+
+
+def _budget_each_window(model: Any) -> None:
+    """Give each window of this engine's decodes the token budget of the audio
+    it holds (the call's budget is its whole audio's): a tail of 0.5 s that
+    loops stops at 22 tokens, not at the whole command's 69. A faster-whisper
+    without the method keeps the call's budget."""
+    stock = getattr(model, "generate_with_fallback", None)
+    if stock is None:
+        return
+
+    def generate_with_fallback(
+        encoder_output: Any, prompt: Any, tokenizer: Any, options: Any
+    ) -> Any:
+        return stock(encoder_output, prompt, tokenizer, _window_options(options))
+
+    model.generate_with_fallback = generate_with_fallback
+
+
+def _window_options(options: Any) -> Any:
+    """``options`` with the token budget of the window being decoded (its
+    content, which the window's ``pad_or_trim`` noted), where that is smaller."""
+    content = getattr(_WINDOW, "content", None)
+    if not content or getattr(_WINDOW, "frames", None) is None or not options.max_new_tokens:
+        return options
+    budget = _token_budget(content * _SAMPLES_PER_FRAME)
+    if budget >= options.max_new_tokens:
+        return options
+    return dataclasses.replace(options, max_new_tokens=budget)
 
 
 PLUGIN = EnginePlugin(
