@@ -91,12 +91,13 @@ class FasterWhisperOptions(whisper_common.WhisperOptions):
     a tie can come out differently. A request with a prompt or hotwords (or
     the model's own ``initial_prompt``/``hotwords``) decodes in 30 s windows:
     prompting holds best there (tiny.en spelled a hotword as two words in a
-    10 s window). A short window decodes once (the first temperature, a
-    token budget for the audio's length) and its result is checked: one that
-    Whisper's checks would decode again, with a timestamp past the audio or
-    more text than speech holds is decoded again as stock Whisper does. 30
+    10 s window). A short window decodes once (the first temperature) and
+    its result is checked: one that Whisper's checks would decode again, with
+    a timestamp past the audio or more text than speech holds is decoded
+    again in one piece without timestamps, then as stock Whisper does. 30
     (the default) is Whisper's stock behaviour; the built-in default model
-    (voice commands) uses 10."""
+    (voice commands) uses 10. Every window, short or not, has a token budget
+    for the audio it holds, so a decode that loops stops early."""
 
 
 def resolve_model(model: str, cache_dir: Path, offline: bool) -> Path:
