@@ -292,8 +292,10 @@ def test_faster_whisper_short_window_keeps_a_command_s_last_words(tmp_path: Path
         said = words("".join(s.text for s in segments))
     finally:
         engine.close()
-    # Three commands of six words (tiny.en hears "lamp" as "Liam"): none lost, none repeated.
-    assert len(said) == 18 and said.count("turn") == 3 and "light" in said, said
+    # Three commands of six words (tiny.en hears "lamp" as "Liam"), none repeated,
+    # the last word at most lost. (Here: all 18 words, where the loop lost one;
+    # what the check does is tested on a decode made to loop, above.)
+    assert 17 <= len(said) <= 18 and said.count("turn") == 3 and "light" in said, said
 
 
 def test_faster_whisper_rejects_translate_and_unknown_language(
