@@ -83,13 +83,8 @@ def test_faster_whisper_words_and_capabilities(whisper: FasterWhisperAsrEngine) 
     assert timed[-1].end_s <= info.duration_s + 0.1
 
 
-def test_faster_whisper_encoder_window(
-    whisper: FasterWhisperAsrEngine,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """``min_window_s``: the encoder sees short audio padded to that window only
-    (its own length when longer, never over 30 s); other callers keep 30 s."""
+def _record_windows(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The encoder window of each step of the faster-whisper decodes from now on."""
     import faster_whisper.transcribe as fw_transcribe
 
     seen: list[int] = []
@@ -101,6 +96,19 @@ def test_faster_whisper_encoder_window(
         return out
 
     monkeypatch.setattr(fw_transcribe, "pad_or_trim", recording)
+    return seen
+
+
+def test_faster_whisper_encoder_window(
+    whisper: FasterWhisperAsrEngine,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``min_window_s``: the encoder sees short audio padded to that window only
+    (its own length when longer, never over 30 s); other callers keep 30 s."""
+    import faster_whisper.transcribe as fw_transcribe
+
+    seen = _record_windows(monkeypatch)
     short = FasterWhisperAsrEngine(
         _context(TINY_EN, tmp_path), FasterWhisperOptions(min_window_s=10.0)
     )
@@ -198,7 +206,6 @@ def test_faster_whisper_short_window_falls_back_to_whisper_s_own_decode(
     """The short window decodes once (first temperature, a token budget for the
     audio's length); a result that fails the checks is thrown away and the
     audio decoded as stock Whisper does (30 s window, every temperature)."""
-    import faster_whisper.transcribe as fw_transcribe
 
     from edgevoice.engines.faster_whisper import _token_budget
 
@@ -206,16 +213,8 @@ def test_faster_whisper_short_window_falls_back_to_whisper_s_own_decode(
         _context(TINY_EN, tmp_path), FasterWhisperOptions(min_window_s=10.0)
     )
     engine.load()
-    seen: list[int] = []
+    seen = _record_windows(monkeypatch)
     calls: list[dict[str, Any]] = []
-    windowed = fw_transcribe.pad_or_trim
-
-    def recording(array: np.ndarray, length: int = 3000, *, axis: int = -1) -> Any:
-        out = windowed(array, length, axis=axis)
-        seen.append(out.shape[axis])
-        return out
-
-    monkeypatch.setattr(fw_transcribe, "pad_or_trim", recording)
     model = engine._model
     real = model.transcribe
     hallucinate = [0]  # how many decodes come out looping
