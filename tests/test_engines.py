@@ -151,53 +151,62 @@ def _fw_segment(text: str, end: float, **scores: float) -> Any:
 def test_a_short_window_decode_is_checked_like_whisper_checks_its_own() -> None:
     """What makes the short window's decode untrustworthy: what would make
     faster-whisper try the next temperature (not silence), a timestamp past
-    the audio, more text than speech holds."""
+    the audio's window, more text than speech holds."""
     from edgevoice.engines.faster_whisper import _implausible
 
     ok = [_fw_segment(" Turn on the living room light.", 2.0)]
-    assert _implausible(ok, 1.4) is None
-    assert "checks" in str(_implausible([_fw_segment(" a a a", 1.0, compression_ratio=3.1)], 1.4))
-    assert "checks" in str(_implausible([_fw_segment(" huh", 1.0, avg_logprob=-1.4)], 1.4))
+    assert _implausible(ok, 1.4, 10.0) is None
+    failing = [_fw_segment(" a a a", 1.0, compression_ratio=3.1)]
+    assert "checks" in str(_implausible(failing, 1.4, 10.0))
+    assert "checks" in str(_implausible([_fw_segment(" huh", 1.0, avg_logprob=-1.4)], 1.4, 10.0))
     quiet = _fw_segment(" you", 1.0, avg_logprob=-1.4, no_speech_prob=0.9)
-    assert _implausible([quiet], 1.4) is None  # silence is not a failure (as in faster-whisper)
-    assert "after the audio" in str(_implausible([_fw_segment(" Turn on.", 28.3)], 1.6))
+    assert (
+        _implausible([quiet], 1.4, 10.0) is None
+    )  # silence is not a failure (as in faster-whisper)
+    late = [_fw_segment(" Our neighbor came over to ask whether we had seen her cat.", 7.0)]
+    assert _implausible(late, 2.7, 10.0) is None  # tiny.en closes late in the padding
+    for end, duration in ((28.3, 1.6), (10.0, 1.3), (10.9, 4.2)):  # what tiny.en did when lost
+        lost = [_fw_segment(" Turn on.", end)]
+        assert "after the audio" in str(_implausible(lost, duration, 10.0))
     twice = " Turn on the living room light. Turn on the living room light. Turn on"
-    assert "characters" in str(_implausible([_fw_segment(twice, 1.36)], 1.36))  # tiny.en did
+    assert "characters" in str(_implausible([_fw_segment(twice, 1.36)], 1.36, 10.0))
     # ... and a 0.49 s tail with a sentence and a half in it (the whole is under the limit).
     head = _fw_segment(" Turn on the living room, Liam. Turn on the living room light.", 3.86)
     tail = dataclasses.replace(
         _fw_segment(" lamp. Turn on the living room light. Turn on the living room.", 4.35),
         start=3.86,
     )
-    assert "characters of 0.49 s" in str(_implausible([head, tail], 4.35))
+    assert "characters of 0.49 s" in str(_implausible([head, tail], 4.35, 10.0))
 
 
 def test_each_whisper_window_gets_the_token_budget_of_its_audio() -> None:
-    """A window's budget is its own audio's (a 0.49 s tail: 22 tokens, not the
-    whole command's), only inside this engine's decodes, never raised."""
+    """A window's budget is its own audio's (16 + 12 tokens a second), asked for
+    as CTranslate2 counts it (it decodes at most half of prompt + budget),
+    only inside this engine's decodes, never past Whisper's 448-token context
+    (faster-whisper refuses a longer one) and never above a smaller budget."""
     from faster_whisper.transcribe import TranscriptionOptions
 
     from edgevoice.engines import faster_whisper as engine_module
 
     fields = {f.name: None for f in dataclasses.fields(TranscriptionOptions)}
-    options = TranscriptionOptions(**{**fields, "max_new_tokens": 69})
+    stock = TranscriptionOptions(**fields)
     window = engine_module._WINDOW
+    budget = engine_module._window_options
     try:
-        window.frames, window.content = 1000, 49
-        assert engine_module._window_options(options).max_new_tokens == 16 + 6
-        window.content = 3000
-        assert engine_module._window_options(options) is options  # never raised
+        window.frames, window.content = 1000, 49  # a 0.49 s tail
+        assert budget(stock, 5).max_new_tokens == 2 * 22 - 5
+        assert budget(stock, 40).max_new_tokens == 22  # a long prompt: the budget itself
+        assert budget(stock, 430) is stock  # no room for it: as faster-whisper would
+        smaller = dataclasses.replace(stock, max_new_tokens=10)
+        assert budget(smaller, 5) is smaller
+        window.content = 3000  # 30 s: more than the context holds anyway
+        assert budget(stock, 5) is stock
         window.frames, window.content = None, 49  # someone else's decode
-        assert engine_module._window_options(options) is options
+        assert budget(stock, 5) is stock
     finally:
         window.frames = window.content = None
     assert engine_module._token_budget(16000 * 4) == 16 + 48
-    # faster-whisper refuses a budget that with the longest prompt (223 earlier
-    # tokens, 5 of its own) exceeds Whisper's 448-token context.
-    assert engine_module._token_budget(16000 * 30) + 223 + 5 <= 448
-    assert engine_module._token_budget(16000 * 3600) == engine_module._token_budget(
-        16000 * 30
-    )  # per window
+    assert engine_module._token_budget(16000 * 3600) == engine_module._token_budget(16000 * 30)
 
 
 def test_faster_whisper_short_window_falls_back_to_whisper_s_own_decode(
@@ -206,8 +215,6 @@ def test_faster_whisper_short_window_falls_back_to_whisper_s_own_decode(
     """The short window decodes once (first temperature, a token budget for the
     audio's length); a result that fails the checks is thrown away and the
     audio decoded as stock Whisper does (30 s window, every temperature)."""
-
-    from edgevoice.engines.faster_whisper import _token_budget
 
     engine = FasterWhisperAsrEngine(
         _context(TINY_EN, tmp_path), FasterWhisperOptions(min_window_s=10.0)
@@ -235,7 +242,6 @@ def test_faster_whisper_short_window_falls_back_to_whisper_s_own_decode(
         assert words("".join(s.text for s in segments)) == words(LIGHT_EN_TEXT)
         assert len(calls) == 1 and set(seen) == {1000}, (calls, seen)
         assert calls[0]["temperature"] == 0.0
-        assert calls[0]["max_new_tokens"] == _token_budget(len(speech))
 
         # A looping decode: once more in one piece (no timestamps, no tail).
         calls.clear()
@@ -254,7 +260,6 @@ def test_faster_whisper_short_window_falls_back_to_whisper_s_own_decode(
         assert words("".join(s.text for s in segments)) == words(LIGHT_EN_TEXT)
         assert len(calls) == 3 and seen[:2] == [1000, 1000] and set(seen[2:]) == {3000}
         assert calls[2]["temperature"] == engine._options.temperature
-        assert calls[2]["max_new_tokens"] == _token_budget(len(speech))
         assert not calls[2]["without_timestamps"]
 
         # Word timestamps need the timestamps: straight to stock Whisper.

@@ -93,7 +93,7 @@ class FasterWhisperOptions(whisper_common.WhisperOptions):
     prompting holds best there (tiny.en spelled a hotword as two words in a
     10 s window). A short window decodes once (the first temperature) and
     its result is checked: one that Whisper's checks would decode again, with
-    a timestamp past the audio or more text than speech holds is decoded
+    a timestamp past the window or more text than speech holds is decoded
     again in one piece without timestamps, then as stock Whisper does. 30
     (the default) is Whisper's stock behaviour; the built-in default model
     (voice commands) uses 10. Every window, short or not, has a token budget
@@ -257,8 +257,9 @@ class FasterWhisperAsrEngine:
         (no tail; unless word timestamps were asked for), and where that fails
         too, as stock Whisper does (30 s window, every temperature)."""
         duration_s = len(audio) / (_SAMPLES_PER_FRAME * _FRAMES_PER_S)
+        window_s = max(frames, -(-len(audio) // _SAMPLES_PER_FRAME)) / _FRAMES_PER_S
         segments = list(fast)
-        problem = _implausible(segments, duration_s)
+        problem = _implausible(segments, duration_s, window_s)
         if problem is None:
             yield from segments
             return
@@ -272,7 +273,7 @@ class FasterWhisperAsrEngine:
             finally:
                 _WINDOW.frames = None
             segments = list(_windowed(whole, frames))
-            problem = _implausible(segments, duration_s)
+            problem = _implausible(segments, duration_s, window_s)
             if problem is None:
                 yield from segments
                 return
@@ -291,10 +292,6 @@ class FasterWhisperAsrEngine:
         assert self._model is not None
         return self._model.transcribe(  # type: ignore[no-any-return]
             audio,
-            # Every window, whatever its temperature: a decode that loops on
-            # itself stops where speech could not go on (a 4 s tone took 7.6 s
-            # in 30 s windows without this).
-            max_new_tokens=_token_budget(len(audio)),
             without_timestamps=without_timestamps,
             language=language,
             task=options.task,
@@ -358,9 +355,9 @@ _NO_SPEECH_THRESHOLD = 0.6
 """faster-whisper's defaults for the fallback checks (the engine keeps them)."""
 _TOKENS_PER_S = 12
 _TOKENS_BASE = 16
-_MAX_TOKENS = 220
-"""Whisper's context is 448 tokens, and faster-whisper refuses a window whose
-prompt (at most 223 earlier tokens and 5 of its own) and budget exceed it."""
+_CONTEXT_TOKENS = 448
+"""Whisper's context: faster-whisper refuses a window whose prompt and
+``max_new_tokens`` exceed it."""
 
 
 def _token_budget(samples: int) -> int:
@@ -370,7 +367,7 @@ def _token_budget(samples: int) -> int:
     seconds = min(samples, _STOCK_FRAMES * _SAMPLES_PER_FRAME) / (
         _SAMPLES_PER_FRAME * _FRAMES_PER_S
     )
-    return min(_MAX_TOKENS, _TOKENS_BASE + int(_TOKENS_PER_S * seconds + 0.999))
+    return _TOKENS_BASE + int(_TOKENS_PER_S * seconds + 0.999)
 
 
 _TIMESTAMP_SLACK_S = 2.0
@@ -378,10 +375,11 @@ _MAX_CHARS_PER_S = 40
 _CHARS_SLACK = 10
 
 
-def _implausible(segments: list[Any], duration_s: float) -> str | None:
+def _implausible(segments: list[Any], duration_s: float, window_s: float) -> str | None:
     """Why a decode cannot be trusted, or None: a window that Whisper's own
     checks would have decoded again at a higher temperature, a timestamp past
-    the audio's end, or more text than speech can hold, in a segment's span or
+    the audio's window (2 s past the audio at least), or more text than speech
+    can hold, in a segment's span or
     in the whole audio (fast speech is about 20 characters a second; a
     repeated sentence is twice that)."""
     for segment in segments:
@@ -390,7 +388,9 @@ def _implausible(segments: list[Any], duration_s: float) -> str | None:
                 f"failed Whisper's checks (compression ratio {segment.compression_ratio:.1f}, "
                 f"log probability {segment.avg_logprob:.2f})"
             )
-        if segment.end > duration_s + _TIMESTAMP_SLACK_S:
+        # tiny.en often closes its last segment late in the padding (7 s for
+        # 2.7 s of audio): past the window's end is what a lost decode does.
+        if segment.end > max(duration_s + _TIMESTAMP_SLACK_S, window_s - _TIMESTAMP_SLACK_S / 4):
             return f"ended a segment at {segment.end:.1f} s, after the audio's {duration_s:.1f} s"
         span_s = max(0.0, min(segment.end, duration_s) - segment.start)
         if _too_much_text(segment.text, span_s):
@@ -454,9 +454,10 @@ def _windowed(segments: Iterator[Any], frames: int) -> Iterator[Any]:
 
 def _budget_each_window(model: Any) -> None:
     """Give each window of this engine's decodes the token budget of the audio
-    it holds (the call's budget is its whole audio's): a tail of 0.5 s that
-    loops stops at 22 tokens, not at the whole command's 69. A faster-whisper
-    without the method keeps the call's budget."""
+    it holds, whatever its temperature: a decode that loops on itself stops
+    where speech could not go on (a 0.5 s tail at about 22 tokens; a 4 s
+    tone took 7.6 s in 30 s windows without this). A faster-whisper without
+    the method decodes as it would."""
     stock = getattr(model, "generate_with_fallback", None)
     if stock is None:
         return
@@ -464,21 +465,31 @@ def _budget_each_window(model: Any) -> None:
     def generate_with_fallback(
         encoder_output: Any, prompt: Any, tokenizer: Any, options: Any
     ) -> Any:
-        return stock(encoder_output, prompt, tokenizer, _window_options(options))
+        return stock(encoder_output, prompt, tokenizer, _window_options(options, len(prompt)))
 
     model.generate_with_fallback = generate_with_fallback
 
 
-def _window_options(options: Any) -> Any:
+def _window_options(options: Any, prompt_tokens: int) -> Any:
     """``options`` with the token budget of the window being decoded (its
-    content, which the window's ``pad_or_trim`` noted), where that is smaller."""
+    content, which the window's ``pad_or_trim`` noted), where that is below
+    what the decode may have anyway.
+
+    faster-whisper asks CTranslate2 for ``prompt + max_new_tokens`` tokens in
+    all, and CTranslate2 decodes at most half of that (and what is left after
+    the prompt): a budget of ``n`` new tokens is asked for as
+    ``max(n, 2n - prompt)``. Never more than the context leaves (448 tokens
+    in all: faster-whisper refuses more), never above a smaller budget the
+    caller set."""
     content = getattr(_WINDOW, "content", None)
-    if not content or getattr(_WINDOW, "frames", None) is None or not options.max_new_tokens:
+    if not content or getattr(_WINDOW, "frames", None) is None:
         return options
+    room = _CONTEXT_TOKENS - prompt_tokens
     budget = _token_budget(content * _SAMPLES_PER_FRAME)
-    if budget >= options.max_new_tokens:
+    wanted = max(budget, 2 * budget - prompt_tokens)
+    if wanted >= room or (options.max_new_tokens is not None and options.max_new_tokens <= wanted):
         return options
-    return dataclasses.replace(options, max_new_tokens=budget)
+    return dataclasses.replace(options, max_new_tokens=wanted)
 
 
 PLUGIN = EnginePlugin(
