@@ -217,27 +217,41 @@ class FasterWhisperAsrEngine:
         frames = _STOCK_FRAMES if prompted else self._window_frames
         short = frames < _STOCK_FRAMES and len(audio) < _STOCK_FRAMES * _SAMPLES_PER_FRAME
         temperatures = [temperature] if isinstance(temperature, float | int) else list(temperature)
-        _WINDOW.frames = frames
-        try:
-            if short:
-                # The short window is a shortcut, taken only where it holds: one
-                # temperature, then Whisper's own checks (see _checked).
-                segments, info = self._transcribe(audio, language, temperatures[0], options)
-            else:
-                segments, info = self._transcribe(audio, language, temperature, options)
-        finally:
-            _WINDOW.frames = None
+        # The short window is a shortcut, taken only where it holds: one
+        # temperature, then Whisper's own checks (see _checked).
+        first = temperatures[0] if short else temperature
+        segments, info = self._decode(audio, language, first, options, frames)
         transcript_info = TranscriptInfo(
             language=info.language,
             language_probability=float(info.language_probability),
             duration_s=float(info.duration),
         )
-        windowed = _windowed(segments, frames)
         if short:
-            windowed = self._checked(
-                windowed, audio, language, temperatures, options, frames=frames
+            segments = self._checked(
+                segments, audio, language, temperatures, options, frames=frames
             )
-        return transcript_info, self._convert(windowed)
+        return transcript_info, self._convert(segments)
+
+    def _decode(
+        self,
+        audio: FloatAudio,
+        language: str | None,
+        temperature: float | list[float],
+        options: TranscribeOptions,
+        frames: int,
+        *,
+        without_timestamps: bool = False,
+    ) -> tuple[Iterator[Any], Any]:
+        """Start a decode with the encoder window ``frames``: its lazy segments
+        (each step decoded in that window) and faster-whisper's info."""
+        _WINDOW.frames = frames
+        try:
+            segments, info = self._transcribe(
+                audio, language, temperature, options, without_timestamps=without_timestamps
+            )
+        finally:
+            _WINDOW.frames = None
+        return _windowed(segments, frames), info
 
     def _checked(
         self,
@@ -257,7 +271,7 @@ class FasterWhisperAsrEngine:
         (no tail; unless word timestamps were asked for), and where that fails
         too, as stock Whisper does (30 s window, every temperature)."""
         duration_s = len(audio) / (_SAMPLES_PER_FRAME * _FRAMES_PER_S)
-        window_s = max(frames, -(-len(audio) // _SAMPLES_PER_FRAME)) / _FRAMES_PER_S
+        window_s = _window_length(frames, -(-len(audio) // _SAMPLES_PER_FRAME)) / _FRAMES_PER_S
         segments = list(fast)
         problem = _implausible(segments, duration_s, window_s)
         if problem is None:
@@ -265,21 +279,17 @@ class FasterWhisperAsrEngine:
             return
         if not options.word_timestamps:
             _LOGGER.debug("faster-whisper: the short window's decode %s: once more, whole", problem)
-            _WINDOW.frames = frames
-            try:
-                whole, _info = self._transcribe(
-                    audio, language, temperatures[0], options, without_timestamps=True
-                )
-            finally:
-                _WINDOW.frames = None
-            segments = list(_windowed(whole, frames))
+            whole, _info = self._decode(
+                audio, language, temperatures[0], options, frames, without_timestamps=True
+            )
+            segments = list(whole)
             problem = _implausible(segments, duration_s, window_s)
             if problem is None:
                 yield from segments
                 return
         _LOGGER.debug("faster-whisper: the short window's decode %s: in 30 s windows", problem)
-        again, _info = self._transcribe(audio, language, temperatures, options)
-        yield from _windowed(again, _STOCK_FRAMES)
+        again, _info = self._decode(audio, language, temperatures, options, _STOCK_FRAMES)
+        yield from again
 
     def _transcribe(
         self,
@@ -431,12 +441,18 @@ def _install_window() -> None:
             if frames:
                 _WINDOW.content = array.shape[axis]  # for _budget_each_window
             if frames and length == 3000:
-                content = -(-array.shape[axis] // _FRAMES_PER_S) * _FRAMES_PER_S
-                length = min(3000, max(frames, content))
+                length = _window_length(frames, array.shape[axis])
             return stock(array, length, axis=axis)
 
         pad_or_trim.edgevoice_window = True  # type: ignore[attr-defined]
         fw_transcribe.pad_or_trim = pad_or_trim
+
+
+def _window_length(frames: int, content: int) -> int:
+    """The encoder window, in frames, for ``content`` frames of audio: its
+    length in whole seconds, at least ``frames``, at most 30 s."""
+    whole_seconds = -(-content // _FRAMES_PER_S) * _FRAMES_PER_S
+    return min(_STOCK_FRAMES, max(frames, whole_seconds))
 
 
 def _windowed(segments: Iterator[Any], frames: int) -> Iterator[Any]:

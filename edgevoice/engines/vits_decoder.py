@@ -81,8 +81,8 @@ CutVoice = Halves[Path]
 def cut_voice(path: Path, cache_dir: Path) -> CutVoice | None:
     """The voice at ``path`` cut before its decoder, from ``cache_dir`` or cut
     now (and kept there); None where it has no such cut or ``onnx`` is missing."""
-    stat = path.stat()
-    key = f"{CUT_FORMAT}|{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    stat, source = path.stat(), path.resolve()
+    key = f"{CUT_FORMAT}|{source}|{stat.st_size}|{stat.st_mtime_ns}"
     where = cache_dir / "piper-cut" / f"{path.stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
     if not (where / "cut.json").is_file():
         try:
@@ -90,8 +90,8 @@ def cut_voice(path: Path, cache_dir: Path) -> CutVoice | None:
         except ImportError:
             _LOGGER.info("onnx is not installed: Piper voices are not cut before their decoder")
             return None
-        _store(where, split, source=path.resolve())
-        _forget_older_cuts(where, path.resolve())
+        _store(where, split, source=source)
+        _forget_older_cuts(where, source)
     meta = json.loads((where / "cut.json").read_text(encoding="utf-8"))
     if not meta.get("cut"):
         return None
