@@ -251,6 +251,8 @@ def test_faster_whisper_short_window_falls_back_to_whisper_s_own_decode(
         assert words("".join(s.text for s in segments)) == words(LIGHT_EN_TEXT)
         assert len(calls) == 2 and set(seen) == {1000}, (calls, seen)
         assert calls[1]["without_timestamps"] and calls[1]["temperature"] == 0.0
+        # The language the first decode found (and reports) is kept, not detected again.
+        assert calls[0]["language"] is None and calls[1]["language"] == _info.language == "en"
 
         # That loops too: stock Whisper.
         calls.clear()
@@ -260,6 +262,7 @@ def test_faster_whisper_short_window_falls_back_to_whisper_s_own_decode(
         assert words("".join(s.text for s in segments)) == words(LIGHT_EN_TEXT)
         assert len(calls) == 3 and seen[:2] == [1000, 1000] and set(seen[2:]) == {3000}
         assert calls[2]["temperature"] == engine._options.temperature
+        assert calls[2]["language"] == "en"
         assert not calls[2]["without_timestamps"]
 
         # Word timestamps need the timestamps: straight to stock Whisper.

@@ -227,8 +227,9 @@ class FasterWhisperAsrEngine:
             duration_s=float(info.duration),
         )
         if short:
+            # A retry keeps the language the first decode found (and reported).
             segments = self._checked(
-                segments, audio, language, temperatures, options, frames=frames
+                segments, audio, language or info.language, temperatures, options, frames=frames
             )
         return transcript_info, self._convert(segments)
 
