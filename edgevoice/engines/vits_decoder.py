@@ -30,6 +30,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +53,9 @@ CUT_FORMAT = 1
 """Part of the cache key: a change to how voices are cut makes earlier cuts unused."""
 MAX_DIFFERENCE = 1e-4
 """How far a chunked decode may differ from the whole one (float rounding is ~1e-6)."""
+PLAYING_SHARE = 0.6
+"""Share of a sentence's first span's playing time its rest may take to decode
+(the rest of that time covers the network, the player and a busier moment)."""
 
 
 H = TypeVar("H", bytes, Path)
@@ -214,6 +218,10 @@ def receptive_field_frames(nodes: Sequence[Any]) -> int:
     return int(np.ceil(frames)) + 1
 
 
+PACE_WEIGHT = 0.25
+"""Weight of the latest decode in :attr:`ChunkedDecoder.pace` (a moving average)."""
+
+
 class ChunkedDecoder:
     """Decodes spans of a latent sequence with ``pad_frames`` of context."""
 
@@ -222,6 +230,28 @@ class ChunkedDecoder:
         self.latent = cut.latent
         self.pad = cut.pad_frames
         self.hop = hop
+        self.pace: float | None = None
+        """Seconds this device takes to decode a latent frame, a moving average
+        over the decodes so far (None before the first): how long a span takes
+        here, under the load there is now."""
+
+    def first_span(self, frames: int, wanted: int, frame_s: float) -> int:
+        """Frames of a sentence's ``frames`` to decode on their own, so its audio
+        starts sooner (0: decode it whole). At least ``wanted``; longer where
+        the rest would not be decoded before the first span has played (a slow
+        device): the rest's decode must fit in :data:`PLAYING_SHARE` of the
+        first span's playing time, at this decoder's :attr:`pace`. 0 where
+        the rest is not three times the first (each cut decodes ``2 * pad``
+        frames more, and the sooner start is worth that only when the rest is
+        long)."""
+        if wanted <= 0:
+            return 0
+        span = wanted
+        if self.pace is not None and self.pace > 0:
+            # pace * (frames - span + pad) <= PLAYING_SHARE * span * frame_s
+            need = self.pace * (frames + self.pad) / (PLAYING_SHARE * frame_s + self.pace)
+            span = max(span, int(np.ceil(need)))
+        return span if frames >= 3 * span + 2 * self.pad else 0
 
     def decode(
         self, handoff: Mapping[str, np.ndarray], spans: Sequence[tuple[int, int]]
@@ -234,7 +264,10 @@ class ChunkedDecoder:
             feed = dict(handoff)
             if (lo, hi) != (0, frames):
                 feed[self.latent] = np.ascontiguousarray(latent[..., lo:hi])
+            started = time.perf_counter()
             audio = np.asarray(self.session.run(None, feed)[0], dtype=np.float32).reshape(-1)
+            pace = (time.perf_counter() - started) / (hi - lo)
+            self.pace = pace if self.pace is None else self.pace + PACE_WEIGHT * (pace - self.pace)
             if len(audio) != (hi - lo) * self.hop:
                 raise RuntimeError(
                     f"decoder gave {len(audio)} samples for {hi - lo} frames, not "
