@@ -440,6 +440,7 @@ def test_piper_decodes_the_first_sentence_in_two_spans_that_equal_the_whole(
     try:
         assert engine._decoder is not None and engine._decoder.pad > 0
         text = "The weather today is sunny with a light breeze. Expect clouds later."
+        engine._decoder.pace = None  # the first span as asked, whatever this machine's pace
         chunks = list(engine.synthesize(text, SynthesizeOptions()))
         rate, hop = engine.capabilities.sample_rate_hz, engine._decoder.hop
         assert len(chunks) == 3  # the first 0.3 s, the rest of the sentence, the next one
@@ -698,6 +699,8 @@ def test_piper_pauses_after_sentences_not_inside_the_first_one(tmp_path: Path) -
     engine.load()
     try:
         text = "The weather today is sunny with a light breeze. Expect clouds later."
+        assert engine._decoder is not None
+        engine._decoder.pace = None  # the first span as asked, whatever this machine's pace
         chunks = list(engine.synthesize(text, SynthesizeOptions()))
         pause = round(0.5 * engine.capabilities.sample_rate_hz)
         assert len(chunks) == 3  # two spans of the first sentence, then the second
