@@ -368,6 +368,48 @@ async def test_speech_sse(server: HttpServer) -> None:
     assert words(heard.text) == words("Hello there. How are you today?")
 
 
+async def test_speech_client_gone_before_the_first_audio_is_no_error(
+    server: HttpServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client that resets its connection while the first sentence is being
+    synthesized (before the headers go out) is logged at debug, not as an
+    aiohttp "Error handling request" traceback a LAN client could flood."""
+    import logging
+    import socket
+
+    assert server.app is not None
+    metrics = server.app[STATE].metrics
+    sentence = "The weather today is sunny with a light breeze from the west " * 3 + "."
+    caplog.set_level(logging.DEBUG)
+    for stream_format in ("sse", "audio"):
+        before = sum(metrics.audio_s.values())
+        body = json.dumps(
+            {"model": "joe", "input": sentence, "response_format": "pcm"}
+            | {"stream_format": stream_format}
+        ).encode()
+        _reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")  # RST
+        writer.write(
+            b"POST /v1/audio/speech HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        await writer.drain()
+        await asyncio.sleep(0.02)  # the request is read; its first sentence is not done
+        writer.transport.abort()
+        # The handler ran to its end (it counts the audio it made) ...
+        for _ in range(600):
+            if sum(metrics.audio_s.values()) > before:
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.2)
+    # ... and nothing was logged as an error.
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not errors, [r.getMessage() for r in errors]
+    assert any("went away" in r.getMessage() for r in caplog.records)
+
+
 async def test_speech_errors_and_voice_names(server: HttpServer) -> None:
     oai = client(server)
     ok = await oai.audio.speech.create(

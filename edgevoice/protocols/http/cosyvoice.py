@@ -168,8 +168,8 @@ async def inference(request: web.Request) -> web.StreamResponse:
             }
         )
         response.enable_chunked_encoding()
-        await response.prepare(request)
         try:
+            await response.prepare(request)  # a client gone already: quietly, as below
             chunk: SpokenAudio | None = first
             while chunk is not None:
                 await response.write(await asyncio.to_thread(to_pcm16, chunk.samples))

@@ -293,9 +293,9 @@ async def _stream(
             headers={"Content-Type": encoder.content_type, "X-Sample-Rate": str(spoken.rate_hz)}
         )
         response.enable_chunked_encoding()
-        await response.prepare(request)
         total = 0
         try:
+            await response.prepare(request)  # a client gone already: quietly, as below
             chunk = first
             while chunk is not None and total < max_samples:
                 take = chunk.samples[: max_samples - total]

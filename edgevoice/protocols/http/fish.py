@@ -257,8 +257,8 @@ async def _stream(
             headers={"Content-Type": encoder.content_type, "X-Sample-Rate": str(spoken.rate_hz)}
         )
         response.enable_chunked_encoding()
-        await response.prepare(request)
         try:
+            await response.prepare(request)  # a client gone already: quietly, as below
             chunk: SpokenAudio | None = first
             while chunk is not None:
                 if data := await asyncio.to_thread(encoder.write, chunk.samples):

@@ -312,8 +312,8 @@ async def _speech_audio(
     )
     response.enable_chunked_encoding()
     data = await asyncio.to_thread(encoder.write, first.samples)
-    await response.prepare(request)
     try:
+        await response.prepare(request)  # a client gone already: quietly, as below
         if data:
             await response.write(data)
         async for chunk in spoken:
@@ -336,7 +336,6 @@ async def _speech_sse(
     request: web.Request, spoken: Speech, text: str, encoder: OutputEncoder, first: SpokenAudio
 ) -> web.StreamResponse:
     response = web.StreamResponse(headers=SSE_HEADERS)
-    await response.prepare(request)
 
     async def delta(data: bytes) -> None:
         if data:
@@ -344,6 +343,7 @@ async def _speech_sse(
             await send_event(response, {"type": "speech.audio.delta", "audio": payload})
 
     try:
+        await response.prepare(request)  # a client gone already: quietly, as below
         pending: SpokenAudio | None = first
         while pending is not None:
             await delta(await asyncio.to_thread(encoder.write, pending.samples))
