@@ -6,6 +6,7 @@ import dataclasses
 import itertools
 import os
 import shutil
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -474,6 +475,14 @@ def test_piper_decodes_the_first_sentence_in_two_spans_that_equal_the_whole(
                 assert slow * rest <= PLAYING_SHARE * first * frame_s
             else:
                 assert first == 0 and len(chunks[0]) == frames * hop
+        # Syntheses under way are counted (a first span waits behind the others).
+        streams = [engine.synthesize(text, SynthesizeOptions()) for _ in range(2)]
+        for stream in streams:
+            next(stream)
+        assert engine._streams == 2
+        for stream in streams:
+            stream.close()
+        assert engine._streams == 0
     finally:
         engine.close()
 
@@ -498,6 +507,46 @@ def test_a_sentence_s_first_span_is_long_enough_for_the_rest_to_decode_while_it_
         assert decoder.pace * (600 - first + 17) > PLAYING_SHARE * (first - 1) * frame_s
     decoder.pace = 0.5 * frame_s  # half real time: the rest could not keep up
     assert decoder.first_span(600, 26, frame_s) == 0
+    # Four streams taking turns on one worker: the rest waits behind the others.
+    decoder.pace = 0.05 * frame_s
+    assert decoder.first_span(600, 26, frame_s, sharing=4) > decoder.first_span(600, 26, frame_s)
+    decoder.pace = 0.2 * frame_s
+    assert decoder.first_span(600, 26, frame_s) == decoder.first_span(600, 26, frame_s, sharing=1)
+
+
+def test_the_decoder_s_pace_shrugs_off_a_stall_and_follows_a_lasting_change() -> None:
+    """The pace is the median of the last runs: one run stalled (a paused
+    process) does not lengthen the next first spans; three stalled runs do."""
+
+    class Session:
+        """Stands in for onnxruntime: silence of the right length, and a
+        stall when asked (so no test depends on this machine's speed)."""
+
+        stall_s = 0.0
+
+        def run(self, _names: Any, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+            time.sleep(self.stall_s)
+            return [np.zeros((1, 1, feed["z"].shape[-1] * 256), dtype=np.float32)]
+
+    session = Session()
+    cut = Halves(Path("e"), Path("d"), latent="z", handoff=("z",), pad_frames=2)
+    decoder = ChunkedDecoder(session=session, cut=cut, hop=256)
+    latent = {"z": np.zeros((1, 4, 10), dtype=np.float32)}
+
+    def runs(count: int, stall_s: float) -> None:
+        session.stall_s = stall_s
+        for _ in range(count):
+            list(decoder.decode(latent, [(0, 10)]))
+
+    runs(4, 0.0)
+    quick = decoder.pace
+    assert quick is not None and quick < 0.01  # at most 0.1 s a run of 10 frames
+    runs(1, 0.3)  # a stall: 0.03 s a frame or more
+    assert decoder.pace is not None and decoder.pace < 0.01
+    runs(2, 0.3)  # three of the last five runs are slow: the load has changed
+    assert decoder.pace is not None and decoder.pace >= 0.03
+    runs(3, 0.0)  # and back
+    assert decoder.pace is not None and decoder.pace < 0.01
 
 
 def test_piper_levels_a_sentence_decoded_in_spans_without_clipping_or_clicks() -> None:

@@ -23,9 +23,11 @@ Phonemization (espeak-ng, holding the GIL) happens only inside
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -141,6 +143,9 @@ class PiperTtsEngine:
         """The graph up to its decoder, when it could be cut (else None)."""
         self._decoder: ChunkedDecoder | None = None
         self._typical_peak = 0.0
+        self._streams = 0
+        """Syntheses under way (a first span is planned for the wait behind them)."""
+        self._streams_lock = threading.Lock()
         """A cut voice's peak on a reference sentence, before normalization."""
         self._speakers: dict[str, int] = {}
         self._capabilities = TtsCapabilities(
@@ -293,7 +298,11 @@ class PiperTtsEngine:
             handoff = self._encode(self._voice.phonemes_to_ids(phonemes), config)
             frames = int(handoff[decoder.latent].shape[-1])
             spans = [(0, frames)]
-            first = decoder.first_span(frames, first_frames, frame_s) if quick_start else 0
+            first = 0
+            if quick_start:
+                # Each of the voice's workers takes the streams' runs in turn.
+                sharing = -(-self._streams // self._context.model.max_concurrency)
+                first = decoder.first_span(frames, first_frames, frame_s, sharing=sharing)
             if first:
                 spans = [(0, first), (first, frames)]
             quick_start = False
@@ -356,18 +365,30 @@ class PiperTtsEngine:
             )
         )
         quick_start = not options.continuation
-        for piece in pieces:
-            chunks = (
-                self._speak_split(piece, config, quick_start, pause)
-                if split
-                else self._speak_whole(piece, config, pause)
-            )
-            quick_start = False
-            for audio in chunks:
-                produced = True
-                yield audio
+        with self._one_more_stream():
+            for piece in pieces:
+                chunks = (
+                    self._speak_split(piece, config, quick_start, pause)
+                    if split
+                    else self._speak_whole(piece, config, pause)
+                )
+                quick_start = False
+                for audio in chunks:
+                    produced = True
+                    yield audio
         if not produced:
             raise EngineRequestError("text produced no speech")
+
+    @contextlib.contextmanager
+    def _one_more_stream(self) -> Iterator[None]:
+        """Counts the syntheses under way (their runs queue for the voice's workers)."""
+        with self._streams_lock:
+            self._streams += 1
+        try:
+            yield
+        finally:
+            with self._streams_lock:
+                self._streams -= 1
 
     def release_memory(self) -> None:
         """Hand back what the last requests left: one tiny synthesis that ends by

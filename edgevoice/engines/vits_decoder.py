@@ -30,7 +30,9 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 import time
+from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -218,8 +220,10 @@ def receptive_field_frames(nodes: Sequence[Any]) -> int:
     return int(np.ceil(frames)) + 1
 
 
-PACE_WEIGHT = 0.25
-"""Weight of the latest decode in :attr:`ChunkedDecoder.pace` (a moving average)."""
+PACE_RUNS = 5
+"""Decoder runs :attr:`ChunkedDecoder.pace` is the median of: one stalled run
+(a paused process, a burst of other work) does not move it; a lasting change
+of load does, within three runs."""
 
 
 class ChunkedDecoder:
@@ -230,26 +234,46 @@ class ChunkedDecoder:
         self.latent = cut.latent
         self.pad = cut.pad_frames
         self.hop = hop
-        self.pace: float | None = None
-        """Seconds this device takes to decode a latent frame, a moving average
-        over the decodes so far (None before the first): how long a span takes
-        here, under the load there is now."""
+        self._paces: deque[float] = deque(maxlen=PACE_RUNS)
+        self._paces_lock = threading.Lock()
 
-    def first_span(self, frames: int, wanted: int, frame_s: float) -> int:
+    @property
+    def pace(self) -> float | None:
+        """Seconds this device takes to decode a latent frame: the median of
+        the last :data:`PACE_RUNS` runs (None before the first), how long a
+        span takes here under the load there is now."""
+        with self._paces_lock:
+            paces = sorted(self._paces)
+        if not paces:
+            return None
+        middle = len(paces) // 2
+        return paces[middle] if len(paces) % 2 else (paces[middle - 1] + paces[middle]) / 2
+
+    @pace.setter
+    def pace(self, value: float | None) -> None:
+        """Start the runs over from ``value`` (None: from none)."""
+        with self._paces_lock:
+            self._paces.clear()
+            if value is not None:
+                self._paces.append(value)
+
+    def first_span(self, frames: int, wanted: int, frame_s: float, *, sharing: int = 1) -> int:
         """Frames of a sentence's ``frames`` to decode on their own, so its audio
         starts sooner (0: decode it whole). At least ``wanted``; longer where
         the rest would not be decoded before the first span has played (a slow
         device): the rest's decode must fit in :data:`PLAYING_SHARE` of the
-        first span's playing time, at this decoder's :attr:`pace`. 0 where
-        the rest is not three times the first (each cut decodes ``2 * pad``
-        frames more, and the sooner start is worth that only when the rest is
-        long)."""
+        first span's playing time, at this decoder's :attr:`pace` times
+        ``sharing`` (the streams each run waits behind: runs are timed alone).
+        0 where the rest is not three times the first (each cut decodes
+        ``2 * pad`` frames more, and the sooner start is worth that only when
+        the rest is long)."""
         if wanted <= 0:
             return 0
         span = wanted
-        if self.pace is not None and self.pace > 0:
+        if (pace := self.pace) is not None and pace > 0:
+            pace *= max(1, sharing)
             # pace * (frames - span + pad) <= PLAYING_SHARE * span * frame_s
-            need = self.pace * (frames + self.pad) / (PLAYING_SHARE * frame_s + self.pace)
+            need = pace * (frames + self.pad) / (PLAYING_SHARE * frame_s + pace)
             span = max(span, int(np.ceil(need)))
         return span if frames >= 3 * span + 2 * self.pad else 0
 
@@ -266,8 +290,8 @@ class ChunkedDecoder:
                 feed[self.latent] = np.ascontiguousarray(latent[..., lo:hi])
             started = time.perf_counter()
             audio = np.asarray(self.session.run(None, feed)[0], dtype=np.float32).reshape(-1)
-            pace = (time.perf_counter() - started) / (hi - lo)
-            self.pace = pace if self.pace is None else self.pace + PACE_WEIGHT * (pace - self.pace)
+            with self._paces_lock:
+                self._paces.append((time.perf_counter() - started) / (hi - lo))
             if len(audio) != (hi - lo) * self.hop:
                 raise RuntimeError(
                     f"decoder gave {len(audio)} samples for {hi - lo} frames, not "
