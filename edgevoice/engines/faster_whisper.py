@@ -390,9 +390,8 @@ def _implausible(segments: list[Any], duration_s: float, window_s: float) -> str
     """Why a decode cannot be trusted, or None: a window that Whisper's own
     checks would have decoded again at a higher temperature, a timestamp past
     the audio's window (2 s past the audio at least), or more text than speech
-    can hold, in a segment's span or
-    in the whole audio (fast speech is about 20 characters a second; a
-    repeated sentence is twice that)."""
+    can hold, in a segment's span or in the whole audio (fast speech is about
+    20 characters a second; a repeated sentence is twice that)."""
     for segment in segments:
         if _would_fall_back(segment):
             return (

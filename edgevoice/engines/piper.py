@@ -143,10 +143,10 @@ class PiperTtsEngine:
         """The graph up to its decoder, when it could be cut (else None)."""
         self._decoder: ChunkedDecoder | None = None
         self._typical_peak = 0.0
+        """A cut voice's peak on a reference sentence, before normalization."""
         self._streams = 0
         """Syntheses under way (a first span is planned for the wait behind them)."""
         self._streams_lock = threading.Lock()
-        """A cut voice's peak on a reference sentence, before normalization."""
         self._speakers: dict[str, int] = {}
         self._capabilities = TtsCapabilities(
             voices=(VoiceInfo(context.model.name, ("en",)),), sample_rate_hz=22050
@@ -221,16 +221,15 @@ class PiperTtsEngine:
             handoff = self._encode(
                 self._voice.phonemes_to_ids(self._voice.phonemize(_REFERENCE_TEXT)[0])
             )
+            frames = int(handoff[cut.latent].shape[-1])
+            reference = next(self._decoder.decode(handoff, [(0, frames)]))
+            self._typical_peak = float(np.max(np.abs(reference)))
+            # The decoder's pace from the check's runs: the first run (above)
+            # set kernels up and grew the arena, several times slower.
+            self._decoder.pace = None
             difference = self._decoder.check(handoff)
             if difference > MAX_DIFFERENCE:
                 raise ValueError(f"a decode in spans differs from the whole by {difference:.2g}")
-            frames = int(handoff[cut.latent].shape[-1])
-            reference = next(self._decoder.decode(handoff, [(0, frames)]))
-            # The decoder's pace from a second run (the first runs at a length
-            # set kernels up and grow the arena, several times slower).
-            self._decoder.pace = None
-            next(self._decoder.decode(handoff, [(0, frames)]))
-            self._typical_peak = float(np.max(np.abs(reference)))
         except Exception:
             _LOGGER.warning("Piper voice %s: not cut before its decoder", path, exc_info=True)
             if cut is not None:
